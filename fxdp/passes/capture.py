@@ -1,0 +1,149 @@
+"""Capture: run the model on a few samples and record every parameter use.
+
+The analysis runs the forward several times on selected samples of the
+example batch (original order, rolled, one sample replaced by another, one
+sample fewer). Each run records, per call that uses trainable parameters, the
+bound rule and a copy of the tensor that locates the samples. Dropout is
+disabled, the RNG forked and the module buffers (BatchNorm statistics...)
+restored, so the runs are comparable and leave no trace.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten, tree_map
+
+from ..rules import func_name
+from ..runtime.interceptor import ParameterInterceptor
+from .base import Analysis, PassResult
+
+DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+            torch.dropout, torch.Tensor.dropout if hasattr(torch.Tensor, "dropout") else F.dropout,
+            torch.nn.functional.dropout}
+
+
+@dataclass
+class Record:
+    op: str
+    param_names: tuple
+    binding: Any
+    source: torch.Tensor
+    source_shape: tuple
+    output_shape: tuple
+
+
+@dataclass
+class ProbeRun:
+    samples: List[int]
+    records: List[Record] = field(default_factory=list)
+    outputs: List[torch.Tensor] = field(default_factory=list)
+
+
+class ProbeRecorder:
+    """Recorder of analysis runs: computes each op as is and records it."""
+
+    def __init__(self, run: ProbeRun, analysis: Analysis, lifts: Optional[Dict[int, int]] = None):
+        self.run = run
+        self.analysis = analysis
+        self.lifts = lifts or {}
+
+    def substitute(self, func, args, kwargs):
+        if func in DROPOUTS:
+            x = args[0] if args else kwargs["input"]
+            return lambda: x
+        if func is F.scaled_dot_product_attention and kwargs.get("dropout_p", 0.0):
+            kw = dict(kwargs, dropout_p=0.0)
+            return lambda: func(*args, **kw)
+        return None
+
+    def handle(self, call, binding):
+        ordinal = len(self.run.records)
+        args, kwargs = call.args, call.kwargs
+        if ordinal in self.lifts and binding.layout_source is not None:
+            src = binding.layout_source
+            lifted = src.expand(self.lifts[ordinal], *src.shape[1:])
+            args = tuple(lifted if a is src else a for a in args)
+            kwargs = {k: (lifted if v is src else v) for k, v in kwargs.items()}
+        out = call.func(*args, **kwargs)
+        src = binding.layout_source if binding.layout_source is not None else out
+        self.run.records.append(Record(call.name, binding.param_names, binding, src.detach().clone(),
+                                       tuple(src.shape), tuple(out.shape)))
+        return out
+
+    def refuse(self, exc, func, args, kwargs, out=None):
+        self.analysis.problem(exc)
+        if func is None:
+            return None
+        return out if out is not None else func(*args, **kwargs)
+
+
+def select_samples(args, kwargs, batch_size: int, batch_dim: int, samples: List[int]):
+    """Index the batched tensors (size B along batch_dim) of (args, kwargs)."""
+    index = None
+
+    def pick(x):
+        nonlocal index
+        if isinstance(x, torch.Tensor) and x.dim() > batch_dim and x.shape[batch_dim] == batch_size:
+            if index is None or index.device != x.device:
+                index = torch.tensor(samples, device=x.device, dtype=torch.long)
+            return x.index_select(batch_dim, index)
+        return x
+
+    return tree_map(pick, (args, kwargs))
+
+
+@contextlib.contextmanager
+def quiet_state(model):
+    """Fork the RNG and restore the model's buffers afterwards."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    devices = []
+    if torch.cuda.is_available():
+        devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in buffers and b.shape == buffers[n].shape:
+                        b.copy_(buffers[n])
+
+
+def probe_run(analysis: Analysis, samples: List[int], lifts=None) -> ProbeRun:
+    """Run the forward on ``samples`` of the example batch, recording every parameter use."""
+    model = analysis.model
+    run = ProbeRun(list(samples))
+    args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_size, analysis.batch_dim, samples)
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    recorder = ProbeRecorder(run, analysis, lifts)
+    engine = getattr(model, "_fxdp_engine", None)
+    with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
+        torch.manual_seed(20260)
+        with torch.enable_grad(), ParameterInterceptor(trainable, recorder):
+            out = model(*args, **kwargs)
+    leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
+    run.outputs = [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    return run
+
+
+def probe_plan(batch_size: int) -> Dict[str, List[int]]:
+    """Sample selections of the analysis runs for an example batch of size B >= 2."""
+    n = min(batch_size, 3)
+    base = list(range(n))
+    return {"base": base, "roll": base[1:] + base[:1], "replace": [1] + base[1:], "small": base[:-1]}
+
+
+def capture_runs(analysis: Analysis) -> PassResult:
+    """Run the analysis forwards and record the call sites of the base run as entries."""
+    from .base import Entry
+
+    for name, samples in probe_plan(analysis.batch_size).items():
+        analysis.runs[name] = probe_run(analysis, samples)
+    base = analysis.runs["base"]
+    analysis.entries = [Entry(i, r.op, r.binding.rule.name, r.param_names, r.binding, r.source_shape,
+                              r.output_shape) for i, r in enumerate(base.records)]
+    return PassResult(analysis, True)

@@ -1,0 +1,44 @@
+"""Per-sample rules, one module per layer family, and their registry.
+
+The registry maps a torch function (or Tensor method) to the rules that may
+bind it; lookup is by function identity, so subclasses of nn.Linear & co. are
+covered because they call the same functional ops.
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from .base import Binding, OpCall, Rule, func_name
+from .broadcast import BroadcastRule
+from .conv import ConvRule
+from .embedding import EmbeddingRule
+from .linear import AddmmRule, LinearRule, MatmulRule
+from .norms import GroupNormRule, LayerNormRule, RMSNormRule
+
+ALL_RULES: List[Rule] = [LinearRule(), AddmmRule(), MatmulRule(), EmbeddingRule(), ConvRule(),
+                         LayerNormRule(), GroupNormRule(), RMSNormRule(), BroadcastRule()]
+
+_REGISTRY: Dict[object, List[Rule]] = {}
+for _rule in ALL_RULES:
+    for _f in _rule.funcs:
+        _REGISTRY.setdefault(_f, []).append(_rule)
+
+
+def rules_for(func) -> List[Rule]:
+    """Rules that may bind ``func`` (empty list when none)."""
+    try:
+        return _REGISTRY.get(func, [])
+    except TypeError:  # unhashable callables
+        return []
+
+
+def bind(call: OpCall):
+    """First binding a rule produces for ``call``, or None."""
+    for rule in rules_for(call.func):
+        b = rule.bind(call)
+        if b is not None:
+            return b
+    return None
+
+
+__all__ = ["ALL_RULES", "Binding", "OpCall", "Rule", "bind", "func_name", "rules_for"]

@@ -1,0 +1,203 @@
+"""Per-sample gradient factors and their algebra.
+
+A rule never materialises per-sample gradients unless that is cheaper. It
+describes the per-sample gradient of a parameter at one use as a *factor*:
+
+- :class:`LowRankGrad`: ``grad_b = reshape(concat_g(left[b,g]^T @ right[b,g]))``
+  (linear layers, grouped convolutions on unfolded inputs);
+- :class:`EmbeddingGrad`: ``grad_b = sum_t onehot(index[b,t]) grad[b,t]^T``;
+- :class:`DenseGrad`: the per-sample gradients themselves, ``(B, *shape)``.
+
+From factors we compute, for every sample b, squared norms, inner products
+between two uses of the same parameter (tied weights) and the clipped sum
+``sum_b coef[b] * grad_b`` as one matmul / index_add. All arithmetic is done in
+at least float32 (float64 stays float64). The choice between the ghost-norm
+(Gram) form and instantiation is taken per call from the real shapes and
+recorded on the factor (``decision``) so reports can show it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (never bf16/fp16)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+@dataclass(eq=False)
+class LowRankGrad:
+    left: torch.Tensor   # (B, G, T, m)
+    right: torch.Tensor  # (B, G, T, n)
+    shape: torch.Size    # parameter shape, numel == G*m*n
+    decision: Optional[str] = field(default=None)
+
+    @property
+    def batch_size(self) -> int:
+        return self.left.shape[0]
+
+    def materialize(self) -> torch.Tensor:
+        dt = compute_dtype(self.left, self.right)
+        g = torch.matmul(self.left.to(dt).transpose(-1, -2), self.right.to(dt))
+        return g.reshape(self.batch_size, *self.shape)
+
+
+@dataclass(eq=False)
+class EmbeddingGrad:
+    index: torch.Tensor  # (B, T) integer
+    grad: torch.Tensor   # (B, T, d); rows at padding_idx already zeroed
+    shape: torch.Size    # (V, d)
+    decision: Optional[str] = field(default="ghost")
+
+    @property
+    def batch_size(self) -> int:
+        return self.index.shape[0]
+
+    def materialize(self) -> torch.Tensor:
+        B, T, d = self.grad.shape
+        dt = compute_dtype(self.grad)
+        out = torch.zeros(B * self.shape[0], d, dtype=dt, device=self.grad.device)
+        offs = (torch.arange(B, device=self.index.device) * self.shape[0]).unsqueeze(1)
+        out.index_add_(0, (self.index + offs).reshape(-1), self.grad.reshape(-1, d).to(dt))
+        return out.view(B, *self.shape)
+
+
+@dataclass(eq=False)
+class DenseGrad:
+    grad: torch.Tensor  # (B, *shape)
+    decision: Optional[str] = field(default="instantiate")
+
+    @property
+    def batch_size(self) -> int:
+        return self.grad.shape[0]
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.grad.shape[1:]
+
+    def materialize(self) -> torch.Tensor:
+        return self.grad.to(compute_dtype(self.grad))
+
+
+Factor = object  # LowRankGrad | EmbeddingGrad | DenseGrad
+
+
+def use_ghost(T: int, m: int, n: int) -> bool:
+    """Ghost (Gram) norm iff it is cheaper than instantiation: 2T^2 < m*n."""
+    return 2 * T * T < m * n
+
+
+def norm_decision(T: int, m: int, n: int) -> str:
+    """How the squared norm of a low-rank factor is computed: "outer" (T == 1),
+    "ghost" (Gram matrices, 2T^2 < m*n) or "instantiate"."""
+    if T == 1:
+        return "outer"
+    return "ghost" if use_ghost(T, m, n) else "instantiate"
+
+
+def sq_norm(f) -> torch.Tensor:
+    """Per-sample squared Frobenius norm, shape (B,)."""
+    if isinstance(f, LowRankGrad):
+        dt = compute_dtype(f.left, f.right)
+        left, right = f.left.to(dt), f.right.to(dt)
+        B, G, T, m = left.shape
+        n = right.shape[-1]
+        f.decision = norm_decision(T, m, n)
+        if f.decision == "outer":
+            return (left.square().sum(-1) * right.square().sum(-1)).sum((1, 2))
+        if f.decision == "ghost":
+            gl = torch.matmul(left, left.transpose(-1, -2))
+            gr = torch.matmul(right, right.transpose(-1, -2))
+            return (gl * gr).sum((1, 2, 3))
+        return torch.matmul(left.transpose(-1, -2), right).square().sum((1, 2, 3))
+    if isinstance(f, EmbeddingGrad):
+        return inner(f, f)
+    if isinstance(f, DenseGrad):
+        return f.materialize().flatten(1).square().sum(1)
+    raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")
+
+
+def _lowrank_inner(a: LowRankGrad, b: LowRankGrad) -> torch.Tensor:
+    dt = compute_dtype(a.left, b.left)
+    T1, T2 = a.left.shape[2], b.left.shape[2]
+    m, n = a.left.shape[-1], a.right.shape[-1]
+    if T1 * T2 * (m + n) < (T1 + T2) * m * n:
+        gl = torch.matmul(a.left.to(dt), b.left.to(dt).transpose(-1, -2))
+        gr = torch.matmul(a.right.to(dt), b.right.to(dt).transpose(-1, -2))
+        return (gl * gr).sum((1, 2, 3))
+    ga = torch.matmul(a.left.to(dt).transpose(-1, -2), a.right.to(dt))
+    gb = torch.matmul(b.left.to(dt).transpose(-1, -2), b.right.to(dt))
+    return (ga * gb).sum((1, 2, 3))
+
+
+def _embedding_inner(a: EmbeddingGrad, b: EmbeddingGrad) -> torch.Tensor:
+    dt = compute_dtype(a.grad, b.grad)
+    same = (a.index.unsqueeze(2) == b.index.unsqueeze(1)).to(dt)          # (B, T1, T2)
+    dots = torch.bmm(a.grad.to(dt), b.grad.to(dt).transpose(1, 2))      # (B, T1, T2)
+    return (same * dots).sum((1, 2))
+
+
+def _embedding_lowrank_inner(e: EmbeddingGrad, lr: LowRankGrad) -> torch.Tensor:
+    # <sum_t onehot(x_t) g_t^T, sum_s l_s^T r_s> = sum_{t,s} l_s[x_t] <g_t, r_s>
+    dt = compute_dtype(e.grad, lr.left)
+    left, right = lr.left[:, 0].to(dt), lr.right[:, 0].to(dt)           # (B, S, V), (B, S, d)
+    B, S, _ = left.shape
+    T = e.index.shape[1]
+    picked = torch.gather(left, 2, e.index.unsqueeze(1).expand(B, S, T))  # (B, S, T)
+    dots = torch.bmm(right, e.grad.to(dt).transpose(1, 2))               # (B, S, T)
+    return (picked * dots).sum((1, 2))
+
+
+def inner(a, b) -> torch.Tensor:
+    """Per-sample inner product <grad_a[b], grad_b[b]> of two uses of one parameter."""
+    if isinstance(a, LowRankGrad) and isinstance(b, LowRankGrad) and a.left.shape[1] == b.left.shape[1] \
+            and a.left.shape[-1] == b.left.shape[-1]:
+        return _lowrank_inner(a, b)
+    if isinstance(a, EmbeddingGrad) and isinstance(b, EmbeddingGrad):
+        return _embedding_inner(a, b)
+    if isinstance(a, EmbeddingGrad) and isinstance(b, LowRankGrad) and b.left.shape[1] == 1 \
+            and b.left.shape[-1] == a.shape[0]:
+        return _embedding_lowrank_inner(a, b)
+    if isinstance(b, EmbeddingGrad) and isinstance(a, LowRankGrad):
+        return inner(b, a)
+    ga, gb = a.materialize(), b.materialize()
+    dt = compute_dtype(ga, gb)
+    return (ga.to(dt).flatten(1) * gb.to(dt).flatten(1)).sum(1)
+
+
+def _mask_rows(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    if keep is None:
+        return t
+    return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
+def clipped_sum(f, coef: torch.Tensor, keep: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``sum_b coef[b] * grad_b`` in one matmul / index_add, shape ``f.shape``.
+
+    ``keep`` (bool, (B,)) removes samples entirely, also where their factors
+    hold NaN or inf (``0 * nan`` would otherwise poison the sum).
+    """
+    if isinstance(f, LowRankGrad):
+        dt = compute_dtype(f.left, f.right, coef)
+        B, G, T, m = f.left.shape
+        n = f.right.shape[-1]
+        left = _mask_rows(f.left.to(dt), keep) * coef.to(dt).view(B, 1, 1, 1)
+        right = _mask_rows(f.right.to(dt), keep)
+        lhs = left.permute(1, 3, 0, 2).reshape(G, m, B * T)
+        rhs = right.permute(1, 0, 2, 3).reshape(G, B * T, n)
+        return torch.bmm(lhs, rhs).reshape(f.shape)
+    if isinstance(f, EmbeddingGrad):
+        dt = compute_dtype(f.grad, coef)
+        B, T, d = f.grad.shape
+        g = _mask_rows(f.grad.to(dt), keep) * coef.to(dt).view(B, 1, 1)
+        out = torch.zeros(f.shape, dtype=dt, device=g.device)
+        out.index_add_(0, f.index.reshape(-1), g.reshape(-1, d))
+        return out
+    if isinstance(f, DenseGrad):
+        g = f.materialize()
+        g = _mask_rows(g, keep)
+        return torch.tensordot(coef.to(g.dtype), g, dims=1)
+    raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")

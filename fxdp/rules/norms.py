@@ -1,0 +1,130 @@
+"""Normalisation layers: LayerNorm, GroupNorm, RMSNorm (module or functional).
+
+Their per-sample gradients are small (B x d), so they are instantiated:
+``dW_b = sum g_b * xhat_b`` and ``db_b = sum g_b`` over every dimension that is
+not normalised-over-and-affine, where ``xhat`` is recomputed from the saved
+input after backward. The batch must be a leading dimension the layer does not
+normalise over (checked by the sample-mixing analysis).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import SampleMixingError
+from ..runtime.layout import LayoutKind
+from .base import Binding, OpCall, Rule
+from .factors import DenseGrad, compute_dtype
+
+
+def _affine_factors(binding, xhat, g, param_ndim_tail):
+    """Reduce g*xhat and g over all but the batch dim and the affine dims."""
+    out = {}
+    if "weight" in binding.roles:
+        wg = (g * xhat)
+        out["weight"] = DenseGrad(_reduce_to(wg, binding.params["weight"].shape, param_ndim_tail))
+    if "bias" in binding.roles:
+        out["bias"] = DenseGrad(_reduce_to(g, binding.params["bias"].shape, param_ndim_tail))
+    return out
+
+
+def _reduce_to(t, shape, tail):
+    """(B, ..., *shape) with the affine dims last -> (B, *shape)."""
+    B = t.shape[0]
+    return t.reshape(B, -1, *t.shape[t.dim() - tail:]).sum(1).reshape(B, *shape)
+
+
+def _roles(call, pairs):
+    roles, params = {}, {}
+    for role, t in pairs:
+        n = call.param_name(t)
+        if n:
+            roles[role], params[role] = n, t
+    return roles, params
+
+
+class LayerNormRule(Rule):
+    name = "layer_norm"
+    funcs = (F.layer_norm,)
+
+    def bind(self, call: OpCall):
+        x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
+        roles, params = _roles(call, (("weight", call.arg(2, "weight")), ("bias", call.arg(3, "bias"))))
+        if not roles:
+            return None
+        shape = tuple([shape] if isinstance(shape, int) else shape)
+        return Binding(self, roles, params, saved={"x": x}, layout_source=x,
+                       options={"normalized_shape": shape, "eps": call.arg(4, "eps", 1e-5)})
+
+    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
+        shape = binding.options["normalized_shape"]
+        x = layout.to_batch_first(saved["x"], batch_size)
+        g = layout.to_batch_first(grad_output, batch_size)
+        dt = compute_dtype(x, g)
+        xhat = F.layer_norm(x.to(dt), shape, eps=binding.options["eps"])
+        return _affine_factors(binding, xhat, g.to(dt), len(shape))
+
+    def shape_summary(self, binding):
+        return {"n": int(torch.Size(binding.options["normalized_shape"]).numel())}
+
+
+class RMSNormRule(Rule):
+    name = "rms_norm"
+    funcs = (F.rms_norm,)
+
+    def bind(self, call: OpCall):
+        x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
+        roles, params = _roles(call, (("weight", call.arg(2, "weight")),))
+        if not roles:
+            return None
+        shape = tuple([shape] if isinstance(shape, int) else shape)
+        return Binding(self, roles, params, saved={"x": x}, layout_source=x,
+                       options={"normalized_shape": shape, "eps": call.arg(3, "eps")})
+
+    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
+        shape = binding.options["normalized_shape"]
+        x = layout.to_batch_first(saved["x"], batch_size)
+        g = layout.to_batch_first(grad_output, batch_size)
+        dt = compute_dtype(x, g)
+        eps = binding.options["eps"]
+        if eps is None:
+            eps = torch.finfo(saved["x"].dtype).eps
+        xhat = F.rms_norm(x.to(dt), shape, eps=eps)
+        return _affine_factors(binding, xhat, g.to(dt), len(shape))
+
+    def shape_summary(self, binding):
+        return {"n": int(torch.Size(binding.options["normalized_shape"]).numel())}
+
+
+class GroupNormRule(Rule):
+    name = "group_norm"
+    funcs = (F.group_norm,)
+
+    def bind(self, call: OpCall):
+        x, groups = call.arg(0, "input"), call.arg(1, "num_groups")
+        roles, params = _roles(call, (("weight", call.arg(2, "weight")), ("bias", call.arg(3, "bias"))))
+        if not roles:
+            return None
+        return Binding(self, roles, params, saved={"x": x}, layout_source=x,
+                       options={"num_groups": groups, "eps": call.arg(4, "eps", 1e-5), "channels": x.shape[1]})
+
+    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
+        if layout.kind is not LayoutKind.BATCH or layout.dim != 0:
+            raise SampleMixingError(
+                f"fxdp: group_norm on {binding.param_names} normalises over dim 0 as the batch, but the samples "
+                f"sit at {layout.describe()}: groups would mix samples.")
+        x = layout.to_batch_first(saved["x"], batch_size)
+        g = layout.to_batch_first(grad_output, batch_size)
+        dt = compute_dtype(x, g)
+        xhat = F.group_norm(x.to(dt), binding.options["num_groups"], eps=binding.options["eps"])
+        g = g.to(dt)
+        B, C = x.shape[0], x.shape[1]
+        out = {}
+        if "weight" in binding.roles:
+            out["weight"] = DenseGrad((g * xhat).reshape(B, C, -1).sum(-1))
+        if "bias" in binding.roles:
+            out["bias"] = DenseGrad(g.reshape(B, C, -1).sum(-1))
+        return out
+
+    def shape_summary(self, binding):
+        return {"n": binding.options["channels"]}

@@ -1,0 +1,298 @@
+"""The runtime engine of a privatized model.
+
+Per forward pass (in grad mode) it opens a :class:`ForwardContext`, looks up
+the batch layout of every call site (analysing the model on this input
+structure the first time, see :mod:`fxdp.passes`), and routes parameter uses
+through taps. At the end of the backward pass (an autograd engine callback)
+``finalize`` computes, for every sample, the norm of its gradient in every clip
+group -- the norm of the *sum* over all uses of a parameter, cross terms
+included -- the clip factors, and the clipped sums, which it adds to
+``p.private_grad``. ``p.grad`` is never written by this path.
+
+Guarantee: after ``loss.backward()``, for every trainable parameter p,
+``p.private_grad += sum_b C_b(group(p)) * grad_p(loss_b)``, where ``loss_b`` is
+sample b's term of the loss (the 1/B of a "mean" reduction undone with this
+forward's batch size) and the clip factors bound each sample's whole clipped
+contribution by R.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Dict, List, Optional
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from ..config import DPConfig, LossReduction
+from ..errors import BatchLayoutError, PrivacyError
+from ..passes import PIPELINE, Analysis, run_pipeline
+from ..passes.plan_groups import GroupPlan
+from ..rules import factors as F
+from .clipping import clip_groups
+from .interceptor import ParameterInterceptor
+from .layout import BatchLayout, LayoutKind
+from .tap import ForwardContext, LayerUse, TapFunction
+
+
+class LayoutTable:
+    """Layouts (and lifts) of the call sites of one input structure, by ordinal."""
+
+    def __init__(self, entries):
+        self.keys = [(e.op, e.param_names) for e in entries]
+        self.layouts = [e.layout for e in entries]
+        self.lifts = [e.lift for e in entries]
+
+    def lookup(self, ordinal: int, op: str, param_names: tuple):
+        if ordinal < len(self.keys) and self.keys[ordinal] == (op, param_names):
+            return self.layouts[ordinal], self.lifts[ordinal]
+        return None, False
+
+
+def batch_size_of(args, kwargs, batch_dim: int) -> int:
+    leaves, _ = tree_flatten((args, kwargs))
+    for t in leaves:
+        if isinstance(t, torch.Tensor) and t.dim() > batch_dim:
+            return int(t.shape[batch_dim])
+    raise BatchLayoutError(
+        f"fxdp: cannot find the batch size: no tensor argument has a dimension {batch_dim}. "
+        "Pass the batch as a tensor (or set batch_dim).")
+
+
+def structure_key(model, args, kwargs, batch_size: int, batch_dim: int):
+    leaves, spec = tree_flatten((args, kwargs))
+    desc = []
+    for t in leaves:
+        if isinstance(t, torch.Tensor):
+            batched = t.dim() > batch_dim and t.shape[batch_dim] == batch_size
+            desc.append(("T", t.dim(), str(t.dtype), batched, str(t.device)))
+        else:
+            desc.append(("V", repr(t)[:80]))
+    return (str(spec), tuple(desc), model.training)
+
+
+def trivial_layout(t: torch.Tensor) -> BatchLayout:
+    """Layout for a batch of one sample when no analysis exists."""
+    return BatchLayout(LayoutKind.BATCH, 0)
+
+
+class RuntimeRecorder:
+    """Routes bound calls of a training forward through taps."""
+
+    def __init__(self, context: ForwardContext, table: Optional[LayoutTable]):
+        self.context = context
+        self.table = table
+
+    def substitute(self, func, args, kwargs):
+        return None
+
+    def refuse(self, exc, func, args, kwargs, out=None):
+        raise exc
+
+    def handle(self, call, binding):
+        ctx = self.context
+        ordinal = len(ctx.uses)
+        B = ctx.batch_size
+        layout, lift = (self.table.lookup(ordinal, call.name, binding.param_names)
+                        if self.table is not None else (None, False))
+        if layout is None:
+            if B <= 1:
+                layout = trivial_layout(binding.layout_source)
+            else:
+                ctx.pending_layouts = True
+        if lift:
+            src = binding.layout_source
+            lifted = src.expand(B, *src.shape[1:])
+            call.args = tuple(lifted if a is src else a for a in call.args)
+            call.kwargs = {k: (lifted if v is src else v) for k, v in call.kwargs.items()}
+            binding.saved = {k: (lifted if v is src else v) for k, v in binding.saved.items()}
+            binding.layout_source = lifted
+        use = LayerUse(ordinal, call.name, binding, layout, ctx)
+        ctx.uses.append(use)
+        tensors, seen = [], set()
+        for t in tree_flatten((call.args, call.kwargs))[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                tensors.append(t)
+        return TapFunction.apply(use, call, *tensors)
+
+
+class Engine:
+    """Owns everything fxdp adds to one privatized model (see module docstring)."""
+
+    def __init__(self, model: torch.nn.Module, config: DPConfig, plan: GroupPlan):
+        self.model = model
+        self.config = config
+        self.plan = plan
+        self.tables: Dict[tuple, LayoutTable] = {}
+        self.last_stats: dict = {}
+        self._reset_transient()
+
+    def _reset_transient(self):
+        self._mode = None
+        self._context = None
+        self._depth = 0
+        self._suspended = False
+        self._pending: List[ForwardContext] = []
+        self._callback_queued = False
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        for k in ("_mode", "_context", "_pending"):
+            state[k] = None if k != "_pending" else []
+        state["_depth"], state["_callback_queued"], state["_suspended"] = 0, False, False
+        return state
+
+    # ----------------------------------------------------------------- forward
+    @contextlib.contextmanager
+    def suspended(self):
+        old = self._suspended
+        self._suspended = True
+        try:
+            yield
+        finally:
+            self._suspended = old
+
+    def trainable(self) -> Dict[int, str]:
+        out = {}
+        for name, p in self.model.named_parameters():
+            if p.requires_grad:
+                if name not in self.plan.group_of:
+                    raise PrivacyError(
+                        f"fxdp: parameter {name!r} became trainable after privatize(); its clip group is "
+                        "unknown. Call fxdp.unprivatize(model) and privatize it again.")
+                out[id(p)] = name
+        return out
+
+    def analyse(self, args, kwargs, batch_size: int, strict: bool = True) -> Analysis:
+        analysis = Analysis(self.model, args, kwargs, batch_size, self.config.batch_dim, strict=strict)
+        from ..report.debug import dump_hook
+        return run_pipeline(analysis, PIPELINE, dump_hook("analysis"))
+
+    def before_forward(self, args, kwargs):
+        if self._suspended or not torch.is_grad_enabled():
+            return
+        self._depth += 1
+        if self._depth > 1:
+            return
+        try:
+            B = batch_size_of(args, kwargs, self.config.batch_dim)
+            trainable = self.trainable()
+            key = structure_key(self.model, args, kwargs, B, self.config.batch_dim)
+            table = self.tables.get(key)
+            if table is None and B >= 2:
+                table = LayoutTable(self.analyse(args, kwargs, B).entries)
+                self.tables[key] = table
+        except BaseException:
+            self._depth -= 1
+            raise
+        ctx = ForwardContext(B, self)
+        ctx.key = key
+        self._context = ctx
+        self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table))
+        self._mode.__enter__()
+
+    def after_forward(self, args, kwargs):
+        if self._suspended or self._mode is None:
+            return
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        mode, ctx = self._mode, self._context
+        self._mode, self._context = None, None
+        mode.__exit__(None, None, None)
+        if ctx.pending_layouts:
+            self._resolve_pending(ctx, args, kwargs)
+
+    def _resolve_pending(self, ctx: ForwardContext, args, kwargs):
+        """The forward took a path the analysis had not seen: analyse this input, then match again."""
+        analysis = self.analyse(args, kwargs, ctx.batch_size)
+        table = LayoutTable(analysis.entries)
+        for use in ctx.uses:
+            layout, lift = table.lookup(use.ordinal, use.op, use.binding.param_names)
+            if layout is None or (lift and use.layout is None):
+                raise BatchLayoutError(
+                    f"fxdp: call site {use.ordinal} ({use.op} using {', '.join(use.binding.param_names)}) "
+                    "behaves differently from one forward pass to the next on inputs of the same structure "
+                    "(data-dependent control flow). fxdp cannot place its samples; this batch is refused.")
+            use.layout = use.layout or layout
+        self.tables[ctx.key] = table
+        ctx.pending_layouts = False
+
+    # ---------------------------------------------------------------- backward
+    def receive(self, use: LayerUse, grad_output: torch.Tensor, extra: dict):
+        ctx = use.context
+        if ctx.finalized:
+            raise PrivacyError("fxdp: backward ran twice through the same privatized forward pass; "
+                               "run a new forward pass for each backward.")
+        use.grad_output = grad_output
+        use.extra_grads = extra
+        if not any(c is ctx for c in self._pending):
+            self._pending.append(ctx)
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finalize)
+
+    def finalize(self):
+        self._callback_queued = False
+        pending, self._pending = self._pending, []
+        if len(pending) > 1:
+            for ctx in pending:
+                ctx.finalized = True
+                ctx.uses = []
+            raise PrivacyError(
+                f"fxdp: one backward pass went through {len(pending)} forward passes of the privatized model; "
+                "samples of different forward passes cannot be matched. Call backward once per forward pass "
+                "(gradient accumulation: forward, backward, forward, backward).")
+        with torch.no_grad():
+            for ctx in pending:
+                self._finalize_context(ctx)
+
+    def _finalize_context(self, ctx: ForwardContext):
+        ctx.finalized = True
+        B = ctx.batch_size
+        uses = [u for u in ctx.uses if u.grad_output is not None]
+        ctx.uses = []
+        params = dict(self.model.named_parameters())
+        trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
+        per_param: Dict[str, list] = {}
+        if B > 0:
+            for u in uses:
+                if u.layout is None:
+                    raise BatchLayoutError(f"fxdp: no batch layout for {u.op}; this is a bug in fxdp.")
+                for role, factor in u.rule.factors(u.binding, u.saved, u.grad_output, u.extra_grads,
+                                                   u.layout, B).items():
+                    per_param.setdefault(u.binding.roles[role], []).append(factor)
+                u.saved, u.grad_output, u.extra_grads = {}, None, {}
+        scale = float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0
+        group_sq: Dict[int, torch.Tensor] = {}
+        for name, factors in per_param.items():
+            sq = sum(F.sq_norm(f) for f in factors)
+            for i in range(len(factors)):
+                for j in range(i + 1, len(factors)):
+                    sq = sq + 2 * F.inner(factors[i], factors[j])
+            g = self.plan.group_of[name]
+            group_sq[g] = group_sq[g] + sq if g in group_sq else sq
+        device = next(iter(params.values())).device if params else None
+        result = clip_groups({g: sq * scale * scale for g, sq in group_sq.items()}, self.plan.num_groups,
+                             self.config, B, device)
+        keep = None if result.num_nonfinite == 0 else result.keep
+        for name in trainable:
+            p = params[name]
+            factors = per_param.pop(name, [])
+            if factors:
+                coef = result.factors[self.plan.group_of[name]] * scale
+                total = sum(F.clipped_sum(f, coef, keep) for f in factors)
+                total = total.to(p.dtype)
+            else:
+                total = torch.zeros_like(p)
+            existing = getattr(p, "private_grad", None)
+            p.private_grad = total if existing is None else existing + total
+        if result.num_nonfinite:
+            warnings.warn(f"fxdp: {result.num_nonfinite} of {B} examples had a non-finite loss or gradient; "
+                          "they contribute nothing to this step (the step is still charged).", RuntimeWarning)
+        self.last_stats = {
+            "batch_size": B, "num_nonfinite": result.num_nonfinite,
+            "group_norms": {self.plan.labels[g]: n.detach() for g, n in result.norms.items()},
+            "clip_factors": {self.plan.labels[g]: c.detach() for g, c in result.factors.items()},
+        }
