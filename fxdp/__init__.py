@@ -10,6 +10,26 @@ from .report import Report, explain
 
 __version__ = "0.1.0"
 
+# Names provided by modules of later pipeline stages, imported on first use.
+_LAZY = {
+    "DPOptimizer": "fxdp.runtime.optimizer",
+    "PrivacyEngine": "fxdp.privacy_engine",
+    "BatchMemoryManager": "fxdp.runtime.virtual_steps",
+    "audit": "fxdp.audit",
+    "fix_batchnorm": "fxdp.fix",
+    "validate": "fxdp.fix",
+    "per_sample_loss": "fxdp.losses",
+    "DPDistributed": "fxdp.distributed",
+}
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'fxdp' has no attribute {name!r}")
+
 __all__ = [
     "privatize", "unprivatize", "explain", "is_privatized", "get_engine", "clear_private_grads",
     "DPConfig", "ClippingStyle", "ClippingFn", "LossReduction", "make_config", "Report",

@@ -32,6 +32,15 @@ def rules_for(func) -> List[Rule]:
         return []
 
 
+def decomposition(call: OpCall):
+    """A callable running ``call`` as simpler intercepted ops, or None."""
+    for rule in rules_for(call.func):
+        d = rule.decompose(call)
+        if d is not None:
+            return d
+    return None
+
+
 def bind(call: OpCall):
     """First binding a rule produces for ``call``, or None."""
     for rule in rules_for(call.func):
@@ -41,4 +50,4 @@ def bind(call: OpCall):
     return None
 
 
-__all__ = ["ALL_RULES", "Binding", "OpCall", "Rule", "bind", "func_name", "rules_for"]
+__all__ = ["ALL_RULES", "Binding", "OpCall", "Rule", "bind", "decomposition", "func_name", "rules_for"]

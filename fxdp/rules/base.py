@@ -19,9 +19,12 @@ import torch
 
 
 def func_name(func) -> str:
+    """Readable name of a torch function or Tensor method ("F.linear", "torch.addmm", "Tensor.expand")."""
     name = getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or repr(func)
     mod = getattr(func, "__module__", "") or ""
-    if mod.startswith("torch.nn.functional"):
+    if name.startswith("_VariableFunctionsClass."):
+        return "torch." + name.split(".", 1)[1]
+    if mod.startswith("torch.nn.functional") or mod.startswith("torch._C._nn"):
         return "F." + name
     if name.startswith("_TensorBase.") or name.startswith("TensorBase."):
         name = "Tensor." + name.split(".", 1)[1]
@@ -104,6 +107,11 @@ class Rule(abc.ABC):
     def factors(self, binding: Binding, saved: Dict[str, torch.Tensor], grad_output: torch.Tensor,
                 extra_grads: Dict[str, torch.Tensor], layout, batch_size: int) -> Dict[str, Any]:
         """Per-sample gradient factors per role, from the (raw-layout) saved tensors."""
+
+    def decompose(self, call: OpCall) -> Optional[Callable[[], Any]]:
+        """For composite ops (e.g. multi-head attention): a callable that runs the
+        op as simpler torch calls, which are intercepted in turn. None otherwise."""
+        return None
 
     def shape_summary(self, binding: Binding) -> Dict[str, int]:
         """Sizes (T, m, n, ...) used by reports and the cost model; rule-specific."""

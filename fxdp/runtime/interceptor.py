@@ -19,7 +19,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from ..errors import SampleMixingError, UncoveredParameterError
-from ..rules import OpCall, bind, func_name
+from ..rules import OpCall, bind, decomposition, func_name
 
 BATCH_MIXING = {
     F.batch_norm: "BatchNorm in training mode normalises with statistics of the whole batch",
@@ -56,6 +56,10 @@ class ParameterInterceptor(TorchFunctionMode):
         if not trainable:
             return func(*args, **kwargs)
         call = OpCall(func, tuple(args), dict(kwargs), trainable)
+        decomposed = decomposition(call)
+        if decomposed is not None:
+            with self:
+                return decomposed()
         try:
             binding = bind(call)
         except (UncoveredParameterError, SampleMixingError) as exc:
