@@ -78,9 +78,56 @@ def split_batch(args, kwargs, target, batch_dim=0):
 
 def median_threshold(per_sample, groups):
     """R such that about half the samples are clipped in the all-layer sense."""
-    norms = [math.sqrt(sum(float(g[n].double().square().sum()) for grp in groups for n in grp)) for g in per_sample]
-    return float(torch.tensor(norms).median())
+    norms = sorted(math.sqrt(sum(float(g[n].double().square().sum()) for grp in groups for n in grp))
+                   for g in per_sample)
+    k = len(norms) // 2
+    # midway between two middle norms: no sample sits exactly on the threshold
+    return 0.5 * (norms[k - 1] + norms[k]) if len(norms) > 1 else norms[0]
 
 
 def fresh_copy(model):
     return copy.deepcopy(model)
+
+
+def check_against_reference(model, args, kwargs, target, sample_loss, style="all-layer", clipping_fn="abadi",
+                            loss_reduction="mean", block_heads=None, rtol=1e-9, R=None, batch_dim=0):
+    """Privatize a copy of ``model``, run one backward, compare every private_grad
+    with the brute-force reference. ``sample_loss(output, target)`` must be the
+    SUM over the samples it is given of each sample's own loss. R defaults to
+    the median per-sample norm (so some samples are clipped and some not).
+    Returns (max relative error, R, fraction of clipped samples)."""
+    import fxdp
+
+    ref_model = copy.deepcopy(model)
+    samples = split_batch(args, kwargs, target, batch_dim)
+    per_sample = per_sample_gradients(ref_model, samples, sample_loss)
+    m = copy.deepcopy(model)
+    fxdp.privatize(m, style=style, clipping_fn=clipping_fn, loss_reduction=loss_reduction,
+                   block_heads=block_heads, batch_dim=batch_dim)
+    groups = [list(g) for g in fxdp.get_engine(m).plan.groups]
+    if R is None:
+        R = median_threshold(per_sample, groups)
+    fxdp.unprivatize(m)
+    fxdp.privatize(m, style=style, max_grad_norm=R, clipping_fn=clipping_fn, loss_reduction=loss_reduction,
+                   block_heads=block_heads, batch_dim=batch_dim)
+    B = len(samples)
+    loss = sample_loss(m(*args, **kwargs), target)
+    if loss_reduction == "mean":
+        loss = loss / B
+    loss.backward()
+    expected, norms = reference_private_grads(per_sample, groups, R, clipping_fn)
+    worst = 0.0
+    floor = 1e-6 * max(float(e.abs().max()) for e in expected.values())  # gradients that are 0 up to round-off
+    for name, p in m.named_parameters():
+        if not p.requires_grad:
+            assert not hasattr(p, "private_grad"), f"frozen {name} got a private grad"
+            continue
+        assert p.grad is None, f"{name}: p.grad was written by the private path"
+        exp = expected[name]
+        scale = max(float(exp.abs().max()), floor) + 1e-30
+        err = float((p.private_grad - exp).abs().max()) / scale
+        assert err < rtol, f"{name}: relative error {err:.3e} (style={style}, fn={clipping_fn})"
+        worst = max(worst, err)
+    thr = R / math.sqrt(len(groups))
+    clipped = sum(1 for gn in norms for n in gn if n > thr) / max(1, sum(len(gn) for gn in norms))
+    return worst, R, clipped
