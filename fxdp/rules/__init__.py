@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+from .attention import MultiheadAttentionRule
 from .base import Binding, OpCall, Rule, func_name
 from .broadcast import BroadcastRule
 from .conv import ConvRule
@@ -16,7 +17,8 @@ from .linear import AddmmRule, LinearRule, MatmulRule
 from .norms import GroupNormRule, LayerNormRule, RMSNormRule
 
 ALL_RULES: List[Rule] = [LinearRule(), AddmmRule(), MatmulRule(), EmbeddingRule(), ConvRule(),
-                         LayerNormRule(), GroupNormRule(), RMSNormRule(), BroadcastRule()]
+                         LayerNormRule(), GroupNormRule(), RMSNormRule(), BroadcastRule(),
+                         MultiheadAttentionRule()]
 
 _REGISTRY: Dict[object, List[Rule]] = {}
 for _rule in ALL_RULES:

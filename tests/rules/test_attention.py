@@ -47,9 +47,9 @@ def test_transformer_encoder_private_grads_equal_per_sample_reference(batch_firs
 def test_transformer_encoder_causal_mask_and_key_padding_are_exact():
     torch.manual_seed(2)
     x = torch.randn(B, T, E, dtype=torch.float64)
-    kpm = torch.zeros(B, T, dtype=torch.bool)
-    kpm[0, -2:] = True
-    kpm[2, -1] = True
+    kpm = torch.zeros(B, T, dtype=torch.float64)
+    kpm[0, -2:] = float("-inf")
+    kpm[2, -1] = float("-inf")
     mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=torch.float64)
     y = torch.randn(B, dtype=torch.float64)
 
@@ -71,16 +71,17 @@ def test_transformer_encoder_causal_mask_and_key_padding_are_exact():
 class MHAModel(nn.Module):
     """One nn.MultiheadAttention (any options) and a linear head; returns one value per sample."""
 
-    def __init__(self, cross=False, need_weights=False, batch_first=True, **kw):
+    def __init__(self, cross=False, need_weights=False, batch_first=True, average=True, **kw):
         super().__init__()
         torch.manual_seed(0)
         self.mha = nn.MultiheadAttention(E, H, batch_first=batch_first, **kw)
         self.head = nn.Linear(E, 1)
-        self.cross, self.need_weights, self.batch_first = cross, need_weights, batch_first
+        self.cross, self.need_weights, self.batch_first, self.average = cross, need_weights, batch_first, average
 
     def forward(self, x, mem=None, kpm=None):
         kv = mem if self.cross else x
-        out, w = self.mha(x, kv, kv, key_padding_mask=kpm, need_weights=self.need_weights)
+        out, w = self.mha(x, kv, kv, key_padding_mask=kpm, need_weights=self.need_weights,
+                          average_attn_weights=self.average)
         bt = (0, 1) if self.batch_first else (1, 0)
         y = self.head(out).squeeze(-1).sum(bt[1])
         if w is not None:
@@ -91,7 +92,7 @@ class MHAModel(nn.Module):
 MHA_CASES = {
     "self": dict(),
     "need_weights": dict(need_weights=True),
-    "need_weights_per_head": dict(need_weights=True),
+    "need_weights_per_head": dict(need_weights=True, average=False),
     "no_bias": dict(bias=False),
     "cross_attention": dict(cross=True),
     "kdim_vdim": dict(cross=True, kdim=6, vdim=6),
@@ -105,8 +106,6 @@ MHA_CASES = {
 def test_multihead_attention_variants_are_exact(case):
     kw = dict(MHA_CASES[case])
     model = MHAModel(**kw).double()
-    if case == "need_weights_per_head":
-        model.mha_forward_kwargs = None
     torch.manual_seed(3)
     x = torch.randn(B, T, E, dtype=torch.float64)
     mem = torch.randn(B, T + 1, kw.get("kdim", E), dtype=torch.float64)
