@@ -80,7 +80,9 @@ class DPConfig:
             with the actual batch size of each forward pass.
         block_heads: module names each starting a block (block-wise only);
             None means the default blocks (see ``fxdp.passes.plan_groups``).
-        batch_dim: the batch dimension of the model's tensor inputs.
+        batch_dim: the batch dimension of the model's tensor inputs: an int, or a
+            tuple of (input position or keyword, dim or None) pairs (given as a
+            dict to ``make_config``); see ``fxdp.runtime.inputs``.
     """
 
     style: ClippingStyle = ClippingStyle.ALL_LAYER
@@ -89,7 +91,12 @@ class DPConfig:
     numerical_stability_constant: float = 1e-6
     loss_reduction: LossReduction = LossReduction.MEAN
     block_heads: Optional[tuple] = None
-    batch_dim: int = 0
+    batch_dim: object = 0
+
+    @property
+    def batch_dim_spec(self):
+        """``batch_dim`` as an int or a dict, as ``fxdp.runtime.inputs`` takes it."""
+        return dict(self.batch_dim) if isinstance(self.batch_dim, tuple) else self.batch_dim
 
     def group_threshold(self, num_groups: int) -> float:
         """R_g = R / sqrt(G): the groups' thresholds add up to R in quadrature."""
@@ -103,7 +110,7 @@ class DPConfig:
             numerical_stability_constant=self.numerical_stability_constant,
             loss_reduction=self.loss_reduction.value,
             block_heads=list(self.block_heads) if self.block_heads is not None else None,
-            batch_dim=self.batch_dim,
+            batch_dim=self.batch_dim_spec,
         )
 
 
@@ -151,6 +158,13 @@ def make_config(
             raise ValueError("fxdp: block_heads is empty; pass None for the default blocks.")
     if batch_dim is None:
         batch_dim = 0
-    if isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
-        raise ValueError(f"fxdp: batch_dim must be an int, got {batch_dim!r}.")
+    if isinstance(batch_dim, dict):
+        for k, v in batch_dim.items():
+            if not isinstance(k, (int, str)) or isinstance(k, bool) or not (v is None or (isinstance(v, int)
+                                                                                           and not isinstance(v, bool))):
+                raise ValueError(f"fxdp: batch_dim entries map an input (position or keyword) to a dim or None, "
+                                 f"got {k!r}: {v!r}.")
+        batch_dim = tuple(sorted(batch_dim.items(), key=lambda kv: str(kv[0])))
+    elif isinstance(batch_dim, bool) or not isinstance(batch_dim, int):
+        raise ValueError(f"fxdp: batch_dim must be an int or a dict {{input: dim}}, got {batch_dim!r}.")
     return DPConfig(style, r, clipping_fn, gamma, loss_reduction, heads, batch_dim)

@@ -42,7 +42,7 @@ class Analysis:
     args: tuple
     kwargs: dict
     batch_size: int
-    batch_dim: int
+    batch_dim: object
     strict: bool = True
     runs: Dict[str, Any] = field(default_factory=dict)
     entries: List[Entry] = field(default_factory=list)

@@ -15,9 +15,10 @@ from typing import Any, Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.utils._pytree import tree_flatten
 
 from ..rules import func_name
+from ..runtime.inputs import input_batch_dims
 from ..runtime.interceptor import ParameterInterceptor
 from .base import Analysis, PassResult
 
@@ -81,19 +82,18 @@ class ProbeRecorder:
         return out if out is not None else func(*args, **kwargs)
 
 
-def select_samples(args, kwargs, batch_size: int, batch_dim: int, samples: List[int]):
-    """Index the batched tensors (size B along batch_dim) of (args, kwargs)."""
-    index = None
+def select_samples(args, kwargs, batch_dim, samples: List[int]):
+    """Index the batched tensors of (args, kwargs) (see ``fxdp.runtime.inputs``)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
 
-    def pick(x):
-        nonlocal index
-        if isinstance(x, torch.Tensor) and x.dim() > batch_dim and x.shape[batch_dim] == batch_size:
-            if index is None or index.device != x.device:
-                index = torch.tensor(samples, device=x.device, dtype=torch.long)
-            return x.index_select(batch_dim, index)
-        return x
-
-    return tree_map(pick, (args, kwargs))
+    _, leaves, dims = input_batch_dims(args, kwargs, batch_dim)
+    _, spec = tree_flatten((args, kwargs))
+    out = []
+    for t, d in zip(leaves, dims):
+        if d is not None:
+            t = t.index_select(d, torch.tensor(samples, device=t.device, dtype=torch.long))
+        out.append(t)
+    return tree_unflatten(out, spec)
 
 
 @contextlib.contextmanager
@@ -117,7 +117,7 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None) -> ProbeRun:
     """Run the forward on ``samples`` of the example batch, recording every parameter use."""
     model = analysis.model
     run = ProbeRun(list(samples))
-    args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_size, analysis.batch_dim, samples)
+    args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_dim, samples)
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
     recorder = ProbeRecorder(run, analysis, lifts)
     engine = getattr(model, "_fxdp_engine", None)

@@ -96,7 +96,7 @@ def explain(model, *example_args, **kwargs) -> Report:
         config = make_config(**cfg_kwargs)
         plan = plan_groups(model, config)
     tmp = engine or Engine(model, config, plan)
-    B = batch_size_of(example_args, kwargs, config.batch_dim)
+    B = batch_size_of(example_args, kwargs, config.batch_dim_spec)
     analysis = tmp.analyse(example_args, kwargs, B, strict=False) if B >= 2 else None
     return build_report(model, config, plan, analysis, B)
 

@@ -30,6 +30,7 @@ from ..passes import PIPELINE, Analysis, run_pipeline
 from ..passes.plan_groups import GroupPlan
 from ..rules import factors as F
 from .clipping import clip_groups
+from .inputs import input_batch_dims
 from .interceptor import ParameterInterceptor
 from .layout import BatchLayout, LayoutKind
 from .tap import ForwardContext, LayerUse, TapFunction
@@ -49,23 +50,17 @@ class LayoutTable:
         return None, False
 
 
-def batch_size_of(args, kwargs, batch_dim: int) -> int:
-    leaves, _ = tree_flatten((args, kwargs))
-    for t in leaves:
-        if isinstance(t, torch.Tensor) and t.dim() > batch_dim:
-            return int(t.shape[batch_dim])
-    raise BatchLayoutError(
-        f"fxdp: cannot find the batch size: no tensor argument has a dimension {batch_dim}. "
-        "Pass the batch as a tensor (or set batch_dim).")
+def batch_size_of(args, kwargs, batch_dim) -> int:
+    return input_batch_dims(args, kwargs, batch_dim)[0]
 
 
-def structure_key(model, args, kwargs, batch_size: int, batch_dim: int):
-    leaves, spec = tree_flatten((args, kwargs))
+def structure_key(model, args, kwargs, batch_size: int, batch_dim):
+    _, leaves, dims = input_batch_dims(args, kwargs, batch_dim)
+    _, spec = tree_flatten((args, kwargs))
     desc = []
-    for t in leaves:
+    for t, d in zip(leaves, dims):
         if isinstance(t, torch.Tensor):
-            batched = t.dim() > batch_dim and t.shape[batch_dim] == batch_size
-            desc.append(("T", t.dim(), str(t.dtype), batched, str(t.device)))
+            desc.append(("T", t.dim(), str(t.dtype), d, str(t.device)))
         else:
             desc.append(("V", repr(t)[:80]))
     return (str(spec), tuple(desc), model.training)
@@ -114,7 +109,11 @@ class RuntimeRecorder:
             if isinstance(t, torch.Tensor) and id(t) not in seen:
                 seen.add(id(t))
                 tensors.append(t)
-        return TapFunction.apply(use, call, *tensors)
+        out = TapFunction.apply(use, call, *tensors)
+        # The use keeps detached copies only: a reference to a tensor with a grad_fn
+        # would close a cycle through the autograd graph that Python cannot collect.
+        binding.layout_source, binding.saved = None, {}
+        return out
 
 
 class Engine:
@@ -165,7 +164,7 @@ class Engine:
         return out
 
     def analyse(self, args, kwargs, batch_size: int, strict: bool = True) -> Analysis:
-        analysis = Analysis(self.model, args, kwargs, batch_size, self.config.batch_dim, strict=strict)
+        analysis = Analysis(self.model, args, kwargs, batch_size, self.config.batch_dim_spec, strict=strict)
         from ..report.debug import dump_hook
         return run_pipeline(analysis, PIPELINE, dump_hook("analysis"))
 
@@ -176,9 +175,9 @@ class Engine:
         if self._depth > 1:
             return
         try:
-            B = batch_size_of(args, kwargs, self.config.batch_dim)
+            B = batch_size_of(args, kwargs, self.config.batch_dim_spec)
             trainable = self.trainable()
-            key = structure_key(self.model, args, kwargs, B, self.config.batch_dim)
+            key = structure_key(self.model, args, kwargs, B, self.config.batch_dim_spec)
             table = self.tables.get(key)
             if table is None and B >= 2:
                 table = LayoutTable(self.analyse(args, kwargs, B).entries)
