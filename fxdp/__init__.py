@@ -8,6 +8,10 @@ from .config import ClippingFn, ClippingStyle, DPConfig, LossReduction, make_con
 from .errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
 from .report import Report, explain
 
+from .backend import register as _register_backend
+
+_register_backend()
+
 __version__ = "0.1.0"
 
 # Names provided by modules of later pipeline stages, imported on first use.

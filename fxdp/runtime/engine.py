@@ -84,6 +84,7 @@ class RuntimeRecorder:
     def refuse(self, exc, func, args, kwargs, out=None):
         raise exc
 
+    @torch._dynamo.disable
     def handle(self, call, binding):
         ctx = self.context
         ordinal = len(ctx.uses)
@@ -168,6 +169,7 @@ class Engine:
         from ..report.debug import dump_hook
         return run_pipeline(analysis, PIPELINE, dump_hook("analysis"))
 
+    @torch._dynamo.disable
     def before_forward(self, args, kwargs):
         if self._suspended or not torch.is_grad_enabled():
             return
@@ -191,6 +193,7 @@ class Engine:
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table))
         self._mode.__enter__()
 
+    @torch._dynamo.disable
     def after_forward(self, args, kwargs):
         if self._suspended or self._mode is None:
             return
