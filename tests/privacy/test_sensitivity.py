@@ -1,0 +1,128 @@
+"""Neighbour sensitivity, deterministically (no noise, no statistics).
+
+The guarantee DP-SGD's noise is calibrated to: for every batch D and every
+example i, the clipped sums from D and from D without i differ by at most R in
+the whole model's L2 norm (for grouped styles by at most R_g = R/sqrt(G) in
+each group, and sqrt(sum_g R_g^2) = R overall). Checked for every clipping
+style and clipping function, several R (never 1.0), float32 and float64, on the
+suite's models including GPT-2's tied wte/lm_head and a weight reused by
+``F.linear`` besides its module call, and through gradient accumulation.
+
+Each check also asserts the bound is *reached* where it should be: the largest
+move equals the largest reference clipped-gradient norm, so a test cannot pass
+because nothing moved.
+"""
+import copy
+
+import pytest
+import torch
+
+import fxdp
+from tests import models_zoo as Z
+from tests.privacy.neighbours import (FunctionalReuse, batch_size, clipped_norm, delta_norms, drop,
+                                      per_example_sq_norms, private_sum, take)
+
+STYLES = ["all-layer", "layer-wise", "param-wise", "block-wise"]
+FNS = ["abadi", "automatic", "global"]
+GAMMA = {"abadi": 1e-6, "automatic": 1e-2, "global": 0.0}
+R_FACTORS = (0.37, 1.3, 4.1)   # times the median per-example norm: most clipped .. none clipped
+TOL = {torch.float64: 1e-9, torch.float32: 2e-5}
+
+
+def _case(name):
+    g = torch.Generator().manual_seed(1234)
+    if name == "mlp":
+        return Z.MLP().double(), (torch.randn(5, 6, generator=g, dtype=torch.float64),), \
+            torch.randint(0, 3, (5,), generator=g), Z.ce_sum
+    if name == "cnn_groupnorm":
+        return Z.CNN().double(), (torch.randn(4, 3, 7, 7, generator=g, dtype=torch.float64),), \
+            torch.randint(0, 4, (4,), generator=g), Z.ce_sum
+    if name == "embedding_layernorm":
+        ids = torch.randint(1, 20, (5, 6), generator=g)
+        ids[:, -2:] = 0
+        return Z.SeqModel().double(), (ids,), torch.randint(0, 3, (5,), generator=g), Z.ce_sum
+    if name == "raw_params":
+        return Z.RawParams().double(), (torch.randn(5, 4, 6, generator=g, dtype=torch.float64),), \
+            torch.randint(0, 2, (5,), generator=g), Z.ce_sum
+    if name == "functional_reuse":
+        return FunctionalReuse().double(), (torch.randn(5, 5, generator=g, dtype=torch.float64),), \
+            torch.randint(0, 3, (5,), generator=g), Z.ce_sum
+    if name == "gpt2_tied":
+        ids = torch.randint(0, 40, (4, 8), generator=g)
+        return Z.gpt2(), (ids,), ids, Z.lm_sum
+    raise KeyError(name)
+
+
+MODELS = ["mlp", "cnn_groupnorm", "embedding_layernorm", "raw_params", "functional_reuse", "gpt2_tied"]
+_CACHE = {}
+
+
+def _setup(name):
+    """Model (float64, unprivatized), batch, loss, per-example squared norms per parameter."""
+    if name not in _CACHE:
+        torch.manual_seed(0)
+        model, args, target, loss_sum = _case(name)
+        _CACHE[name] = (model, args, target, loss_sum, per_example_sq_norms(model, args, target, loss_sum))
+    return _CACHE[name]
+
+
+def _cast(args, dtype):
+    return tuple(a.to(dtype) if torch.is_floating_point(a) else a for a in args)
+
+
+def _median_norm(sq):
+    norms = sorted(sum(s.values()) ** 0.5 for s in sq)
+    k = len(norms) // 2
+    return 0.5 * (norms[k - 1] + norms[k])
+
+
+def assert_neighbours_within_R(name, style, fn, dtype, micro_batches=None):
+    """For each R, each i: ||sum(D) - sum(D - i)|| <= R (and <= R_g per group), and the
+    largest move equals the largest reference clipped norm."""
+    template, args, target, loss_sum, sq = _setup(name)
+    args = _cast(args, dtype)
+    B = batch_size(args)
+    tol = TOL[dtype]
+    for factor in R_FACTORS:
+        R = factor * _median_norm(sq)
+        model = fxdp.privatize(copy.deepcopy(template).to(dtype), style=style, max_grad_norm=R, clipping_fn=fn)
+        groups = fxdp.get_engine(model).plan.groups
+        R_g = R / len(groups) ** 0.5
+
+        def batches(a, t):
+            if micro_batches is None:
+                return [(a, t)]
+            n = batch_size(a)
+            cut = [0] + [min(c, n) for c in micro_batches] + [n]
+            return [take(a, t, range(cut[k], cut[k + 1])) for k in range(len(cut) - 1) if cut[k + 1] > cut[k]]
+
+        full = private_sum(model, batches(args, target), loss_sum)
+        moves = []
+        for i in range(B):
+            a, t = drop(args, target, i)
+            whole, per_group = delta_norms(full, private_sum(model, batches(a, t), loss_sum), groups)
+            assert whole <= R * (1 + tol), (
+                f"{name}/{style}/{fn}/{dtype}: removing example {i} moved the clipped sum by {whole:.6g} > R={R:.6g}")
+            for g, d in enumerate(per_group):
+                assert d <= R_g * (1 + tol), (
+                    f"{name}/{style}/{fn}: group {fxdp.get_engine(model).plan.labels[g]} moved {d:.6g} > R_g={R_g:.6g}")
+            moves.append(whole)
+        expected = max(clipped_norm(s, groups, R, fn, GAMMA[fn]) for s in sq)
+        assert abs(max(moves) - expected) <= 1e3 * tol * R + 1e-12, (
+            f"{name}/{style}/{fn}: largest move {max(moves):.6g}, reference clipped norm {expected:.6g}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
+@pytest.mark.parametrize("fn", FNS)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", MODELS)
+def test_removing_one_example_moves_clipped_sum_at_most_R(name, style, fn, dtype):
+    assert_neighbours_within_R(name, style, fn, dtype)
+
+
+@pytest.mark.parametrize("fn", FNS)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", ["mlp", "functional_reuse", "gpt2_tied"])
+def test_removing_one_example_under_gradient_accumulation_moves_at_most_R(name, style, fn):
+    """Micro-batches of 2, 2 and the rest, accumulated into one private_grad."""
+    assert_neighbours_within_R(name, style, fn, torch.float64, micro_batches=(2, 4))
