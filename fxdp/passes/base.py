@@ -32,6 +32,11 @@ class Entry:
     layout: Any = None
     lift: bool = False
     reason: str = ""
+    made_by: str = ""
+    changed_by: List[str] = field(default_factory=list)
+
+    def snapshot(self) -> tuple:
+        return (self.layout, self.lift, self.reason, self.source_shape, self.output_shape)
 
 
 @dataclass(eq=False)
@@ -69,6 +74,7 @@ def run_pipeline(analysis: Analysis, passes: Sequence[Callable[[Analysis], PassR
         dump("input", 0, analysis)
     for i, p in enumerate(passes, 1):
         name = getattr(p, "__name__", repr(p))
+        before = {id(e): e.snapshot() for e in analysis.entries}
         try:
             result = p(analysis)
         except PrivacyError as exc:
@@ -78,6 +84,11 @@ def run_pipeline(analysis: Analysis, passes: Sequence[Callable[[Analysis], PassR
         except Exception as exc:
             raise PassError(f"fxdp: analysis pass {name!r} failed: {type(exc).__name__}: {exc}") from exc
         analysis = result.analysis
+        for e in analysis.entries:
+            if id(e) not in before:
+                e.made_by = e.made_by or name
+            elif before[id(e)] != e.snapshot():
+                e.changed_by.append(name)
         analysis.log.append(f"{name}: {'modified' if result.modified else 'unchanged'}")
         if dump is not None:
             dump(name, i, analysis)

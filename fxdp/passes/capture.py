@@ -27,6 +27,39 @@ DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F
             torch.nn.functional.dropout}
 
 
+def _full_like_draw(value):
+    def draw(args, kwargs):
+        kw = {k: v for k, v in kwargs.items() if k in ("dtype", "device", "layout")}
+        if args and isinstance(args[0], torch.Tensor):
+            return torch.full_like(args[0], value, **kw)
+        size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+        size = kwargs.get("size", size)
+        return torch.full(tuple(size), value, **kw)
+    return draw
+
+
+def _fill_(value_of):
+    def fill(args, kwargs):
+        return args[0].fill_(value_of(args, kwargs))
+    return fill
+
+
+# Value-drawing random ops get deterministic stand-ins in analysis runs, so that a
+# draw made per *position* (label dropout for classifier-free guidance, noise) cannot
+# look like sample mixing. Index-drawing ops (randperm, randint, multinomial) are kept:
+# they can move samples across the batch, which the analysis must see.
+RANDOM_VALUES = {
+    torch.rand: _full_like_draw(0.5), torch.rand_like: _full_like_draw(0.5),
+    torch.randn: _full_like_draw(0.0), torch.randn_like: _full_like_draw(0.0),
+    torch.bernoulli: lambda a, k: (a[0] >= 0.5).to(a[0].dtype),
+    torch.normal: lambda a, k: (torch.as_tensor(a[0]) if a else torch.as_tensor(k["mean"])).clone(),
+    torch.Tensor.uniform_: _fill_(lambda a, k: (a[1] if len(a) > 1 else k.get("from", 0.0)) / 2
+                                  + (a[2] if len(a) > 2 else k.get("to", 1.0)) / 2),
+    torch.Tensor.normal_: _fill_(lambda a, k: a[1] if len(a) > 1 else k.get("mean", 0.0)),
+    torch.Tensor.bernoulli_: _fill_(lambda a, k: 1.0),
+}
+
+
 @dataclass
 class Record:
     op: str
@@ -53,6 +86,8 @@ class ProbeRecorder:
         self.lifts = lifts or {}
 
     def substitute(self, func, args, kwargs):
+        if func in RANDOM_VALUES:
+            return lambda: RANDOM_VALUES[func](args, kwargs)
         if func in DROPOUTS:
             x = args[0] if args else kwargs["input"]
             return lambda: x

@@ -258,6 +258,7 @@ class Engine:
         params = dict(self.model.named_parameters())
         trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
         per_param: Dict[str, list] = {}
+        labelled = []
         if B > 0:
             for u in uses:
                 if u.layout is None:
@@ -265,6 +266,7 @@ class Engine:
                 for role, factor in u.rule.factors(u.binding, u.saved, u.grad_output, u.extra_grads,
                                                    u.layout, B).items():
                     per_param.setdefault(u.binding.roles[role], []).append(factor)
+                    labelled.append((f"{u.ordinal}:{role}", factor))
                 u.saved, u.grad_output, u.extra_grads = {}, None, {}
         scale = float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0
         group_sq: Dict[int, torch.Tensor] = {}
@@ -275,6 +277,8 @@ class Engine:
                     sq = sq + 2 * F.inner(factors[i], factors[j])
             g = self.plan.group_of[name]
             group_sq[g] = group_sq[g] + sq if g in group_sq else sq
+        decisions = {key: f.decision for key, f in labelled}
+        del labelled
         device = next(iter(params.values())).device if params else None
         result = clip_groups({g: sq * scale * scale for g, sq in group_sq.items()}, self.plan.num_groups,
                              self.config, B, device)
@@ -294,7 +298,7 @@ class Engine:
             warnings.warn(f"fxdp: {result.num_nonfinite} of {B} examples had a non-finite loss or gradient; "
                           "they contribute nothing to this step (the step is still charged).", RuntimeWarning)
         self.last_stats = {
-            "batch_size": B, "num_nonfinite": result.num_nonfinite,
+            "batch_size": B, "num_nonfinite": result.num_nonfinite, "decisions": decisions,
             "group_norms": {self.plan.labels[g]: n.detach() for g, n in result.norms.items()},
             "clip_factors": {self.plan.labels[g]: c.detach() for g, c in result.factors.items()},
         }
