@@ -44,7 +44,9 @@ def test_transformer_encoder_private_grads_equal_per_sample_reference(batch_firs
     assert r["engine"].last_stats["batch_size"] == B
 
 
-def test_transformer_encoder_causal_mask_and_key_padding_are_exact():
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_encoder_causal_mask_and_key_padding_are_exact(batch_first):
+    """Seq-first: x is (T, B, E) while the key padding mask stays (B, T)."""
     torch.manual_seed(2)
     x = torch.randn(B, T, E, dtype=torch.float64)
     kpm = torch.zeros(B, T, dtype=torch.float64)
@@ -52,20 +54,23 @@ def test_transformer_encoder_causal_mask_and_key_padding_are_exact():
     kpm[2, -1] = float("-inf")
     mask = nn.Transformer.generate_square_subsequent_mask(T, dtype=torch.float64)
     y = torch.randn(B, dtype=torch.float64)
+    bd = 0 if batch_first else 1
+    if not batch_first:
+        x = x.transpose(0, 1).contiguous()
 
     class Wrap(nn.Module):
         def __init__(self):
             super().__init__()
-            self.enc = encoder(True)
+            self.enc = encoder(batch_first)
 
         def forward(self, x, kpm):
             return self.enc(x, mask=mask, src_key_padding_mask=kpm, is_causal=True)
 
     def loss_fn(out, y):
-        return ((out.sum((1, 2)) - y) ** 2).mean()
+        return ((out.sum((1, 2) if batch_first else (0, 2)) - y) ** 2).mean()
 
-    samples = [((x[i:i + 1], kpm[i:i + 1]), {}, y[i:i + 1]) for i in range(B)]
-    check_against_reference(Wrap(), (x, kpm), {}, y, loss_fn, samples=samples)
+    samples = [((x.narrow(bd, i, 1), kpm[i:i + 1]), {}, y[i:i + 1]) for i in range(B)]
+    check_against_reference(Wrap(), (x, kpm), {}, y, loss_fn, samples=samples, batch_dim=bd)
 
 
 class MHAModel(nn.Module):
@@ -99,6 +104,7 @@ MHA_CASES = {
     "bias_kv": dict(add_bias_kv=True),
     "zero_attn": dict(add_zero_attn=True, need_weights=True),
     "seq_first": dict(batch_first=False),
+    "seq_first_cross": dict(batch_first=False, cross=True),
 }
 
 
@@ -115,8 +121,6 @@ def test_multihead_attention_variants_are_exact(case):
     bd = 0
     if not kw.get("batch_first", True):
         x, mem, bd = x.transpose(0, 1).contiguous(), mem.transpose(0, 1).contiguous(), 1
-    if bd == 1:
-        kpm = None  # a (B, S) mask next to (T, B, E) inputs: see /tmp/fxdp_bugs/coverage-1.md
     samples = [((x.narrow(bd, i, 1), mem.narrow(bd, i, 1), None if kpm is None else kpm[i:i + 1]), {}, y[i:i + 1])
                for i in range(B)]
 
