@@ -1,4 +1,6 @@
-"""Reports on privatized models: ``explain`` and debug dumps."""
-from .explain import Report, explain
+"""Reports on privatized models: ``explain`` (table, cost model, block graph)
+and debug dumps of the analysis (see :mod:`fxdp.report.debug`)."""
+from .explain import explain
+from .result import Report
 
 __all__ = ["Report", "explain"]

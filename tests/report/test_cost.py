@@ -1,0 +1,151 @@
+"""Cost model: the formulas agree with the rules' real factors at example shapes,
+the decision and crossover are the runtime's, and costs rescale with B and T."""
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import sympy as sp
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+import fxdp
+from examples.models import tiny_gpt
+from fxdp.report.cost import (crossover, evaluate, family_and_dims, family_cost, ghost_condition, runtime_decision,
+                              symbols)
+from fxdp.rules import OpCall, bind
+from fxdp.rules.factors import LowRankGrad, norm_decision, sq_norm
+from fxdp.runtime.layout import BatchLayout, LayoutKind
+
+BATCH0 = BatchLayout(LayoutKind.BATCH, 0)
+
+
+def counted_flops(fn):
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def rule_factor(func, args, params, grad_shape, B, layout=BATCH0):
+    """Bind a call like the interceptor does, build its factors from a random output gradient."""
+    binding = bind(OpCall(func, args, {}, {id(t): name for name, t in params.items()}))
+    out = func(*args)
+    g = torch.randn(grad_shape if grad_shape is not None else out.shape, dtype=torch.float64)
+    factors = binding.rule.factors(binding, {k: v.detach() for k, v in binding.saved.items()}, g, {}, layout, B)
+    return binding, out, factors
+
+
+def _t(*shape):
+    return torch.randn(*shape, dtype=torch.float64)
+
+
+# name -> (func, call args, roles of args[1], args[2])
+CASES = {
+    "linear-ghost": lambda: (F.linear, (_t(3, 5, 40), _t(24, 40), _t(24)), ("weight", "bias")),
+    "linear-instantiate": lambda: (F.linear, (_t(3, 20, 6), _t(4, 6), None), ("weight",)),
+    "linear-outer": lambda: (F.linear, (_t(3, 7), _t(5, 7), None), ("weight",)),
+    "addmm-ghost": lambda: (torch.addmm, (_t(12), _t(3 * 4, 16), _t(16, 12)), ("bias", "weight")),
+    "conv-grouped": lambda: (F.conv2d, (_t(3, 4, 9, 9), _t(6, 2, 3, 3), _t(6), 2, 1, 1, 2), ("weight", "bias")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lowrank_dims_and_gemm_flops_match_the_rules_factor(case):
+    func, args, roles = CASES[case]()
+    B = 3
+    params = {role: t for role, t in zip(roles, args[1:3]) if t is not None}
+    if func is torch.addmm:
+        params = {"bias": args[0], "weight": args[2]}
+    layout = BatchLayout(LayoutKind.ROWS_MAJOR, 0) if func is torch.addmm else BATCH0   # (B*T, d) rows
+    binding, out, factors = rule_factor(func, args, params, None, B, layout)
+    family, dims = family_and_dims(binding.rule.name, binding, tuple(binding.layout_source.shape), tuple(out.shape), B)
+    f = factors["weight"]
+    assert tuple(f.left.shape) == (B, dims["G"], dims["T"], dims["m"])
+    assert tuple(f.right.shape) == (B, dims["G"], dims["T"], dims["n"])
+    ev = evaluate(family, binding.roles, dims, B)
+    counted = counted_flops(lambda: sq_norm(f))
+    assert f.decision == ev["decision"] == runtime_decision(family, binding.roles, dims)
+    assert counted == ev["methods"][f.decision]["gemm"]
+    left, right = f.left, f.right
+    ghost = lambda: (torch.matmul(left, left.transpose(-1, -2)), torch.matmul(right, right.transpose(-1, -2)))
+    inst = lambda: torch.matmul(left.transpose(-1, -2), right)
+    assert counted_flops(ghost) == ev["methods"]["ghost"]["gemm"]     # both formulas, whichever is picked
+    assert counted_flops(inst) == ev["methods"]["instantiate"]["gemm"]
+
+
+def test_embedding_ghost_gemm_flops_match_the_rule():
+    B, T, V, d = 3, 11, 50, 8
+    idx, w = torch.randint(0, V, (B, T)), torch.randn(V, d, dtype=torch.float64)
+    binding, out, factors = rule_factor(F.embedding, (idx, w), {"weight": w}, None, B)
+    family, dims = family_and_dims("embedding", binding, tuple(idx.shape), tuple(out.shape), B)
+    assert (family, dims) == ("embedding", {"T": T, "n": d, "V": V})
+    f = factors["weight"]
+    ev = evaluate(family, {"weight"}, dims, B)
+    assert counted_flops(lambda: sq_norm(f)) == ev["methods"]["ghost"]["gemm"] == 2 * B * T * T * d
+    assert f.decision == ev["decision"] == "ghost"
+
+
+def test_norm_layer_costs_have_no_gemm_and_instantiate():
+    B, T, n = 2, 5, 12
+    x, w, b = torch.randn(B, T, n), torch.randn(n), torch.randn(n)
+    binding = bind(OpCall(F.layer_norm, (x, (n,), w, b), {}, {id(w): "w", id(b): "b"}))
+    family, dims = family_and_dims("layer_norm", binding, tuple(x.shape), tuple(x.shape), B)
+    assert (family, dims) == ("norm", {"T": T, "n": n})
+    g = torch.randn(B, T, n)
+    factors = binding.rule.factors(binding, {"x": x}, g, {}, BATCH0, B)
+    assert counted_flops(lambda: [sq_norm(f) for f in factors.values()]) == 0
+    ev = evaluate(family, binding.roles, dims, B)
+    assert ev["decision"] == factors["weight"].decision == "instantiate"
+    assert ev["held"] == B * T * n + 2 * B * n     # output gradient + two per-sample gradients
+
+
+def test_symbolic_ghost_condition_is_the_runtime_function():
+    s = symbols()
+    cond = ghost_condition()
+    assert cond == (2 * s["T"] ** 2 < s["m"] * s["n"])
+    for T, m, n in itertools.product(range(2, 30, 3), (1, 4, 17, 64), (3, 32, 100)):
+        assert bool(cond.subs({s["T"]: T, s["m"]: m, s["n"]: n})) == (norm_decision(T, m, n) == "ghost")
+
+
+@pytest.mark.parametrize("m,n", [(1, 1), (4, 6), (32, 32), (96, 32), (768, 3072), (50257, 768)])
+def test_crossover_is_where_the_runtime_decision_flips(m, n):
+    t = crossover({"m": m, "n": n})
+    assert norm_decision(t, m, n) == "instantiate"
+    assert t == 2 or norm_decision(t - 1, m, n) == "ghost"
+    assert all(norm_decision(T, m, n) == "instantiate" for T in (t, t + 1, 2 * t))
+
+
+def test_symbolic_costs_are_polynomials_in_the_model_symbols():
+    s = symbols()
+    fc = family_cost("lowrank", frozenset({"weight", "bias"}))
+    assert sp.expand(fc.methods["ghost"].gemm - 2 * s["B"] * s["G"] * s["T"] ** 2 * (s["m"] + s["n"])) == 0
+    assert sp.expand(fc.methods["instantiate"].workspace - s["B"] * s["G"] * s["m"] * s["n"]) == 0
+    assert fc.held.free_symbols <= set(s.values())
+
+
+@pytest.fixture(scope="module")
+def report():
+    model, (idx,) = tiny_gpt(batch_size=4, seq_len=16)
+    return fxdp.explain(model, idx)
+
+
+def test_cost_at_the_example_shapes_equals_the_rows(report):
+    table = report.cost()
+    assert table.batch_size == report.batch_size == 4 and table.seq_len == report.seq_len == 16
+    by_key = {r["key"]: r for r in report.rows}
+    for r in table.rows:
+        row = by_key[r["key"]]
+        assert r["decision"] == row["decision"] and r["dims"] == row["dims"]
+        assert {k: v["flops"] for k, v in r["methods"].items()} == {k: v["flops"] for k, v in row["costs"].items()}
+
+
+def test_cost_is_linear_in_B_and_rescales_T(report):
+    small, big = report.cost(B=4), report.cost(B=12)
+    assert big.extra_flops == 3 * small.extra_flops and big.extra_memory == 3 * small.extra_memory
+    long = report.cost(T=64)
+    for r in long.rows:
+        assert r["dims"]["T"] == (64 if r["rule"] in ("linear", "embedding", "layer_norm") else r["dims"]["T"])
+    assert long.extra_flops > small.extra_flops
+    text = str(report.cost(B=64, T=1024))
+    assert "DP overhead at B=64, T=1024" in text and "instantiate from T = 23" in text
