@@ -11,6 +11,7 @@ import math
 from typing import Callable, Dict, List, Sequence
 
 import torch
+from torch.utils._pytree import tree_map
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -42,14 +43,14 @@ def batch_size(args) -> int:
 
 
 def take(args: tuple, target, index: Sequence[int]):
-    """The sub-batch ``index`` of ``args`` and ``target`` (batch dim 0)."""
+    """The sub-batch ``index`` of ``args`` and ``target`` (batch dim 0; nested tuples too)."""
     B = batch_size(args)
     idx = torch.as_tensor(list(index), dtype=torch.long)
 
     def pick(t):
         return t.index_select(0, idx) if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == B else t
 
-    return tuple(pick(a) for a in args), pick(target)
+    return tuple(tree_map(pick, a) for a in args), tree_map(pick, target)
 
 
 def drop(args: tuple, target, i: int):
