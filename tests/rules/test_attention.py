@@ -190,3 +190,23 @@ def test_frozen_attention_parameters_are_not_intercepted():
     model(x).sum().backward()
     assert all(not hasattr(p, "private_grad") for p in model.mha.parameters())
     assert model.head.weight.private_grad.shape == model.head.weight.shape
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_transformer_decoder_cross_attention_is_exact(batch_first):
+    torch.manual_seed(6)
+    layer = nn.TransformerDecoderLayer(E, H, 16, dropout=0.0, batch_first=batch_first)
+    model = nn.TransformerDecoder(layer, 1).double()
+    tgt = torch.randn(B, T, E, dtype=torch.float64)
+    memory = torch.randn(B, T + 2, E, dtype=torch.float64)
+    y = torch.randn(B, dtype=torch.float64)
+    bd = 0 if batch_first else 1
+    if not batch_first:
+        tgt, memory = tgt.transpose(0, 1).contiguous(), memory.transpose(0, 1).contiguous()
+
+    def loss_fn(out, y):
+        return ((out.sum((1, 2) if batch_first else (0, 2)) - y) ** 2).mean()
+
+    samples = [((tgt.narrow(bd, i, 1), memory.narrow(bd, i, 1)), {}, y[i:i + 1]) for i in range(B)]
+    check_against_reference(model, (tgt, memory), {}, y, loss_fn, samples=samples, batch_dim=bd,
+                            style="layer-wise")
