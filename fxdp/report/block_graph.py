@@ -18,19 +18,22 @@ filled.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional
-
-import networkx as nx
+from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
 from .trace import INPUT, OUTPUT, Trace
+
+if TYPE_CHECKING:  # networkx is imported on first use (``import fxdp`` stays light)
+    import networkx as nx
 
 STATUS_COLOURS = {"uncovered": ("red", "mistyrose"), "sample-mixing": ("darkorange", "papayawhip"),
                   "layout": ("purple", "lavender")}
 
 
-def build_block_graph(trace: Trace, rows: Iterable[Dict], blocks: Optional[List[str]] = None) -> nx.DiGraph:
+def build_block_graph(trace: Trace, rows: Iterable[Dict], blocks: Optional[List[str]] = None) -> "nx.DiGraph":
     """Graph of ``trace``; ``rows`` (dicts with a ``key`` and any of the node
     attributes above) give the per-use attributes. ``blocks`` orders the clusters."""
+    import networkx as nx
+
     by_key = {r["key"]: r for r in rows}
     g = nx.DiGraph()
     g.graph["blocks"] = list(blocks or [])
@@ -70,16 +73,6 @@ def node_label(key, attrs: Dict) -> str:
     return "\n".join(lines)
 
 
-def update_nodes(g: nx.DiGraph, attrs_by_key: Dict) -> nx.DiGraph:
-    """Set attributes of existing nodes (and refresh their labels)."""
-    for key, attrs in attrs_by_key.items():
-        if key in g:
-            g.nodes[key].update(attrs)
-            if g.nodes[key].get("kind") in ("use", "refused"):
-                g.nodes[key]["label"] = node_label(key, g.nodes[key])
-    return g
-
-
 def _q(text) -> str:
     return '"' + str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
@@ -109,7 +102,7 @@ def _node_dot(key, attrs: Dict) -> str:
     return f"{_q(key)} [{body}];"
 
 
-def to_dot(g: nx.DiGraph, title: str = "fxdp") -> str:
+def to_dot(g: "nx.DiGraph", title: str = "fxdp") -> str:
     """Graphviz DOT text of a block graph: one cluster per block."""
     lines = [f"digraph {_q(title)} {{", "  rankdir=TB;", '  node [fontname="Helvetica", fontsize=10];',
              f"  label={_q(title)};"]
@@ -132,16 +125,20 @@ def to_dot(g: nx.DiGraph, title: str = "fxdp") -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_dot(g: nx.DiGraph, path, title: str = "fxdp") -> None:
+def write_dot(g: "nx.DiGraph", path, title: str = "fxdp") -> None:
     """Write :func:`to_dot` of ``g`` to ``path``."""
     with open(path, "w", encoding="utf-8") as f:
         f.write(to_dot(g, title))
 
 
-def graph_to_data(g: nx.DiGraph) -> Dict:
+def graph_to_data(g: "nx.DiGraph") -> Dict:
     """JSON-serialisable form (networkx node-link data)."""
+    import networkx as nx
+
     return nx.node_link_data(g, edges="edges")
 
 
-def graph_from_data(data: Dict) -> nx.DiGraph:
+def graph_from_data(data: Dict) -> "nx.DiGraph":
+    import networkx as nx
+
     return nx.node_link_graph(data, directed=True, multigraph=False, edges="edges")

@@ -174,15 +174,15 @@ def build_report(model, config: DPConfig, plan: GroupPlan, analysis, tracker: Pa
     uncovered |= {n for p in problems if isinstance(p, UncoveredParameterError) for n in getattr(p, "param_names", ())}
     bad = {n for r in rows if r["status"] != "ok" for n in r["params"]} | uncovered
     used = {n for r in rows for n in r["params"]}
-    if trace is None and analysis is None:
-        used = set(trainable)               # nothing ran: do not call every parameter unused
-    covered = [n for n in trainable if n in used and n not in bad]
+    # only a complete traced forward tells which parameters are never used
+    unused = [n for n in trainable if n not in used] if trace is not None else []
     graph = build_block_graph(trace, rows, list(dict.fromkeys(blocks.values()))) if trace is not None \
         else build_block_graph(Trace(batch_size), [], [])
     return Report(
         rows=rows, plan=plan, config=config, batch_size=max(batch_size, 1),
         seq_len=reference_length([r for r in rows if r.get("family")]), itemsize=_itemsize(model),
-        uncovered=sorted(n for n in uncovered if n in trainable or not trainable), unused=[n for n in trainable if n not in used],
-        problems=[_problem(p) for p in problems], num_params=len(trainable), num_covered=len(covered),
+        uncovered=sorted(n for n in uncovered if n in trainable), unused=unused,
+        problems=[_problem(p) for p in problems], num_params=len(trainable),
+        covered=[n for n in trainable if n in used and n not in bad],
         param_sizes={n: int(math.prod(p.shape)) for n, p in trainable.items()}, blocks=blocks, block_graph=graph,
         forward_flops=trace.forward_flops if trace is not None else None, notes=notes)

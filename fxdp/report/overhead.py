@@ -25,7 +25,8 @@ from typing import Any, Dict, List, Optional
 
 from tabulate import tabulate
 
-from .cost import crossover, cross_flops, evaluate
+from .cost import crossover, cross_flops, evaluate, family_cost, runtime_decision, symbols
+from ..rules.factors import use_ghost
 
 
 def si(x: Optional[float], unit: str = "") -> str:
@@ -156,3 +157,46 @@ class CostTable:
                 "itemsize": self.itemsize, "rows": self.rows, "cross": self.cross,
                 "extra_flops": self.extra_flops, "held": self.held, "workspace": self.workspace,
                 "extra_memory_bytes": self.extra_memory, "plain_flops": self.plain_flops}
+
+
+def symbolic_overhead(rows: List[Dict], reference_len: int, itemsize: int = 4) -> Dict[str, Any]:
+    """DP overhead of the covered uses as sympy expressions in B and T.
+
+    Same rescaling of T and same decisions as :class:`CostTable`: a low-rank use
+    whose rows scale with T gets ``Piecewise((outer, T_row = 1), (ghost,
+    use_ghost(T_row, m, n)), (instantiate, True))`` -- the runtime's rule on
+    symbols. Returns ``{"extra_flops", "extra_memory_bytes", "plain_flops"}``;
+    cross terms of shared parameters are not included (they are in CostTable).
+    """
+    import sympy as sp
+
+    s = symbols()
+    T = s["T"]
+    flops, held, plain, workspaces = 0, 0, 0, []
+    for r in rows:
+        if not r.get("family") or r.get("status", "ok") != "ok":
+            continue
+        d = r["dims"]
+        scaled = d.get("T", 1) > 1 and reference_len > 1
+        t_row = T * sp.Rational(d["T"], reference_len) if scaled else d.get("T", 1)
+        subs = {s[k]: v for k, v in d.items() if k != "T"}
+        subs[T] = t_row
+        fc = family_cost(r["family"], frozenset(r["roles"]))
+        methods = {k: (v.flops.subs(subs), v.workspace.subs(subs)) for k, v in fc.methods.items()}
+        if scaled and "outer" in methods:
+            def pick(i):
+                return sp.Piecewise((methods["outer"][i], sp.Eq(t_row, 1)),
+                                    (methods["ghost"][i], use_ghost(t_row, d["m"], d["n"])),
+                                    (methods["instantiate"][i], True))
+        else:
+            chosen = methods[runtime_decision(r["family"], r["roles"], d)]
+
+            def pick(i):
+                return chosen[i]
+        flops += pick(0) + fc.clip.subs(subs)
+        workspaces.append(pick(1))
+        held += fc.held.subs(subs)
+        plain += fc.plain.subs(subs)
+    workspace = sp.Max(*workspaces) if workspaces else 0
+    return {"extra_flops": sp.sympify(flops), "extra_memory_bytes": sp.sympify(itemsize * (held + workspace)),
+            "plain_flops": sp.sympify(plain)}

@@ -24,19 +24,33 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-import networkx as nx
 from tabulate import tabulate
 
 from ..config import DPConfig, make_config
 from ..passes.plan_groups import GroupPlan
 from .block_graph import graph_from_data, graph_to_data, to_dot, write_dot
-from .overhead import CostTable, nbytes, si
+from .overhead import CostTable, nbytes, si, symbolic_overhead
 
 MAX_LISTED = 24
 
 
 def _shape(s) -> str:
     return "(" + ", ".join(str(x) for x in s) + ")" if s is not None else "?"
+
+
+def _config_to_json(config: DPConfig) -> Dict[str, Any]:
+    """``as_kwargs`` with a per-input ``batch_dim`` dict as [input, dim] pairs (JSON keys are strings only)."""
+    kw = config.as_kwargs()
+    if isinstance(kw["batch_dim"], dict):
+        kw["batch_dim"] = [[k, v] for k, v in kw["batch_dim"].items()]
+    return kw
+
+
+def _config_from_json(kw: Dict[str, Any]) -> DPConfig:
+    kw = dict(kw)
+    if isinstance(kw.get("batch_dim"), list):
+        kw["batch_dim"] = {k: v for k, v in kw["batch_dim"]}
+    return make_config(**kw)
 
 
 @dataclass
@@ -51,10 +65,10 @@ class Report:
     unused: List[str]
     problems: List[Dict[str, Any]]
     num_params: int
-    num_covered: int
+    covered: List[str]
     param_sizes: Dict[str, int]
     blocks: Dict[str, str]
-    block_graph: nx.DiGraph
+    block_graph: Any  # networkx.DiGraph
     forward_flops: Optional[int] = None
     notes: List[str] = field(default_factory=list)
 
@@ -74,6 +88,11 @@ class Report:
         return [self.config.group_threshold(self.plan.num_groups)] * self.plan.num_groups
 
     @property
+    def num_covered(self) -> int:
+        """Trainable tensors used only where a rule covers them, without problems."""
+        return len(self.covered)
+
+    @property
     def sample_mixing(self) -> List[Dict[str, Any]]:
         """Problems where an op makes one sample's values depend on other samples."""
         return [p for p in self.problems if p["kind"] == "SampleMixingError"]
@@ -88,6 +107,11 @@ class Report:
         and sequence length T (default: the example's ``seq_len``)."""
         return CostTable(self.rows, B if B is not None else self.batch_size, T, self.seq_len, self.itemsize)
 
+    def overhead_expr(self) -> Dict[str, Any]:
+        """DP overhead as sympy expressions in B and T (see ``symbolic_overhead``):
+        ``{"extra_flops", "extra_memory_bytes", "plain_flops"}``."""
+        return symbolic_overhead(self.rows, self.seq_len, self.itemsize)
+
     def to_dot(self) -> str:
         """Graphviz DOT text of :attr:`block_graph`."""
         return to_dot(self.block_graph, f"fxdp {self.config.style.value}")
@@ -99,10 +123,10 @@ class Report:
     def to_dict(self) -> Dict[str, Any]:
         return {
             "rows": self.rows, "groups": self.groups, "group_labels": self.group_labels,
-            "thresholds": self.thresholds, "config": self.config.as_kwargs(), "batch_size": self.batch_size,
+            "thresholds": self.thresholds, "config": _config_to_json(self.config), "batch_size": self.batch_size,
             "seq_len": self.seq_len, "itemsize": self.itemsize, "uncovered": self.uncovered,
             "unused": self.unused, "problems": self.problems, "num_params": self.num_params,
-            "num_covered": self.num_covered, "param_sizes": self.param_sizes, "blocks": self.blocks,
+            "covered": self.covered, "num_covered": self.num_covered, "param_sizes": self.param_sizes, "blocks": self.blocks,
             "block_graph": graph_to_data(self.block_graph), "forward_flops": self.forward_flops,
             "notes": self.notes,
         }
@@ -111,9 +135,9 @@ class Report:
     def from_dict(cls, d: Dict[str, Any]) -> "Report":
         groups = tuple(tuple(g) for g in d["groups"])
         plan = GroupPlan(groups, tuple(d["group_labels"]), {n: i for i, g in enumerate(groups) for n in g})
-        return cls(rows=d["rows"], plan=plan, config=make_config(**d["config"]), batch_size=d["batch_size"],
+        return cls(rows=d["rows"], plan=plan, config=_config_from_json(d["config"]), batch_size=d["batch_size"],
                    seq_len=d["seq_len"], itemsize=d["itemsize"], uncovered=d["uncovered"], unused=d["unused"],
-                   problems=d["problems"], num_params=d["num_params"], num_covered=d["num_covered"],
+                   problems=d["problems"], num_params=d["num_params"], covered=d["covered"],
                    param_sizes=d["param_sizes"], blocks=d["blocks"], block_graph=graph_from_data(d["block_graph"]),
                    forward_flops=d["forward_flops"], notes=d["notes"])
 
@@ -135,8 +159,7 @@ class Report:
 
     def summary(self) -> str:
         c = self.config
-        covered_el = sum(self.param_sizes.get(n, 0) for n in self.param_sizes if n not in self.uncovered
-                         and n not in self.unused and n not in self._problem_params())
+        covered_el = sum(self.param_sizes.get(n, 0) for n in self.covered)
         lines = [f"parameters covered: {self.num_covered}/{self.num_params} tensors "
                  f"({covered_el:,}/{sum(self.param_sizes.values()):,} elements)   style: {c.style.value}   "
                  f"R = {c.max_grad_norm:g}   clipping: {c.clipping_fn.value}   "
@@ -174,9 +197,6 @@ class Report:
         if not self.problems:
             lines.append("privatize accepts this model (on this example input).")
         return "\n".join(lines)
-
-    def _problem_params(self) -> set:
-        return {n for r in self.rows if r.get("status", "ok") != "ok" for n in r["params"]}
 
     def __str__(self) -> str:
         return self.table() + "\n\n" + self.summary()

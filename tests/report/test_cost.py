@@ -149,3 +149,15 @@ def test_cost_is_linear_in_B_and_rescales_T(report):
     assert long.extra_flops > small.extra_flops
     text = str(report.cost(B=64, T=1024))
     assert "DP overhead at B=64, T=1024" in text and "instantiate from T = 23" in text
+
+
+def test_symbolic_overhead_equals_the_numeric_table_at_other_shapes(report):
+    s = symbols()
+    expr = report.overhead_expr()
+    assert expr["extra_flops"].free_symbols == {s["B"], s["T"]}
+    for B, T in ((2, 16), (7, 32), (64, 1024)):
+        table = report.cost(B=B, T=T)
+        at = {s["B"]: B, s["T"]: T}
+        assert int(expr["extra_flops"].subs(at)) == table.extra_flops - sum(table.cross.values())
+        assert int(expr["extra_memory_bytes"].subs(at)) == table.extra_memory
+        assert int(expr["plain_flops"].subs(at)) == table.plain_flops

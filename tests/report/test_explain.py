@@ -137,3 +137,27 @@ def test_conv_groupnorm_model_rows_and_decisions():
     conv2 = report.rows[2]
     assert conv2["dims"] == {"T": 16, "m": 16, "n": 72, "p": 16, "G": 2}
     assert report.rows[-1]["decision"] == "outer"      # classifier on pooled features: T = 1
+
+
+class Failing(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+
+    def forward(self, x):
+        raise RuntimeError("user model bug")
+
+
+def test_a_failing_forward_is_a_reported_problem_and_claims_nothing_covered_or_unused():
+    report = fxdp.explain(Failing(), torch.randn(4, 3))
+    assert not report.ok and "user model bug" in report.problems[0]["message"]
+    assert report.rows == [] and report.covered == [] and report.unused == []
+    assert any("failed" in n for n in report.notes)
+
+
+def test_a_model_without_trainable_parameters_is_a_reported_problem():
+    model = torch.nn.Linear(3, 3).requires_grad_(False)
+    report = fxdp.explain(model, torch.randn(4, 3))
+    assert not report.ok and "no trainable parameters" in report.problems[0]["message"]
+    assert report.num_params == 0 and report.groups == []
+    str(report)

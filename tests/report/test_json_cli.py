@@ -79,3 +79,12 @@ def test_cli_usage_errors_exit_2(capsys):
     assert "no function 'no_such_factory'" in capsys.readouterr().err
     assert main(["explain", "examples.models:tiny_gpt", "--cost", "B=x"]) == 2
     assert main(["explain", "no_such_module_fxdp:f"]) == 2
+
+
+def test_json_roundtrip_keeps_a_per_input_batch_dim():
+    torch.manual_seed(0)
+    enc = torch.nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0)
+    report = fxdp.explain(enc, torch.randn(5, 3, 8), batch_dim={0: 1})
+    assert report.ok, report.problems
+    again = roundtrip(report)
+    assert again.config.batch_dim_spec == {0: 1} == report.config.batch_dim_spec
