@@ -110,7 +110,7 @@ def _entry_row(e, used, B: int, tracker: PassTracker) -> Dict[str, Any]:
     out = used.output_shape if used is not None else e.output_shape
     family, dims = family_and_dims(e.rule, e.binding, src, out, B)
     roles = dict(e.binding.roles)
-    status = tracker.status.get(e.ordinal, "ok") if e.reason else "ok"
+    status = tracker.status.get(e.ordinal, "problem") if e.reason else "ok"
     row = {"key": e.ordinal, "module": used.module if used is not None else owner(e.param_names[0]),
            "layer": used.layer if used is not None else "", "op": e.op, "rule": e.rule,
            "params": list(e.param_names), "roles": roles, "input": list(src), "output": list(out),
@@ -153,7 +153,8 @@ def _rows(analysis, tracker, trace: Optional[Trace], B: int, notes: List[str]) -
         elif u.key in by_ordinal:
             rows.append(_entry_row(by_ordinal[u.key], u, trace.batch_size, tracker))
         else:  # no analysis (batch of one): the trace alone
-            rows.append({**_refused_row(u), "rule": "", "path": "tap", "status": "ok", "batch": "dim 0"})
+            rows.append({**_refused_row(u), "rule": u.rule, "path": "tap", "status": "ok",
+                         "batch": "dim 0 (batch of one)"})
     return rows
 
 

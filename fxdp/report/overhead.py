@@ -138,8 +138,8 @@ class CostTable:
             m = r["methods"].get(name)
             return f"{si(m['flops'])} / {nbytes(m['workspace'] * self.itemsize)}" if m else "-"
 
-        body = [[r["key"], r["module"] or "(root)", r["rule"], r["dims"].get("T", ""), r["decision"], method(r, "ghost"),
-                 method(r, "instantiate"), r["crossover"] or "", si(r["extra_flops"]),
+        body = [[r["key"], r["module"] or "(root)", r["rule"], r["dims"].get("T", ""), r["decision"],
+                 method(r, "ghost"), method(r, "instantiate"), r["crossover"] or "", si(r["extra_flops"]),
                  nbytes(r["held"] * self.itemsize)] for r in self.rows]
         return tabulate(body, headers=["#", "module", "rule", "T", "norm", "ghost FLOP / mem",
                                        "instantiate FLOP / mem", "T*", "extra FLOP", "held"])

@@ -126,8 +126,8 @@ class Report:
             "thresholds": self.thresholds, "config": _config_to_json(self.config), "batch_size": self.batch_size,
             "seq_len": self.seq_len, "itemsize": self.itemsize, "uncovered": self.uncovered,
             "unused": self.unused, "problems": self.problems, "num_params": self.num_params,
-            "covered": self.covered, "num_covered": self.num_covered, "param_sizes": self.param_sizes, "blocks": self.blocks,
-            "block_graph": graph_to_data(self.block_graph), "forward_flops": self.forward_flops,
+            "covered": self.covered, "num_covered": self.num_covered, "param_sizes": self.param_sizes,
+            "blocks": self.blocks, "block_graph": graph_to_data(self.block_graph), "forward_flops": self.forward_flops,
             "notes": self.notes,
         }
 
@@ -179,9 +179,10 @@ class Report:
         if table.rows:
             lines.append(table.summary())
             if self.forward_flops:
-                lines.append(f"plain training of the whole model at the example batch: ~{si(3 * self.forward_flops, 'FLOP')}"
-                             f" (3x the measured forward, {si(self.forward_flops, 'FLOP')}); DP adds "
-                             f"{100.0 * table.extra_flops / (3 * self.forward_flops):.1f}%")
+                plain = 3 * self.forward_flops
+                lines.append(f"plain training of the whole model at the example batch: ~{si(plain, 'FLOP')} "
+                             f"(3x the measured forward, {si(self.forward_flops, 'FLOP')}); DP adds "
+                             f"{100.0 * table.extra_flops / plain:.1f}%")
             cross = table.crossovers()
             if cross:
                 lines.append("ghost / instantiate crossover T* (the engine's norm_decision):")

@@ -49,6 +49,7 @@ class TracedUse:
     output_shape: tuple
     inputs: List[Union[int, str]]
     covered: bool = True
+    rule: str = ""
     reason: str = ""
     error: Optional[BaseException] = None
 
@@ -143,7 +144,7 @@ class FlowRecorder(ProbeRecorder):
         module, layer = self._where()
         shape_src = src if src is not None else out
         self.trace.uses.append(TracedUse(ordinal, call.name, binding.param_names, module, layer,
-                                         tuple(shape_src.shape), tuple(out.shape), inputs))
+                                         tuple(shape_src.shape), tuple(out.shape), inputs, rule=binding.rule.name))
         return out
 
     def refuse(self, exc, func, args, kwargs, out=None):

@@ -161,3 +161,14 @@ def test_a_model_without_trainable_parameters_is_a_reported_problem():
     assert not report.ok and "no trainable parameters" in report.problems[0]["message"]
     assert report.num_params == 0 and report.groups == []
     str(report)
+
+
+def test_explain_leaves_buffers_rng_and_parameters_untouched():
+    torch.manual_seed(0)
+    model, x = BatchNormTrain().train(), torch.randn(4, 6)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    fxdp.explain(model, x)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert all(p.grad is None and not hasattr(p, "private_grad") for p in model.parameters())
