@@ -7,10 +7,11 @@ tensor produced by use u reaches use v through ops that use no parameter (see
 :mod:`fxdp.report.trace`). Node attributes: ``kind`` ("input", "output",
 "use", "refused"), ``label``, ``module``, ``layer``, ``op``, ``rule``,
 ``params``, ``group`` (clip group label), ``block`` (block label: the default
-blocks, or the ``block_heads`` blocks with style block-wise), ``status``
-("ok", "uncovered", "sample-mixing", "layout"), ``decision`` and
-``highlight`` (set by debug dumps for the uses a pass made or changed). All
-attribute values are JSON types, so ``networkx.node_link_data`` round-trips.
+blocks, or the ``block_heads`` blocks with style block-wise), ``batch`` (where
+the samples are), ``status`` ("ok", "uncovered", "sample-mixing", "layout"),
+``decision`` (norm method) and ``highlight`` (set by debug dumps for the uses
+a pass made or changed). All attribute values are JSON types, so
+``networkx.node_link_data`` round-trips.
 
 :func:`to_dot` writes DOT text itself (no pygraphviz / pydot needed): one
 cluster per block, refused and problematic uses coloured, highlighted uses
@@ -45,7 +46,8 @@ def build_block_graph(trace: Trace, rows: Iterable[Dict], blocks: Optional[List[
             "kind": "use" if u.covered else "refused", "module": u.module, "layer": u.layer, "op": u.op,
             "params": list(u.param_names), "rule": row.get("rule", ""), "group": row.get("group", ""),
             "block": row.get("block", ""), "status": row.get("status", "ok" if u.covered else "uncovered"),
-            "decision": row.get("decision") or "", "highlight": bool(row.get("highlight", False)),
+            "decision": row.get("decision") or "", "batch": row.get("batch", ""),
+            "highlight": bool(row.get("highlight", False)),
         }
         attrs["label"] = node_label(u.key, attrs)
         g.add_node(u.key, **attrs)
@@ -65,7 +67,7 @@ def node_label(key, attrs: Dict) -> str:
     where = attrs.get("module") or "(root)"
     kind = attrs.get("layer") or ""
     lines = [f"{head} {where}" + (f" ({kind})" if kind else ""), attrs.get("op", "")]
-    extra = [x for x in (attrs.get("rule"), attrs.get("decision")) if x]
+    extra = [x for x in (attrs.get("rule"), attrs.get("batch"), attrs.get("decision")) if x]
     if extra:
         lines.append(" / ".join(extra))
     if attrs.get("status", "ok") != "ok":

@@ -181,7 +181,7 @@ class _DotDumper:
             e = by_ordinal.get(u.key) if u.covered else None
             if e is not None:
                 row["rule"] = e.rule
-                row["decision"] = e.layout.describe() + (" lifted" if e.lift else "") if e.layout else ""
+                row["batch"] = e.layout.describe() + (" (lifted)" if e.lift else "") if e.layout else "?"
                 row["status"] = tracker.status.get(e.ordinal, "ok")
                 row["highlight"] = e.ordinal in touched
             rows.append(row)
