@@ -93,6 +93,24 @@ def test_cross_sample_attention_is_refused():
         model(torch.randn(B, 4))
 
 
+class MixUp(nn.Module):
+    """Mixes each sample with a randomly chosen other one inside the forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        perm = torch.randperm(x.shape[0])
+        return self.fc(0.7 * x + 0.3 * x[perm])
+
+
+def test_mixup_inside_the_model_is_refused():
+    model = fxdp.privatize(MixUp())
+    with pytest.raises(fxdp.PrivacyError):
+        model(torch.randn(B, 4))
+
+
 def test_validate_lists_every_batchnorm_with_reason_and_fix():
     model = bn_cnn()
     issues = fxdp.validate(model)
