@@ -38,6 +38,17 @@ class FunctionalReuse(nn.Module):
         return self.head(h)
 
 
+class InputGradient(nn.Module):
+    """``out_b = <w, x_b>``: each example's gradient is its own input."""
+
+    def __init__(self, d=3):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(d, dtype=torch.float64))
+
+    def forward(self, x):
+        return (x * self.w).sum(-1)
+
+
 def batch_size(args) -> int:
     return next(t.shape[0] for t in args if isinstance(t, torch.Tensor))
 

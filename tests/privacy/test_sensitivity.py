@@ -227,3 +227,26 @@ def test_noise_calibrated_to_another_bound_than_the_models_clipping_bound_is_ref
                                max_grad_norm=0.1, expected_batch_size=4)
         (loss_sum(model(*args), target) / batch_size(args)).backward()
         opt.step()
+
+
+def test_update_is_scaled_by_the_expected_not_the_realised_batch_size():
+    """Four examples along +u and one along -u, all clipped to R: removing the -u
+    example moves (update * expected_batch / lr) by exactly R. Dividing by the realised
+    batch size instead (5 vs 4) would move it by 2R (3R vs 5R)."""
+    from tests.privacy.neighbours import InputGradient
+
+    R, lr, expected_batch = 0.5, 1.0, 5.0
+    u = torch.tensor([0.6, 0.8, 0.0], dtype=torch.float64)
+    x = torch.stack([2 * R * u] * 4 + [-2 * R * u])
+
+    def update(batch):
+        model = fxdp.privatize(InputGradient(), max_grad_norm=R)
+        opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr), noise_multiplier=0.0, max_grad_norm=R,
+                               expected_batch_size=expected_batch)
+        opt.zero_grad()
+        model(batch).mean().backward()
+        opt.step()
+        return -model.w.detach() * expected_batch / lr
+
+    move = float((update(x) - update(x[:4])).norm())
+    assert move == pytest.approx(R, rel=1e-6)
