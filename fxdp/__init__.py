@@ -3,7 +3,7 @@
 ``fxdp.privatize(model, ...)`` makes one backward pass produce per-sample
 clipped gradient sums (bookkeeping ghost clipping) in ``p.private_grad``.
 """
-from .api import clear_private_grads, get_engine, is_privatized, privatize, unprivatize
+from .api import clear_private_grads, engine_of, get_engine, is_privatized, privatize, unprivatize
 from .config import ClippingFn, ClippingStyle, DPConfig, LossReduction, make_config
 from .errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
 from .report import Report, explain
@@ -35,7 +35,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fxdp' has no attribute {name!r}")
 
 __all__ = [
-    "privatize", "unprivatize", "explain", "is_privatized", "get_engine", "clear_private_grads",
+    "privatize", "unprivatize", "explain", "is_privatized", "get_engine", "engine_of", "clear_private_grads",
     "DPConfig", "ClippingStyle", "ClippingFn", "LossReduction", "make_config", "Report",
     "PrivacyError", "UncoveredParameterError", "SampleMixingError", "BatchLayoutError",
 ]

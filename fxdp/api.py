@@ -34,14 +34,24 @@ def get_engine(model: nn.Module) -> Optional[Engine]:
     return model.__dict__.get(ENGINE_ATTR)
 
 
+def engine_of(param) -> Optional[Engine]:
+    """The engine that last wrote ``param.private_grad`` (None if none did).
+
+    Lets an optimizer check that it calibrates noise to the bound the model
+    clipped with (a mismatch is how Opacus #664 broke the guarantee)."""
+    from .runtime.engine import WRITERS
+    ref = WRITERS.get(param)
+    return ref() if ref is not None else None
+
+
 def is_privatized(model: nn.Module) -> bool:
     return get_engine(model) is not None
 
 
 def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, clipping_fn="abadi",
               numerical_stability_constant: Optional[float] = None, loss_reduction="mean",
-              block_heads: Optional[Sequence[str]] = None, batch_dim: Optional[int] = None,
-              config: Optional[DPConfig] = None) -> nn.Module:
+              block_heads: Optional[Sequence[str]] = None, batch_dim=None,
+              config: Optional[DPConfig] = None, grad_scaler=None) -> nn.Module:
     """Make ``model`` produce per-sample-clipped gradient sums in one backward pass.
 
     After ``loss.backward()`` every trainable parameter ``p`` has
@@ -60,6 +70,10 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
         block_heads: module names each starting a block (block-wise).
         batch_dim: batch dimension of the model's tensor inputs (default 0).
         config: a ready :class:`DPConfig` instead of the keywords above.
+        grad_scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` is
+            backpropagated, if any: its scale is undone before clipping, so the
+            loss scale never changes the clipping threshold (also settable later
+            as ``fxdp.get_engine(model).grad_scaler``).
 
     Raises:
         ValueError: bad arguments, already privatized, no trainable parameter.
@@ -75,7 +89,9 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
         config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
                              block_heads, batch_dim)
     plan = plan_groups(model, config)
-    model.__dict__[ENGINE_ATTR] = Engine(model, config, plan)
+    engine = Engine(model, config, plan)
+    engine.grad_scaler = grad_scaler
+    model.__dict__[ENGINE_ATTR] = engine
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
     return model

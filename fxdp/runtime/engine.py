@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
+import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -34,6 +35,31 @@ from .inputs import input_batch_dims
 from .interceptor import ParameterInterceptor
 from .layout import BatchLayout, LayoutKind
 from .tap import ForwardContext, LayerUse, TapFunction
+
+
+class _WriterRegistry:
+    """Parameter -> engine that last wrote its private_grad, by identity, weakly on both
+    sides (tensors cannot be WeakKeyDictionary keys: their ``==`` is elementwise)."""
+
+    def __init__(self):
+        self._refs: Dict[int, tuple] = {}
+
+    def __setitem__(self, param, engine_ref):
+        key = id(param)
+        entry = self._refs.get(key)
+        if entry is not None and entry[0]() is param:
+            self._refs[key] = (entry[0], engine_ref)
+            return
+        self._refs[key] = (weakref.ref(param, lambda _, k=key: self._refs.pop(k, None)), engine_ref)
+
+    def get(self, param):
+        entry = self._refs.get(id(param))
+        if entry is None or entry[0]() is not param:
+            return None
+        return entry[1]
+
+
+WRITERS = _WriterRegistry()
 
 
 class LayoutTable:
@@ -126,6 +152,7 @@ class Engine:
         self.plan = plan
         self.tables: Dict[tuple, LayoutTable] = {}
         self.last_stats: dict = {}
+        self.grad_scaler = None
         self._reset_transient()
 
     def _reset_transient(self):
@@ -250,6 +277,17 @@ class Engine:
             for ctx in pending:
                 self._finalize_context(ctx)
 
+    @property
+    def _weakself(self):
+        return weakref.ref(self)
+
+    def _loss_scale(self) -> float:
+        """The GradScaler's current scale (the one ``scaler.scale(loss)`` used), else 1."""
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return 1.0
+        return float(scaler.get_scale())
+
     def _finalize_context(self, ctx: ForwardContext):
         ctx.finalized = True
         B = ctx.batch_size
@@ -268,7 +306,8 @@ class Engine:
                     per_param.setdefault(u.binding.roles[role], []).append(factor)
                     labelled.append((f"{u.ordinal}:{role}", factor))
                 u.saved, u.grad_output, u.extra_grads = {}, None, {}
-        scale = float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0
+        loss_scale = self._loss_scale()
+        scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale
         group_sq: Dict[int, torch.Tensor] = {}
         for name, factors in per_param.items():
             sq = sum(F.sq_norm(f) for f in factors)
@@ -294,11 +333,13 @@ class Engine:
                 total = torch.zeros_like(p)
             existing = getattr(p, "private_grad", None)
             p.private_grad = total if existing is None else existing + total
+            WRITERS[p] = self._weakself
         if result.num_nonfinite:
             warnings.warn(f"fxdp: {result.num_nonfinite} of {B} examples had a non-finite loss or gradient; "
                           "they contribute nothing to this step (the step is still charged).", RuntimeWarning)
         self.last_stats = {
             "batch_size": B, "num_nonfinite": result.num_nonfinite, "decisions": decisions,
+            "loss_scale": loss_scale,
             "group_norms": {self.plan.labels[g]: n.detach() for g, n in result.norms.items()},
             "clip_factors": {self.plan.labels[g]: c.detach() for g, c in result.factors.items()},
         }
