@@ -45,6 +45,9 @@ def per_sample_broadcast_grad(G: torch.Tensor, shape: torch.Size, layout, batch_
     """Gradient G of ``p`` broadcast to G.shape -> per-sample gradients (B, *p.shape)."""
     N = G.dim()
     aligned = (1,) * (N - len(shape)) + tuple(shape)
+    if layout.kind is LayoutKind.WHOLE:
+        dims = [j for j in range(N) if aligned[j] == 1 and G.shape[j] != 1]
+        return (G.sum(dims, keepdim=True) if dims else G).reshape(1, *shape)
     k = layout.dim
     if aligned[k] != 1:
         raise UncoveredParameterError(

@@ -92,9 +92,12 @@ def structure_key(model, args, kwargs, batch_size: int, batch_dim):
     return (str(spec), tuple(desc), model.training)
 
 
-def trivial_layout(t: torch.Tensor) -> BatchLayout:
-    """Layout for a batch of one sample when no analysis exists."""
-    return BatchLayout(LayoutKind.BATCH, 0)
+def trivial_layout(t: Optional[torch.Tensor]) -> BatchLayout:
+    """Layout for a batch of one sample when no analysis exists: dim 0 if it has
+    size 1 (what conv and group norm need), else the whole tensor is the sample."""
+    if t is not None and t.dim() > 0 and t.shape[0] == 1:
+        return BatchLayout(LayoutKind.BATCH, 0)
+    return BatchLayout(LayoutKind.WHOLE, 0)
 
 
 class RuntimeRecorder:

@@ -10,6 +10,8 @@ Kinds:
 - ``ROWS_MINOR``: dimension ``dim`` has size m*B, sample-minor (``row % B``),
   as in seq-first attention internals that flatten (T, B) rows.
 - ``NONE``: the tensor does not depend on which sample is where.
+- ``WHOLE``: a batch of one sample whose layout was never analysed: the whole
+  tensor belongs to that sample.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ class LayoutKind(enum.Enum):
     ROWS_MAJOR = "rows-major"
     ROWS_MINOR = "rows-minor"
     NONE = "none"
+    WHOLE = "whole"
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,8 @@ class BatchLayout:
     def describe(self) -> str:
         if self.kind is LayoutKind.NONE:
             return "no batch dim"
+        if self.kind is LayoutKind.WHOLE:
+            return "single sample"
         if self.kind is LayoutKind.BATCH:
             return f"dim {self.dim}"
         order = "B-major" if self.kind is LayoutKind.ROWS_MAJOR else "B-minor"
@@ -47,6 +52,10 @@ class BatchLayout:
         k = self.dim
         if self.kind is LayoutKind.NONE:
             raise BatchLayoutError("fxdp: internal error: asked for the samples of a batch-independent tensor.")
+        if self.kind is LayoutKind.WHOLE:
+            if B != 1:
+                raise BatchLayoutError(f"fxdp: internal error: single-sample layout used for a batch of {B}.")
+            return t.unsqueeze(0)
         if k >= t.dim():
             raise BatchLayoutError(f"fxdp: tensor of shape {tuple(t.shape)} has no dimension {k} for the batch.")
         size = t.shape[k]

@@ -124,3 +124,15 @@ def test_analysis_leaves_buffers_and_rng_untouched():
     _analyse(model, x)
     assert torch.equal(torch.get_rng_state(), state)
     assert model.counter.item() == 0
+
+
+@pytest.mark.parametrize("model_fn,shape", [(SeqFirst, (1, 4, 5)), (lambda: __import__("tests.models_zoo", fromlist=["RawParams"]).RawParams(), (1, 4, 6))])
+def test_batch_of_one_before_any_analysis_is_exact(model_fn, shape):
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        x, y = torch.randn(*shape), torch.randint(0, 2, (1,))
+        check_against_reference(model_fn(), (x,), {}, y, lambda o, t: F.cross_entropy(o, t, reduction="sum"),
+                                style="param-wise", R=1e-3)
+    finally:
+        torch.set_default_dtype(torch.float32)
