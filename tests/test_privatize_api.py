@@ -223,3 +223,19 @@ def test_missing_batch_dimension_is_refused():
     model = fxdp.privatize(Z.MLP(), batch_dim=3)
     with pytest.raises(fxdp.BatchLayoutError, match="batch size"):
         model(torch.randn(4, 6))
+
+
+class _ParamAsInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 3, 5, 5))
+        self.conv = nn.Conv2d(3, 2, 3)
+
+    def forward(self, x):
+        return self.conv(x) + self.conv(self.table).sum()
+
+
+def test_parameter_in_an_uncovered_position_of_a_covered_op_is_refused():
+    model = fxdp.privatize(_ParamAsInput())
+    with pytest.raises(fxdp.UncoveredParameterError, match="table"):
+        model(torch.randn(3, 3, 5, 5))

@@ -55,6 +55,16 @@ class OpCall:
         return func_name(self.func)
 
 
+def trainable_roles(call: "OpCall", pairs):
+    """(roles, params) for the (role, tensor) pairs whose tensor is a trainable parameter."""
+    roles, params = {}, {}
+    for role, t in pairs:
+        n = call.param_name(t)
+        if n:
+            roles[role], params[role] = n, t
+    return roles, params
+
+
 @dataclass
 class Binding:
     """How a rule reads one call.

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import SampleMixingError
 from ..runtime.layout import LayoutKind
-from .base import Binding, OpCall, Rule
+from .base import Binding, OpCall, Rule, trainable_roles
 from .factors import DenseGrad, LowRankGrad
 
 
@@ -57,11 +57,7 @@ class ConvRule(Rule):
 
     def bind(self, call: OpCall):
         x, w, b = call.arg(0, "input"), call.arg(1, "weight"), call.arg(2, "bias")
-        roles, params = {}, {}
-        for role, t in (("weight", w), ("bias", b)):
-            n = call.param_name(t)
-            if n:
-                roles[role], params[role] = n, t
+        roles, params = trainable_roles(call, (("weight", w), ("bias", b)))
         if not roles:
             return None
         nd = w.dim() - 2

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from ..errors import UncoveredParameterError
 from ..runtime.layout import batch_first_2d
-from .base import Binding, OpCall, Rule
+from .base import Binding, OpCall, Rule, trainable_roles
 from .factors import DenseGrad, LowRankGrad
 
 
@@ -34,11 +34,7 @@ class LinearRule(Rule):
             raise UncoveredParameterError(
                 f"fxdp: parameter {call.param_name(x)!r} is used as the *input* of F.linear; "
                 "no per-sample rule covers that.")
-        roles, params = {}, {}
-        for role, t in (("weight", w), ("bias", b)):
-            n = call.param_name(t)
-            if n:
-                roles[role], params[role] = n, t
+        roles, params = trainable_roles(call, (("weight", w), ("bias", b)))
         if not roles:
             return None
         saved = {"x": x} if "weight" in roles else {}

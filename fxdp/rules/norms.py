@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from ..errors import SampleMixingError
 from ..runtime.layout import LayoutKind
-from .base import Binding, OpCall, Rule
+from .base import Binding, OpCall, Rule, trainable_roles
 from .factors import DenseGrad, compute_dtype
 
 
@@ -34,22 +34,13 @@ def _reduce_to(t, shape, tail):
     return t.reshape(B, -1, *t.shape[t.dim() - tail:]).sum(1).reshape(B, *shape)
 
 
-def _roles(call, pairs):
-    roles, params = {}, {}
-    for role, t in pairs:
-        n = call.param_name(t)
-        if n:
-            roles[role], params[role] = n, t
-    return roles, params
-
-
 class LayerNormRule(Rule):
     name = "layer_norm"
     funcs = (F.layer_norm,)
 
     def bind(self, call: OpCall):
         x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
-        roles, params = _roles(call, (("weight", call.arg(2, "weight")), ("bias", call.arg(3, "bias"))))
+        roles, params = trainable_roles(call, (("weight", call.arg(2, "weight")), ("bias", call.arg(3, "bias"))))
         if not roles:
             return None
         shape = tuple([shape] if isinstance(shape, int) else shape)
@@ -74,7 +65,7 @@ class RMSNormRule(Rule):
 
     def bind(self, call: OpCall):
         x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
-        roles, params = _roles(call, (("weight", call.arg(2, "weight")),))
+        roles, params = trainable_roles(call, (("weight", call.arg(2, "weight")),))
         if not roles:
             return None
         shape = tuple([shape] if isinstance(shape, int) else shape)
@@ -102,7 +93,7 @@ class GroupNormRule(Rule):
 
     def bind(self, call: OpCall):
         x, groups = call.arg(0, "input"), call.arg(1, "num_groups")
-        roles, params = _roles(call, (("weight", call.arg(2, "weight")), ("bias", call.arg(3, "bias"))))
+        roles, params = trainable_roles(call, (("weight", call.arg(2, "weight")), ("bias", call.arg(3, "bias"))))
         if not roles:
             return None
         return Binding(self, roles, params, saved={"x": x}, layout_source=x,

@@ -66,6 +66,15 @@ class ParameterInterceptor(TorchFunctionMode):
             exc.param_names = tuple(sorted(set(trainable.values())))
             return self.recorder.refuse(exc, func, args, kwargs)
         if binding is not None:
+            unbound = set(trainable) - {id(p) for p in binding.params.values()}
+            if unbound:
+                names = ", ".join(sorted({trainable[i] for i in unbound}))
+                exc = UncoveredParameterError(
+                    f"fxdp: trainable parameter(s) {names} enter {func_name(func)} in a position the "
+                    f"{binding.rule.name} rule does not cover (e.g. as its input); their gradient would "
+                    "bypass clipping. Freeze them or use them through a supported layer.")
+                exc.param_names = tuple(sorted({trainable[i] for i in unbound}))
+                return self.recorder.refuse(exc, func, args, kwargs)
             return self.recorder.handle(call, binding)
         out = func(*args, **kwargs)
         out_leaves, _ = tree_flatten(out)
