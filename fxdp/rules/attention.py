@@ -160,7 +160,8 @@ def mha_forward(a: dict):
     dropout_p = a["dropout_p"] if a["training"] else 0.0
     if need_weights:
         if is_causal and attn_mask is None:
-            raise AssertionError("FIXME: is_causal not implemented for need_weights")
+            raise AssertionError("is_causal without attn_mask is not supported with need_weights=True "
+                                 "(as in torch); pass the causal mask as attn_mask.")
         q_scaled = q * math.sqrt(1.0 / float(head_dim))
         if attn_mask is not None:
             w = torch.baddbmm(attn_mask, q_scaled, k.transpose(-2, -1))
