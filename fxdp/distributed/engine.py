@@ -1,0 +1,234 @@
+"""DPDistributed: Opacus-style entry point for data-parallel DP training (see :mod:`fxdp.distributed`)."""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.utils.data import DataLoader, IterableDataset
+
+from .. import api
+from ..config import make_config
+from ..runtime.accounting import PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier
+from . import checkpoint as dckpt
+from .agreement import agree, broadcast_state, check_same_setup, verify_replicas
+from .optimizer import DistributedDPOptimizer
+from .sampler import make_distributed_loader, rank_generator
+
+
+def unwrap_compiled(module: nn.Module) -> nn.Module:
+    """The module a ``torch.compile`` wrapper runs (the module itself otherwise)."""
+    from torch._dynamo.eval_frame import OptimizedModule
+    return module._orig_mod if isinstance(module, OptimizedModule) else module
+
+
+def refuse_unsupported(module: nn.Module) -> None:
+    """DDP / FSDP wrappers and sharded (DTensor) parameters are refused with what to do instead."""
+    if isinstance(module, nn.parallel.DistributedDataParallel):
+        raise ValueError(
+            "fxdp: do not wrap the model in DistributedDataParallel: fxdp's private gradients are written after "
+            "autograd, so DDP's reducer never sees them (it would wait for gradients that never come, or average "
+            "zeros). Pass the plain model to fxdp.DPDistributed: it broadcasts the parameters and sums the clipped "
+            "gradients across ranks itself.")
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+    if isinstance(module, (FullyShardedDataParallel, FSDPModule)):
+        raise ValueError("fxdp: FSDP (sharded parameters) is not supported yet; use data parallelism with a full "
+                         "replica of the model on every rank.")
+    from torch.distributed.tensor import DTensor
+    if any(isinstance(p, DTensor) for p in module.parameters()):
+        raise ValueError("fxdp: DTensor (tensor-parallel or sharded) parameters are not supported yet; use "
+                         "data parallelism with a full replica of the model on every rank.")
+
+
+class DPDistributed:
+    """Differentially private data-parallel training over torch.distributed (see :mod:`fxdp.distributed`).
+
+    Args:
+        accountant: "prv" (default), "rdp" or "gdp" (``opacus.accountants``).
+        secure_mode: OS-seeded noise (drawn on rank 0, re-seeded every step) and OS-seeded
+            sampling generators on every rank; checkpoints then carry no generator state.
+        process_group: the ranks that share each logical batch (None: the default group).
+
+    Raises:
+        ValueError: torch.distributed is not initialised.
+    """
+
+    def __init__(self, accountant: str = "prv", secure_mode: bool = False, process_group=None):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("fxdp: DPDistributed needs torch.distributed.init_process_group() first (launch with "
+                             "torchrun); in a single process use fxdp.PrivacyEngine.")
+        self.accountant_name = str(accountant).strip().lower()
+        self.accountant = create_accountant(accountant)
+        self.secure_mode = bool(secure_mode)
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.root = dist.get_global_rank(process_group, 0) if process_group is not None else 0
+        self.module = self.optimizer = self.data_loader = None
+        self.sampler_generator: Optional[torch.Generator] = None
+        self.sample_rate: Optional[float] = None
+        self.expected_batch_size: Optional[float] = None
+
+    # ------------------------------------------------------------------ setup
+    def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                     noise_multiplier: float, max_grad_norm: float, sample_rate: Optional[float] = None,
+                     **kwargs):
+        """Privatize ``module`` (in place) on every rank and return ``(module, optimizer, data_loader)``.
+
+        ``data_loader``'s batch size is the GLOBAL expected batch size (``sample_rate``
+        defaults to ``1 / len(data_loader)``); the returned loader yields this rank's
+        share of each Poisson-sampled global batch. Keywords: ``style``, ``clipping_fn``,
+        ``numerical_stability_constant``, ``block_heads``, ``batch_dim``,
+        ``loss_reduction`` as in :func:`fxdp.privatize`; ``public_grads`` as in
+        :class:`fxdp.DPOptimizer`; ``noise_generator`` (used on rank 0 only; refused in
+        secure mode); ``shuffle_seed`` (the public permutation that shards the data set,
+        default 0); ``bucket_cap_mb`` (default 25); ``batch_first``, ``rand_on_empty``.
+        Collective: every rank must call it with the same arguments.
+
+        Raises:
+            RankMismatchError: the ranks disagree on the model, the DP configuration,
+                the optimizer or the sampling (raised on every rank, with the differences).
+            PeerRankError: the setup failed on another rank.
+            ValueError: bad arguments, a DDP/FSDP-wrapped model, sharded parameters.
+        """
+        error, out = None, None
+        try:
+            out = self._prepare(module=module, optimizer=optimizer, data_loader=data_loader,
+                                noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                sample_rate=sample_rate, **kwargs)
+        except Exception as exc:
+            error = exc
+        agree(error, "DPDistributed.make_private", group=self.process_group)
+        inner, fields = out[3], out[4]
+        check_same_setup(fields, self.process_group)
+        broadcast_state(list(inner.parameters()) + list(inner.buffers()), src=self.root, group=self.process_group)
+        self.module, self.optimizer, self.data_loader = out[:3]
+        return out[:3]
+
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                                  data_loader: DataLoader, target_epsilon: float, target_delta: float,
+                                  epochs: float, max_grad_norm: float, sample_rate: Optional[float] = None,
+                                  epsilon_tolerance: float = 0.01, **kwargs):
+        """Like :meth:`make_private`, with σ chosen so that ``epochs`` passes over the global
+        data set at the global sampling rate spend at most ``target_epsilon`` at ``target_delta``."""
+        if len(self.accountant) > 0:
+            warnings.warn("fxdp: this DPDistributed has already spent privacy budget; σ is computed from zero, so "
+                          "the total ε will exceed target_epsilon.", UserWarning)
+        q = float(sample_rate) if sample_rate is not None else 1.0 / len(data_loader)
+        sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,
+                                     epochs=epochs, accountant=self.accountant_name,
+                                     epsilon_tolerance=epsilon_tolerance)
+        return self.make_private(module=module, optimizer=optimizer, data_loader=data_loader,
+                                 noise_multiplier=sigma, max_grad_norm=max_grad_norm, sample_rate=q, **kwargs)
+
+    def _prepare(self, *, module, optimizer, data_loader, noise_multiplier, max_grad_norm, sample_rate,
+                 style="all-layer", clipping_fn="abadi", numerical_stability_constant=None, block_heads=None,
+                 batch_dim=None, loss_reduction="mean", noise_generator=None, public_grads="refuse",
+                 shuffle_seed: int = 0, bucket_cap_mb: float = 25.0, batch_first: bool = True,
+                 rand_on_empty: bool = False, poisson_sampling: bool = True):
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"fxdp: module must be an nn.Module, got {type(module).__name__}.")
+        refuse_unsupported(module)
+        inner = unwrap_compiled(module)
+        refuse_unsupported(inner)
+        if not poisson_sampling:
+            raise ValueError("fxdp: DPDistributed samples global batches with Poisson sampling only "
+                             "(poisson_sampling=False is not supported across ranks).")
+        if not isinstance(data_loader, DataLoader) or isinstance(data_loader.dataset, IterableDataset):
+            raise ValueError("fxdp: data_loader must be a torch DataLoader over a map-style dataset.")
+        if isinstance(optimizer, DistributedDPOptimizer) or hasattr(optimizer, "original_optimizer"):
+            optimizer = optimizer.original_optimizer
+        owned = {id(p) for p in inner.parameters()}
+        if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("fxdp: the optimizer has parameters that are not the module's parameters.")
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError("fxdp: secure_mode draws OS-seeded noise; passing noise_generator (a seed) is refused.")
+        if not batch_first:
+            if batch_dim not in (None, 1):
+                raise ValueError("fxdp: batch_first=False means batch_dim=1; do not give both.")
+            batch_dim = 1
+        config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
+                             block_heads, batch_dim)
+        engine = api.get_engine(inner)
+        if engine is None:
+            api.privatize(inner, config=config)
+            engine = api.get_engine(inner)
+        elif engine.config != config:
+            raise ValueError(f"fxdp: the module is already privatized with {engine.config}; call "
+                             "fxdp.unprivatize(module) first to change the configuration.")
+        n = len(data_loader.dataset)
+        q = float(sample_rate) if sample_rate is not None else 1.0 / len(data_loader)
+        if not (0 < q <= 1) or not math.isfinite(q):
+            raise ValueError(f"fxdp: sample_rate must be in (0, 1], got {sample_rate!r}.")
+        if n < self.world_size:
+            raise ValueError(f"fxdp: the data set has {n} examples for {self.world_size} ranks.")
+        generator = rank_generator(self.rank, secure=self.secure_mode, base=data_loader.generator)
+        loader = make_distributed_loader(data_loader, sample_rate=q, generator=generator, shuffle_seed=shuffle_seed,
+                                         num_replicas=self.world_size, rank=self.rank, batch_first=batch_first,
+                                         rand_on_empty=rand_on_empty)
+        dp_optimizer = DistributedDPOptimizer(
+            optimizer, noise_multiplier, config.max_grad_norm, q * n, config.loss_reduction,
+            generator=noise_generator, secure_mode=self.secure_mode, public_grads=public_grads,
+            process_group=self.process_group, bucket_cap_mb=bucket_cap_mb)
+        dp_optimizer.attach_step_hook(PoissonCharge(self.accountant, q))
+        dp_optimizer.set_param_names(inner)
+        loader.dp_optimizer = dp_optimizer
+        self.sampler_generator, self.sample_rate, self.expected_batch_size = generator, q, q * n
+        fields = self._setup_fields(inner, engine, optimizer, dp_optimizer, loader, shuffle_seed)
+        return module, dp_optimizer, loader, inner, fields
+
+    def _setup_fields(self, inner, engine, optimizer, dp_optimizer, loader, shuffle_seed) -> dict:
+        import fxdp
+        names = {id(p): n for n, p in inner.named_parameters()}
+        groups = [({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]])
+                  for g in optimizer.param_groups]
+        sampler = loader.batch_sampler
+        return {
+            "world size": str(self.world_size),
+            "fxdp version": str(fxdp.__version__),
+            "model parameters": repr([(n, tuple(p.shape), str(p.dtype), p.requires_grad, p.device.type)
+                                      for n, p in inner.named_parameters()]),
+            "model buffers": repr([(n, tuple(b.shape), str(b.dtype)) for n, b in inner.named_buffers()]),
+            "privatize configuration": f"{engine.config!r} groups={engine.plan.groups!r}",
+            "optimizer": f"{type(optimizer).__name__} {groups!r}",
+            "noise and clipping": (f"noise_multiplier={dp_optimizer.noise_multiplier!r} "
+                                   f"max_grad_norm={dp_optimizer.max_grad_norm!r} "
+                                   f"loss_reduction={dp_optimizer.loss_reduction.value} "
+                                   f"secure_mode={self.secure_mode} public_grads={dp_optimizer.public_grads}"),
+            "sampling": (f"sample_rate={sampler.sample_rate!r} dataset_size={sampler.total_size} "
+                         f"steps={sampler.num_batches} shuffle_seed={shuffle_seed!r}"),
+            "accountant": f"{self.accountant_name} steps_recorded={len(self.accountant)}",
+        }
+
+    # ------------------------------------------------------------- accounting
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` for the global data set (the same on every rank; no communication)."""
+        return epsilon_spent(self.accountant, delta)
+
+    def verify_replicas(self) -> None:
+        """Collective: raise RankMismatchError unless every rank holds rank 0's parameters and
+        buffers bit for bit (costs one broadcast of the model)."""
+        inner = unwrap_compiled(self.module)
+        verify_replicas(list(inner.parameters()) + list(inner.buffers()), src=self.root, group=self.process_group)
+
+    # ------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
+                        checkpoint_dict: Optional[dict] = None, module_state_dict_kwargs: Optional[dict] = None,
+                        torch_save_kwargs: Optional[dict] = None) -> None:
+        """Collective: rank 0 writes model, optimizer (noise stream), accountant and every rank's
+        sampler and RNG states to ``path`` (see :mod:`fxdp.distributed.checkpoint`)."""
+        dckpt.save(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
+                   checkpoint_dict=checkpoint_dict, module_state_dict_kwargs=module_state_dict_kwargs,
+                   torch_save_kwargs=torch_save_kwargs)
+
+    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
+                        module_load_dict_kwargs: Optional[dict] = None, torch_load_kwargs: Optional[dict] = None,
+                        restore_rng_state: bool = True) -> dict:
+        """Collective: rank 0 reads ``path`` and every rank restores its state; call it after
+        :meth:`make_private` with the same configuration. Returns your ``checkpoint_dict``."""
+        return dckpt.load(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
+                          module_load_dict_kwargs=module_load_dict_kwargs, torch_load_kwargs=torch_load_kwargs,
+                          restore_rng_state=restore_rng_state)

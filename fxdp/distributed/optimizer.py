@@ -1,0 +1,128 @@
+"""DistributedDPOptimizer: one noised update per global logical batch, the same on every rank.
+
+A subclass of :class:`fxdp.DPOptimizer` (all of its guarantees and refusals
+hold); at each real (non-skipped) step, before the noise and the scaling, it
+
+1. checks, collectively, that every rank has its private gradients and the
+   same gradient layout (:func:`fxdp.distributed.agreement.agree`): one rank's
+   failure raises on every rank instead of leaving the others waiting;
+2. sums the private gradients over the ranks in flat buckets, with the noise
+   of std σ·R injected once, by rank 0 of the group, into its own share
+   (:func:`fxdp.distributed.buckets.reduce_private_grads`);
+3. lets :class:`DPOptimizer` divide by ``expected_batch_size`` -- which must be
+   the GLOBAL expected batch size q·N -- add public gradients, and step the
+   inner optimizer; its own noise draw is switched off for this step, so the
+   noise is never added twice.
+
+Every rank therefore applies the same update; only rank 0's noise generator
+is ever used (in secure mode it is re-seeded from OS entropy every step), and
+a checkpoint of rank 0's optimizer carries the whole noise stream. With the
+same generator, the noise equals the single-process DPOptimizer's draw for
+the same parameters, so a W-rank run reproduces a one-process run on the same
+global batches, noise included, up to floating-point summation order.
+
+Gradient accumulation (``fxdp.BatchMemoryManager``, skipped steps) accumulates
+locally; the ranks communicate once per logical batch, whatever the number of
+micro-batches on each rank.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.distributed as dist
+
+from ..errors import PrivacyError
+from ..runtime.optimizer import DPOptimizer
+from .agreement import PeerRankError, agree
+from .buckets import layout_digest, reduce_private_grads
+
+
+class _NoNoise:
+    """Stands in for the noise source while DPOptimizer writes p.grad: the noise is already in the sum."""
+
+    def begin_step(self) -> None:
+        return None
+
+    def draw(self, shape, std, device):
+        return None
+
+
+class DistributedDPOptimizer(DPOptimizer):
+    """:class:`fxdp.DPOptimizer` for data-parallel training (module docstring).
+
+    Args (besides DPOptimizer's; ``expected_batch_size`` is the global one):
+        process_group: the group whose ranks share the logical batch (None: the default group).
+        bucket_cap_mb: size limit of the flat all-reduce buckets, in MiB.
+    """
+
+    def __init__(self, optimizer, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: Optional[float] = None, loss_reduction="mean", generator=None,
+                 secure_mode: bool = False, *, accountant=None, sample_rate: Optional[float] = None,
+                 public_grads: str = "refuse", process_group=None, bucket_cap_mb: float = 25.0):
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("fxdp: DistributedDPOptimizer needs an initialised torch.distributed process group "
+                             "(torch.distributed.init_process_group); in one process use fxdp.DPOptimizer.")
+        if not float(bucket_cap_mb) > 0:
+            raise ValueError(f"fxdp: bucket_cap_mb must be positive, got {bucket_cap_mb!r}.")
+        super().__init__(optimizer, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction,
+                         generator, secure_mode, accountant=accountant, sample_rate=sample_rate,
+                         public_grads=public_grads)
+        self.process_group = process_group
+        self.rank = dist.get_rank(process_group)
+        self.world_size = dist.get_world_size(process_group)
+        self.bucket_cap_bytes = int(float(bucket_cap_mb) * 2 ** 20)
+        self.last_num_buckets = 0
+        self._in_reduction = False
+
+    def __repr__(self):
+        return f"Distributed{super().__repr__()[:-1]},\n  rank={self.rank}, world_size={self.world_size})"
+
+    def step(self, closure=None):
+        """DPOptimizer.step with the cross-rank sum; an error raised on one rank before the
+        reduction (e.g. more than one Poisson batch drawn) is reported to the others."""
+        self._in_reduction = False
+        try:
+            return super().step(closure)
+        except Exception as exc:
+            if not self._in_reduction and not isinstance(exc, PeerRankError):
+                agree(exc, "optimizer.step()", group=self.process_group)
+            raise
+
+    def _write_noised_grads(self) -> None:
+        self._in_reduction = True
+        params = self.params
+        error = None
+        try:
+            self._check_local(params)
+        except PrivacyError as exc:
+            error = exc
+        agree(error, "optimizer.step()", layout_digest(params), self.process_group)
+        std = self.noise_multiplier * self.max_grad_norm
+        noise_fn = None
+        if self.rank == 0 and std > 0:
+            self.noise.begin_step()
+            noise_fn = lambda p: self.noise.draw(p.shape, std, p.device)  # noqa: E731 (local, never stored)
+        self.last_num_buckets = reduce_private_grads(params, group=self.process_group, noise=noise_fn,
+                                                     bucket_cap_bytes=self.bucket_cap_bytes)
+        error = None
+        noise, self.noise = self.noise, _NoNoise()
+        try:
+            super()._write_noised_grads()
+        except Exception as exc:
+            error = exc
+        finally:
+            self.noise = noise
+        agree(error, "optimizer.step()", group=self.process_group)
+
+    def _check_local(self, params) -> None:
+        missing = [self._name(p) for p in params if getattr(p, "private_grad", None) is None]
+        if len(missing) == len(params):
+            raise PrivacyError(
+                "fxdp: step() without any private gradient since the last step on this rank. Every rank must run "
+                "a forward and backward pass of the privatized model on its local batch (an empty batch too) "
+                "before each step.")
+        if missing:
+            raise PrivacyError(
+                f"fxdp: {len(missing)} trainable parameter(s) have no private gradient on this rank while others "
+                f"do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
+                "optimizer part of the privatized model?")
