@@ -130,7 +130,8 @@ def check_same_setup(fields: Dict[str, str], group=None, width: int = 240) -> No
 
 
 def agree(error: Optional[BaseException], what: str, layout: int = 0, group=None) -> None:
-    """Collective: raise on every rank if any rank passes an ``error`` or a different ``layout`` digest.
+    """Collective: raise on every rank if any rank passes an ``error`` or a different ``layout`` digest
+    (what the ranks must share at this point).
 
     The rank that failed re-raises its own error; the others raise :class:`PeerRankError`
     with its message. Returns normally only when every rank is fine and the layouts match."""
@@ -145,8 +146,9 @@ def agree(error: Optional[BaseException], what: str, layout: int = 0, group=None
         raise PeerRankError(f"fxdp: {what} failed on rank(s) {failed}; this rank stops as well:\n{quoted}")
     if not bool((table[:, 1] == table[0, 1]).all()):
         raise PrivacyError(
-            f"fxdp: {what}: the ranks hold different sets of trainable parameters or private gradient "
-            "shapes (was a parameter frozen or unfrozen on one rank only?); their gradients cannot be summed.")
+            f"fxdp: {what}: the ranks disagree on what this step sums or applies: different trainable parameters "
+            "or private gradient shapes (a parameter frozen or unfrozen on one rank only?), or a different noise "
+            "multiplier or optimizer hyperparameter (a noise or learning-rate scheduler stepped on one rank only?).")
 
 
 def _flat_groups(tensors: Iterable[torch.Tensor]):

@@ -3,9 +3,10 @@
 A subclass of :class:`fxdp.DPOptimizer` (all of its guarantees and refusals
 hold); at each real (non-skipped) step, before the noise and the scaling, it
 
-1. checks, collectively, that every rank has its private gradients and the
-   same gradient layout (:func:`fxdp.distributed.agreement.agree`): one rank's
-   failure raises on every rank instead of leaving the others waiting;
+1. checks, collectively, that every rank has its private gradients, the same
+   gradient layout, the same σ and the same optimizer hyperparameters (a
+   scheduler stepped on one rank only) (:func:`fxdp.distributed.agreement.agree`):
+   one rank's failure raises on every rank instead of leaving the others waiting;
 2. sums the private gradients over the ranks in flat buckets, with the noise
    of std σ·R injected once, by rank 0 of the group, into its own share
    (:func:`fxdp.distributed.buckets.reduce_private_grads`);
@@ -33,7 +34,7 @@ import torch.distributed as dist
 
 from ..errors import PrivacyError
 from ..runtime.optimizer import DPOptimizer
-from .agreement import PeerRankError, agree
+from .agreement import PeerRankError, agree, digest
 from .buckets import layout_digest, reduce_private_grads
 
 
@@ -96,7 +97,7 @@ class DistributedDPOptimizer(DPOptimizer):
             self._check_local(params)
         except PrivacyError as exc:
             error = exc
-        agree(error, "optimizer.step()", layout_digest(params), self.process_group)
+        agree(error, "optimizer.step()", self._step_digest(params), self.process_group)
         std = self.noise_multiplier * self.max_grad_norm
         noise_fn = None
         if self.rank == 0 and std > 0:
@@ -113,6 +114,12 @@ class DistributedDPOptimizer(DPOptimizer):
         finally:
             self.noise = noise
         agree(error, "optimizer.step()", group=self.process_group)
+
+    def _step_digest(self, params) -> int:
+        """What every rank must share at each step: the gradient layout, σ and the optimizer's
+        hyperparameters (a noise or LR scheduler stepped on one rank only is caught here)."""
+        hyper = [sorted((k, repr(v)) for k, v in g.items() if k != "params") for g in self.param_groups]
+        return digest(f"{layout_digest(params)} {self.noise_multiplier!r} {hyper!r}")
 
     def _check_local(self, params) -> None:
         missing = [self._name(p) for p in params if getattr(p, "private_grad", None) is None]

@@ -42,7 +42,7 @@ def _loader(n, q, seed):
 
 
 def train(rank, world_size, *, n=24, q=0.25, sigma=0.0, seed=0, epochs=1, micro=None, compile=False,
-          style="all-layer", noise_seed=None, momentum=0.9, lr=0.5, verify=False):
+          style="all-layer", noise_seed=None, momentum=0.9, lr=0.5, verify=False, secure=False):
     """Train on the distributed Poisson loader; record each step's local indices and the parameters."""
     torch.manual_seed(1000 + rank)  # ranks' own randomness differs, as in a real launch
     x, y, base_loader = _loader(n, q, seed)
@@ -56,7 +56,7 @@ def train(rank, world_size, *, n=24, q=0.25, sigma=0.0, seed=0, epochs=1, micro=
     if compile:
         fxdp.privatize(model, style=style, max_grad_norm=R)
         run = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
-    dp = fxdp.DPDistributed()
+    dp = fxdp.DPDistributed(secure_mode=secure)
     gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
     module, opt, loader = dp.make_private(
         module=run, optimizer=torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), data_loader=base_loader,
@@ -143,6 +143,10 @@ def step_failure(rank, world_size, *, kind):
                                          data_loader=base_loader, noise_multiplier=1.0, max_grad_norm=0.7)
     if kind == "frozen" and rank == 1:
         model.fc2.bias.requires_grad_(False)
+    if kind == "lr" and rank == 1:
+        torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5).step()
+    if kind == "sigma" and rank == 1:
+        opt.noise_multiplier = 0.5
     error = None
     try:
         it = iter(loader)

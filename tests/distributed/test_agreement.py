@@ -28,9 +28,12 @@ def test_a_ddp_wrapped_model_is_refused_with_what_to_do(cluster):
         assert "Pass the plain model" in o.message
 
 
-def test_a_parameter_frozen_on_one_rank_only_is_refused_on_both(cluster):
-    for r in cluster.values("tests.distributed.jobs:step_failure", timeout=30, kind="frozen"):
-        assert r["error"].startswith("PrivacyError") and "frozen" in r["error"]
+@pytest.mark.parametrize("kind,phrase", [("frozen", "frozen"), ("lr", "learning-rate scheduler"),
+                                         ("sigma", "noise multiplier")])
+def test_a_step_that_would_differ_between_ranks_is_refused_on_both(cluster, kind, phrase):
+    """A parameter frozen, an LR scheduler stepped or σ changed on one rank only."""
+    for r in cluster.values("tests.distributed.jobs:step_failure", timeout=30, kind=kind):
+        assert r["error"].startswith("PrivacyError") and phrase in r["error"]
         assert r["group_alive"]
 
 

@@ -39,6 +39,13 @@ def test_two_ranks_with_noise_equal_one_process_with_the_same_noise_generator(cl
     assert (ranks[0]["params"][-1] - noiseless[-1]).abs().max() > 1e-3, "the noise had no effect"
 
 
+def test_secure_mode_noise_drawn_once_from_os_entropy_keeps_the_ranks_identical(cluster):
+    ranks = cluster.values("tests.distributed.jobs:train", timeout=60, sigma=0.7, secure=True, verify=True)
+    for k in range(len(ranks[0]["params"])):
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k])
+    assert (ranks[0]["params"][-1] - replay(ranks)[-1]).abs().max() > 1e-3, "the noise had no effect"
+
+
 def test_epsilon_is_the_same_on_every_rank_and_accounts_the_global_sampling_rate(cluster):
     ranks = cluster.values("tests.distributed.jobs:train", timeout=60, sigma=0.9, epochs=2, q=0.25)
     acc = PRVAccountant()
