@@ -78,9 +78,11 @@ class DPDistributed:
                      **kwargs):
         """Privatize ``module`` (in place) on every rank and return ``(module, optimizer, data_loader)``.
 
-        ``data_loader``'s batch size is the GLOBAL expected batch size (``sample_rate``
-        defaults to ``1 / len(data_loader)``); the returned loader yields this rank's
-        share of each Poisson-sampled global batch. Keywords: ``style``, ``clipping_fn``,
+        ``sample_rate`` defaults to ``1 / len(data_loader)``: with a plain loader of batch
+        size B that is B/N (B is the GLOBAL expected batch size); with a loader over a
+        ``DistributedSampler`` of per-rank batch size b it is W·b/N (DDP's global batch).
+        Only the dataset, collate function and worker options of ``data_loader`` are kept:
+        the returned loader yields this rank's share of each Poisson-sampled global batch. Keywords: ``style``, ``clipping_fn``,
         ``numerical_stability_constant``, ``block_heads``, ``batch_dim``,
         ``loss_reduction`` as in :func:`fxdp.privatize`; ``public_grads`` as in
         :class:`fxdp.DPOptimizer`; ``noise_generator`` (used on rank 0 only; refused in
