@@ -174,3 +174,10 @@ def test_checkpoint_refuses_unsafe_loading_and_reserved_keys():
     buf.seek(0)
     with pytest.raises(ValueError, match="weights_only"):
         engine.load_checkpoint(path=buf, module=model, optimizer=opt, torch_load_kwargs={"weights_only": False})
+
+
+def test_digits_example_trains_at_the_stated_epsilon_and_reports_both_accuracies():
+    pytest.importorskip("sklearn")
+    from examples.dp_digits import main
+    out = main(["--epochs", "1", "--epsilon", "2"])
+    assert out["epsilon"] <= 2.0 and 0.0 <= out["acc_dp"] <= 1.0 and out["acc_plain"] > 0.5

@@ -24,6 +24,7 @@ what one optimizer step costs:
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Optional
 
@@ -71,9 +72,12 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     if isinstance(steps, bool) or int(steps) != steps or steps <= 0:
         raise ValueError(f"fxdp: steps must be a positive integer, got {steps!r}.")
     create_accountant(accountant)
-    return float(_opacus_get_noise_multiplier(
-        target_epsilon=float(target_epsilon), target_delta=float(target_delta), sample_rate=float(sample_rate),
-        steps=int(steps), accountant=accountant.strip().lower(), epsilon_tolerance=epsilon_tolerance))
+    with warnings.catch_warnings():
+        # the search probes very small and very large σ, where Opacus's RDP order grid warns; harmless here
+        warnings.filterwarnings("ignore", message="Optimal order is the")
+        return float(_opacus_get_noise_multiplier(
+            target_epsilon=float(target_epsilon), target_delta=float(target_delta), sample_rate=float(sample_rate),
+            steps=int(steps), accountant=accountant.strip().lower(), epsilon_tolerance=epsilon_tolerance))
 
 
 def epsilon_spent(accountant: IAccountant, delta: float) -> float:

@@ -37,7 +37,9 @@ Guarantees and edge cases:
   gradient -- valid ONLY for terms that do not depend on the data (a
   regularizer of the weights). An all-zero ``p.grad`` (from
   ``zero_grad(set_to_none=False)``) is not a public gradient.
-- ``max_grad_norm`` is fixed (it must equal the model's clipping bound);
+- ``max_grad_norm`` and ``loss_reduction`` must be those the model clips
+  with: ``step()`` checks them against the engine that wrote each private
+  gradient (``fxdp.api.engine_of``) and raises on a mismatch; R is fixed;
   ``noise_multiplier`` may be changed between steps (noise schedulers), and
   the accountant records the σ actually used.
 - ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's: LR
@@ -272,6 +274,7 @@ class DPOptimizer(Optimizer):
                 f"fxdp: {len(missing)} trainable parameter(s) of the optimizer have no private gradient while "
                 f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
                 "optimizer part of the privatized model, and was it trainable when the model was privatized?")
+        self._check_writers(have)
         public = self._public_grads(params)
         std = self.noise_multiplier * self.max_grad_norm
         scale = self.expected_batch_size if self.loss_reduction is LossReduction.MEAN else None
@@ -287,6 +290,29 @@ class DPOptimizer(Optimizer):
             if id(p) in public:
                 g = g + public[id(p)].to(acc)
             p.grad = g.to(p.dtype)
+
+    def _check_writers(self, params) -> None:
+        """The engines that wrote the private gradients must clip with this R and loss reduction
+        (Opacus #664: clipping at one bound while the noise is calibrated to another).
+        Private gradients set by hand (no engine) cannot be checked."""
+        from ..api import engine_of
+
+        engines = {}
+        for p in params:
+            engine = engine_of(p)
+            if engine is not None:
+                engines[id(engine)] = engine
+        for engine in engines.values():
+            config = engine.config
+            if not math.isclose(config.max_grad_norm, self.max_grad_norm, rel_tol=1e-12):
+                raise PrivacyError(
+                    f"fxdp: the model clips with max_grad_norm={config.max_grad_norm} but this optimizer calibrates "
+                    f"its noise to max_grad_norm={self.max_grad_norm}; the real noise multiplier would differ from "
+                    "the one accounted. Use the same R for fxdp.privatize and DPOptimizer.")
+            if config.loss_reduction is not self.loss_reduction:
+                raise PrivacyError(
+                    f"fxdp: the model undoes a loss_reduction={config.loss_reduction.value!r} loss but this optimizer "
+                    f"was built with loss_reduction={self.loss_reduction.value!r}; use the same for both.")
 
     def _public_grads(self, params) -> Dict[int, torch.Tensor]:
         """Gradients written outside the privatized forward, checked against the policy."""

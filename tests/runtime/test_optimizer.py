@@ -271,3 +271,15 @@ def test_wrapping_twice_lbfgs_and_non_optimizers_are_refused():
         DPOptimizer(torch.optim.LBFGS([p]), 1.0, 1.0, 4.0)
     with pytest.raises(ValueError, match="torch.optim.Optimizer"):
         DPOptimizer([p], 1.0, 1.0, 4.0)
+
+
+def test_noise_calibrated_to_another_bound_or_reduction_than_the_models_is_refused():
+    x, y = make_data(8)
+    model = fxdp.privatize(make_model())  # clips at the default R = 1, loss_reduction="mean"
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 0.1, 8.0)
+    _loss(model, x, y).backward()
+    with pytest.raises(PrivacyError, match="max_grad_norm=1.0 but this optimizer"):
+        opt.step()
+    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 1.0, 8.0, loss_reduction="sum")
+    with pytest.raises(PrivacyError, match="loss_reduction"):
+        opt.step()
