@@ -91,7 +91,6 @@ def main(argv=None):
     ap.add_argument("--lr", type=float, default=2.0)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
-    torch.set_num_threads(1)  # a model this small gains nothing from threads (and loses a lot on a busy CPU)
     train_set, test_set = load_digits_split(args.seed)
     t0 = time.time()
 
@@ -123,4 +122,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # a model this small gains nothing from threads (and loses a lot on a busy CPU)
     main()

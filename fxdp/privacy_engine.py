@@ -24,9 +24,11 @@ Switching from Opacus: change the import. Differences, all deliberate:
   ``fxdp.runtime.checkpoint``).
 
 Each optimizer step must consume exactly one batch of the returned loader
-(use :class:`fxdp.BatchMemoryManager` for micro-batches); exact resumption
-needs checkpoints taken between steps of a loader without worker prefetching
-(``num_workers=0``) or at epoch boundaries.
+(use :class:`fxdp.BatchMemoryManager` for micro-batches). Resumption is bit-exact
+for checkpoints taken at an epoch boundary (the loader's iterator finished);
+after a mid-epoch checkpoint the resumed run draws fresh Poisson batches from
+the saved sampler state (sound for privacy and accounting, but not the
+uninterrupted run's batches).
 """
 from __future__ import annotations
 

@@ -179,5 +179,10 @@ def test_checkpoint_refuses_unsafe_loading_and_reserved_keys():
 def test_digits_example_trains_at_the_stated_epsilon_and_reports_both_accuracies():
     pytest.importorskip("sklearn")
     from examples.dp_digits import main
-    out = main(["--epochs", "1", "--epsilon", "2"])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = main(["--epochs", "1", "--epsilon", "2"])
+    finally:
+        torch.set_num_threads(threads)
     assert out["epsilon"] <= 2.0 and 0.0 <= out["acc_dp"] <= 1.0 and out["acc_plain"] > 0.5

@@ -12,6 +12,10 @@ A checkpoint (a dict of plain containers, numbers, strings and tensors, so
   after the resume are those of the uninterrupted run;
 - your own entries from ``checkpoint_dict``.
 
+Bit-exact resumption holds for checkpoints taken at an epoch boundary (a new
+loader iterator draws its base seed from the sampler's generator, so a
+mid-epoch resume continues with fresh, equally valid Poisson batches instead).
+
 Noise after a resume continues the saved stream: it never repeats an earlier
 draw. Loading the same checkpoint twice does replay the same continuation (that
 is what makes resumption exact); if two such forks trained on different data
