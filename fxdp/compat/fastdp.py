@@ -170,6 +170,7 @@ class PrivacyEngine:
         dp = DPOptimizer(optimizer, self.noise_multiplier, self.max_grad_norm, self.batch_size,
                          self.config.loss_reduction, accountant=self.accountant, sample_rate=self.sample_rate)
         dp.inner_class_methods = True
+        self.module.zero_grad(set_to_none=True)  # gradients of earlier non-private backward passes are dropped
         dp.set_param_names(self.module)
         self.dp_optimizer, self.optimizer = dp, optimizer
         optimizer.privacy_engine = self

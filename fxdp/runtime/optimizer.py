@@ -331,9 +331,10 @@ class DPOptimizer(Optimizer):
             names = ", ".join(self._name(p) for p in nonzero[:5])
             raise PrivacyError(
                 f"fxdp: p.grad is set for {names}: these parameters received a gradient outside the privatized "
-                "forward pass (e.g. a regularizer added to the loss), which would be released without clipping or "
-                "noise. Compute such terms inside the model's forward, or, ONLY if the term does not depend on the "
-                "data (e.g. weight decay), pass public_grads='add' to add it unclipped and un-noised.")
+                "forward pass (e.g. a regularizer added to the loss, or a backward run before privatization: call "
+                "optimizer.zero_grad() first), which would be released without clipping or noise. Compute such "
+                "terms inside the model's forward, or, ONLY if the term does not depend on the data (e.g. weight "
+                "decay), pass public_grads='add' to add it unclipped and un-noised.")
         return {id(p): p.grad.detach() for p in nonzero}
 
     # ----------------------------------------------------------------- state
