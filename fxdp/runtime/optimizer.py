@@ -44,6 +44,12 @@ Guarantees and edge cases:
   the accountant records the σ actually used.
 - ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's: LR
   schedulers work on either object.
+- fp16 with ``torch.amp.GradScaler``: privatize with ``grad_scaler=scaler`` (the
+  engine divides by the loss scale before clipping, so private gradients are
+  in true units) and call ``scaler.step(optimizer); scaler.update()``. The
+  optimizer never skips a step on inf/NaN: an example whose scaled gradient
+  overflows already contributes zero (and is counted), while skipping the whole
+  step would reveal that some example overflowed. Prefer bf16, or a fixed scale.
 """
 from __future__ import annotations
 
@@ -228,9 +234,31 @@ class DPOptimizer(Optimizer):
             return getattr(type(inner), name)(inner, **kwargs)
         return getattr(inner, name)(**kwargs)
 
+    # GradScaler protocol: scaler.step(optimizer) calls step() directly (it never skips a DP step:
+    # whether an example overflowed is data-dependent, and such examples already contribute zero).
+    _step_supports_amp_scaling = True
+
+    def _check_loss_scaling(self):
+        """Under ``scaler.step(optimizer)`` the model must undo the loss scale before clipping.
+        Returns the engine's GradScaler."""
+        from ..api import engine_of
+
+        scaler = None
+        for p in self.params:
+            engine = engine_of(p) if getattr(p, "private_grad", None) is not None else None
+            if engine is not None:
+                scaler = scaler or engine.grad_scaler
+            if engine is not None and engine.grad_scaler is None:
+                raise ValueError(
+                    "fxdp: scaler.step(optimizer) with a model that does not know the GradScaler: its per-sample "
+                    "gradients were clipped in loss-scaled units (threshold R/S on the true gradients). Privatize "
+                    "with fxdp.privatize(model, ..., grad_scaler=scaler).")
+        return scaler
+
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Noise, scale and step once per logical batch (module docstring). Returns the closure's loss."""
+        scaler = self._check_loss_scaling() if getattr(self, "grad_scale", None) is not None else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -250,6 +278,9 @@ class DPOptimizer(Optimizer):
                 "for the same reason: an empty Poisson batch must still step.)")
         self._batches_since_step = 0
         self._write_noised_grads()
+        if scaler is not None:
+            # records found_inf (zero: noised true-unit gradients) so that scaler.update() can run
+            scaler._check_inf_per_device(self)
         self._call_inner("step")
         for hook in self.step_hooks:
             hook(self)

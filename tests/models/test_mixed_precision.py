@@ -119,8 +119,6 @@ def test_fp16_overflow_of_one_sample_zeroes_only_that_sample():
         torch.testing.assert_close(p.private_grad, q.private_grad, rtol=1e-3, atol=1e-6)
 
 
-@pytest.mark.xfail(strict=True, reason="/tmp/fxdp_bugs/coverage-3.md: the engine does not undo the GradScaler's "
-                                       "loss scale before clipping (threshold becomes R/S)")
 def test_grad_scaler_loss_scale_does_not_change_clipping():
     torch.manual_seed(0)
     model = Autocast(Z.MLP(), torch.float16)
@@ -163,3 +161,15 @@ def test_scaled_loss_without_telling_fxdp_is_clipped_in_scaled_units():
     assert bool((fxdp.get_engine(b).last_stats["clip_factors"]["all"] < 1).all())
     total = torch.sqrt(sum(p.private_grad.double().square().sum() for p in b.parameters()))
     assert float(total) <= 1.3 * B * (1 + 1e-4)
+
+
+def test_scaler_step_with_a_model_that_does_not_know_the_scaler_is_refused():
+    torch.manual_seed(0)
+    model = fxdp.privatize(Autocast(Z.MLP(), torch.float16), max_grad_norm=1.0)
+    x, y = torch.randn(B, 6), torch.randint(0, 3, (B,))
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    scaler.scale(F.cross_entropy(model(x).float(), y)).backward()
+    opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                           expected_batch_size=B)
+    with pytest.raises(ValueError, match="grad_scaler=scaler"):
+        scaler.step(opt)
