@@ -67,6 +67,28 @@ def _parse_enum(kind, value, aliases=None):
     raise ValueError(f"fxdp: unknown {kind.__name__} {value!r}; expected one of {allowed}.")
 
 
+def positive_number(name: str, value) -> float:
+    """``float(value)`` if it is a positive finite number, else ValueError naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"fxdp: {name} must be a positive number, got {value!r}.") from None
+    if not math.isfinite(v) or v <= 0:
+        raise ValueError(f"fxdp: {name} must be a positive finite number, got {value!r}.")
+    return v
+
+
+def nonnegative_number(name: str, value) -> float:
+    """``float(value)`` if it is a finite number >= 0, else ValueError naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"fxdp: {name} must be a number >= 0, got {value!r}.") from None
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"fxdp: {name} must be a finite number >= 0, got {value!r}.")
+    return v
+
+
 @dataclass(frozen=True)
 class DPConfig:
     """Everything the clipping engine needs to know, validated.
@@ -133,18 +155,11 @@ def make_config(
     style = _parse_enum(ClippingStyle, style, _ALIASES)
     clipping_fn = _parse_enum(ClippingFn, clipping_fn)
     loss_reduction = _parse_enum(LossReduction, loss_reduction)
-    try:
-        r = float(max_grad_norm)
-    except (TypeError, ValueError):
-        raise ValueError(f"fxdp: max_grad_norm must be a positive number, got {max_grad_norm!r}.") from None
-    if not math.isfinite(r) or r <= 0:
-        raise ValueError(f"fxdp: max_grad_norm must be a positive finite number, got {max_grad_norm!r}.")
+    r = positive_number("max_grad_norm", max_grad_norm)
     if numerical_stability_constant is None:
         gamma = DEFAULT_STABILITY[clipping_fn]
     else:
-        gamma = float(numerical_stability_constant)
-        if not math.isfinite(gamma) or gamma < 0:
-            raise ValueError(f"fxdp: numerical_stability_constant must be >= 0, got {numerical_stability_constant!r}.")
+        gamma = nonnegative_number("numerical_stability_constant", numerical_stability_constant)
     if clipping_fn is ClippingFn.AUTOMATIC and gamma == 0:
         raise ValueError("fxdp: automatic clipping needs numerical_stability_constant > 0 (C = R/(norm+gamma)).")
     heads = None

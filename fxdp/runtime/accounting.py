@@ -35,6 +35,7 @@ from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
 from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler
 
+from ..config import positive_number
 from ..errors import PrivacyError
 
 MECHANISMS = ("prv", "rdp", "gdp")
@@ -60,14 +61,14 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     """The smallest σ (up to ``epsilon_tolerance``) with ε(σ) <= ``target_epsilon``
     after ``steps`` (or ``epochs / sample_rate``, rounded up) Poisson-subsampled
     Gaussian steps, found by ``opacus.accountants.utils.get_noise_multiplier``."""
-    _check_positive("target_epsilon", target_epsilon)
+    positive_number("target_epsilon", target_epsilon)
     if not (0 < float(target_delta) < 1):
         raise ValueError(f"fxdp: target_delta must be in (0, 1), got {target_delta!r}.")
     _check_rate(sample_rate)
     if (epochs is None) == (steps is None):
         raise ValueError("fxdp: give exactly one of epochs= and steps=.")
     if steps is None:
-        _check_positive("epochs", epochs)
+        positive_number("epochs", epochs)
         steps = steps_for_epochs(float(epochs), float(sample_rate))
     if isinstance(steps, bool) or int(steps) != steps or steps <= 0:
         raise ValueError(f"fxdp: steps must be a positive integer, got {steps!r}.")
@@ -186,15 +187,6 @@ class EpochCharge:
     def load_state_dict(self, state: dict) -> None:
         self.steps = int(state["steps"])
         self.epoch_sigma = state["epoch_sigma"]
-
-
-def _check_positive(name, value):
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"fxdp: {name} must be a positive number, got {value!r}.") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"fxdp: {name} must be a positive finite number, got {value!r}.")
 
 
 def _check_rate(q):

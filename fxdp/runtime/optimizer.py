@@ -59,7 +59,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch.optim import Optimizer
 
-from ..config import LossReduction
+from ..config import LossReduction, nonnegative_number, positive_number
 from ..errors import PrivacyError
 from .accounting import PoissonCharge
 from .noise import NoiseSource
@@ -98,8 +98,8 @@ class DPOptimizer(Optimizer):
             raise ValueError("fxdp: LBFGS re-evaluates the closure inside step(), which would replace the noised "
                              "gradient with a non-private one; it cannot be used for DP-SGD.")
         self.original_optimizer = optimizer
-        self.noise_multiplier = _nonneg("noise_multiplier", noise_multiplier)
-        self._max_grad_norm = _positive("max_grad_norm", max_grad_norm)
+        self.noise_multiplier = nonnegative_number("noise_multiplier", noise_multiplier)
+        self._max_grad_norm = positive_number("max_grad_norm", max_grad_norm)
         try:
             self.loss_reduction = LossReduction(loss_reduction) if not isinstance(loss_reduction, LossReduction) \
                 else loss_reduction
@@ -108,7 +108,7 @@ class DPOptimizer(Optimizer):
         if expected_batch_size is None and self.loss_reduction is LossReduction.MEAN:
             raise ValueError("fxdp: loss_reduction='mean' needs expected_batch_size (q·N under Poisson sampling): "
                              "the realised batch size depends on the data and must not be used.")
-        self.expected_batch_size = None if expected_batch_size is None else _positive(
+        self.expected_batch_size = None if expected_batch_size is None else positive_number(
             "expected_batch_size", expected_batch_size)
         if public_grads not in PUBLIC_GRAD_POLICIES:
             raise ValueError(f"fxdp: public_grads must be one of {PUBLIC_GRAD_POLICIES}, got {public_grads!r}.")
@@ -413,22 +413,3 @@ class DPOptimizer(Optimizer):
         if dp_state is not None:
             self.load_dp_state_dict(dp_state)
 
-
-def _positive(name, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"fxdp: {name} must be a positive number, got {value!r}.") from None
-    if not math.isfinite(v) or v <= 0:
-        raise ValueError(f"fxdp: {name} must be a positive finite number, got {value!r}.")
-    return v
-
-
-def _nonneg(name, value) -> float:
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        raise ValueError(f"fxdp: {name} must be a number >= 0, got {value!r}.") from None
-    if not math.isfinite(v) or v < 0:
-        raise ValueError(f"fxdp: {name} must be a finite number >= 0, got {value!r}.")
-    return v
