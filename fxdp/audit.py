@@ -4,8 +4,8 @@ The audit of Nasr et al. 2023 ("Tight auditing of differentially private
 machine learning"), in the threat model where the adversary inserts a
 gradient and reads every released update. It trains, through fxdp's public
 API only -- ``fxdp.privatize`` with your clipping configuration, then
-``fxdp.DPOptimizer`` with your noise multiplier, its own noise and its own
-accountant -- a canary model whose per-sample gradient is its input:
+``fxdp.DPOptimizer`` (around ``torch.optim.SGD(lr=1)``) with your noise
+multiplier, its own noise and its own accountant -- a canary model whose per-sample gradient is its input:
 ``out_b = sum_g <E_g[run_b], x_b[g]>`` with G embedding tables ``E_g``. Many
 independent runs share one model: run ``r`` owns row ``r`` of every table, and
 a sample of run ``r`` only touches that row, so per-sample clipping and the

@@ -112,17 +112,20 @@ def assert_neighbours_within_R(name, style, fn, dtype, micro_batches=None):
             f"{name}/{style}/{fn}: largest move {max(moves):.6g}, reference clipped norm {expected:.6g}")
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
-@pytest.mark.parametrize("fn", FNS)
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", MODELS)
+# Every model x style x clipping fn x dtype, except GPT-2 in float32 with grouped styles (time).
+MAIN_CASES = [pytest.param(n, s, f, d, id=f"{n}-{s}-{f}-{'f64' if d is torch.float64 else 'f32'}")
+              for n in MODELS for s in STYLES for f in FNS for d in (torch.float64, torch.float32)
+              if not (n == "gpt2_tied" and d is torch.float32 and s != "all-layer")]
+
+
+@pytest.mark.parametrize("name,style,fn,dtype", MAIN_CASES)
 def test_removing_one_example_moves_clipped_sum_at_most_R(name, style, fn, dtype):
     assert_neighbours_within_R(name, style, fn, dtype)
 
 
 @pytest.mark.parametrize("fn", FNS)
-@pytest.mark.parametrize("style", STYLES)
-@pytest.mark.parametrize("name", ["mlp", "functional_reuse", "gpt2_tied"])
+@pytest.mark.parametrize("name,style", [(n, s) for n in ("mlp", "functional_reuse") for s in STYLES]
+                         + [("gpt2_tied", "all-layer"), ("gpt2_tied", "block-wise")])
 def test_removing_one_example_under_gradient_accumulation_moves_at_most_R(name, style, fn):
     """Micro-batches of 2, 2 and the rest, accumulated into one private_grad."""
     assert_neighbours_within_R(name, style, fn, torch.float64, micro_batches=(2, 4))
@@ -215,8 +218,6 @@ def test_removing_one_example_through_virtual_steps_moves_at_most_R(name, style)
     assert _moves_within_R(name, run, R) > 0.5 * R
 
 
-@pytest.mark.xfail(strict=True, reason="DPOptimizer does not check its R against the model's clipping bound: "
-                   "/tmp/fxdp_bugs/privacy-2.md")
 def test_noise_calibrated_to_another_bound_than_the_models_clipping_bound_is_refused():
     """Opacus #664: clipping at privatize()'s default R = 1 while the noise uses the user's
     R = 0.1 makes the real noise multiplier 10x smaller than the accountant's."""
