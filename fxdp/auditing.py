@@ -40,8 +40,6 @@ OS-seeded and the result is not reproducible.
 from __future__ import annotations
 
 import math
-import sys
-import types
 from dataclasses import dataclass, field
 from typing import Callable, Optional, Tuple
 
@@ -240,13 +238,3 @@ def audit(noise_multiplier: float, max_grad_norm: float = 1.0, *, steps: int = 4
         config=dict(config.as_kwargs(), groups=groups, background=background, dim=dim, accountant=accountant,
                     secure_mode=secure_mode, seed=seed, dtype=str(dtype)))
 
-
-class _CallableModule(types.ModuleType):
-    """``fxdp.audit(...)`` calls :func:`audit` even where Python's import system has
-    bound the attribute ``fxdp.audit`` to this module (it does so on import)."""
-
-    def __call__(self, *args, **kwargs) -> AuditResult:
-        return audit(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
