@@ -85,6 +85,10 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
         raise ValueError(f"fxdp: privatize expects an nn.Module, got {type(model).__name__}.")
     if is_privatized(model):
         raise ValueError("fxdp: this model is already privatized; call fxdp.unprivatize(model) first.")
+    inner = [name for name, m in model.named_modules() if name and is_privatized(m)]
+    if inner:
+        raise ValueError(f"fxdp: submodule(s) {inner[:3]} are already privatized; one loss must have one engine "
+                         "(two would each clip a sample to R). Unprivatize them and privatize the whole model.")
     if config is None:
         config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
                              block_heads, batch_dim)

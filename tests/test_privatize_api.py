@@ -239,3 +239,52 @@ def test_parameter_in_an_uncovered_position_of_a_covered_op_is_refused():
     model = fxdp.privatize(_ParamAsInput())
     with pytest.raises(fxdp.UncoveredParameterError, match="table"):
         model(torch.randn(3, 3, 5, 5))
+
+
+def test_two_separately_privatized_models_in_one_loss_are_refused():
+    enc = fxdp.privatize(nn.Sequential(nn.Linear(6, 8), nn.Tanh()))
+    head = fxdp.privatize(nn.Linear(8, 3))
+    with pytest.raises(fxdp.PrivacyError, match="two separately privatized"):
+        F.cross_entropy(head(enc(torch.randn(4, 6))), torch.randint(0, 3, (4,))).backward()
+
+
+def test_privatizing_a_model_whose_submodule_is_privatized_is_refused():
+    model = Z.MLP()
+    fxdp.privatize(model.fc1)
+    with pytest.raises(ValueError, match="already privatized"):
+        fxdp.privatize(model)
+
+
+def test_engine_recovers_after_a_backward_that_failed_midway():
+    torch.manual_seed(0)
+    base = Z.MLP().double()
+    x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
+    other = fxdp.privatize(nn.Linear(3, 3).double())
+    with pytest.raises(fxdp.PrivacyError):
+        F.cross_entropy(other(model(x)), y).backward()
+    fxdp.clear_private_grads(model)
+    F.cross_entropy(model(x), y).backward()
+    ref = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
+    F.cross_entropy(ref(x), y).backward()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        torch.testing.assert_close(p.private_grad, q.private_grad)
+
+
+class _InplaceAfterUse(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1 = nn.Linear(4, 4)
+        self.l2 = nn.Linear(4, 2)
+
+    def forward(self, x):
+        h = self.l1(x)
+        out = self.l2(h)
+        h.mul_(2.0)  # changes l2's saved input after l2 used it (autograd itself needs none of it)
+        return out + h.sum(1, keepdim=True)
+
+
+def test_in_place_change_of_a_consumed_layer_input_is_refused():
+    model = fxdp.privatize(_InplaceAfterUse())
+    with pytest.raises(fxdp.PrivacyError, match="modified in place"):
+        model(torch.randn(3, 4)).sum().backward()

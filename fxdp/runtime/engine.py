@@ -61,6 +61,14 @@ class _WriterRegistry:
 
 WRITERS = _WriterRegistry()
 
+# (autograd graph task id, engine) whose taps receive gradients in the running backward
+# pass: two privatized models in one loss would each clip a sample to R (sqrt(2) R in all).
+_BACKWARD_OWNER: list = [None]
+
+
+def _graph_task() -> int:
+    return torch._C._current_graph_task_id()
+
 
 class LayoutTable:
     """Layouts (and lifts) of the call sites of one input structure, by ordinal."""
@@ -165,12 +173,13 @@ class Engine:
         self._suspended = False
         self._pending: List[ForwardContext] = []
         self._callback_queued = False
+        self._task = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
         for k in ("_mode", "_context", "_pending"):
             state[k] = None if k != "_pending" else []
-        state["_depth"], state["_callback_queued"], state["_suspended"] = 0, False, False
+        state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
         return state
 
     # ----------------------------------------------------------------- forward
@@ -257,6 +266,18 @@ class Engine:
         if ctx.finalized:
             raise PrivacyError("fxdp: backward ran twice through the same privatized forward pass; "
                                "run a new forward pass for each backward.")
+        task = _graph_task()
+        if task != self._task:
+            # a new backward pass; state left by one that failed midway is dropped
+            self._task, self._pending, self._callback_queued = task, [], False
+        if _BACKWARD_OWNER[0] is not None and _BACKWARD_OWNER[0][0] == task:
+            owner = _BACKWARD_OWNER[0][1]()
+            if owner is not None and owner is not self:
+                raise PrivacyError(
+                    "fxdp: one backward pass reaches two separately privatized models; each would clip a sample to "
+                    "R, so together one sample could contribute more than R. Privatize the module that contains "
+                    "both (one engine per loss), not each part.")
+        _BACKWARD_OWNER[0] = (task, weakref.ref(self))
         use.grad_output = grad_output
         use.extra_grads = extra
         if not any(c is ctx for c in self._pending):
@@ -267,6 +288,8 @@ class Engine:
 
     def finalize(self):
         self._callback_queued = False
+        self._task = None
+        _BACKWARD_OWNER[0] = None
         pending, self._pending = self._pending, []
         if len(pending) > 1:
             for ctx in pending:
@@ -304,6 +327,12 @@ class Engine:
             for u in uses:
                 if u.layout is None:
                     raise BatchLayoutError(f"fxdp: no batch layout for {u.op}; this is a bug in fxdp.")
+                changed = [k for k, t in u.saved.items() if t._version != u.versions.get(k, t._version)]
+                if changed:
+                    raise PrivacyError(
+                        f"fxdp: the input of {u.op} ({', '.join(u.binding.param_names)}) was modified in place "
+                        "after the op used it; its per-sample norms would be computed from other values than "
+                        "the gradient. Avoid in-place operations on tensors a layer has consumed.")
                 for role, factor in u.rule.factors(u.binding, u.saved, u.grad_output, u.extra_grads,
                                                    u.layout, B).items():
                     per_param.setdefault(u.binding.roles[role], []).append(factor)

@@ -33,6 +33,7 @@ class LayerUse:
     saved: Dict[str, torch.Tensor] = field(default_factory=dict)
     grad_output: Optional[torch.Tensor] = None
     extra_grads: Dict[str, torch.Tensor] = field(default_factory=dict)
+    versions: Dict[str, int] = field(default_factory=dict)
     module: str = ""
 
     @property
@@ -99,6 +100,7 @@ class TapFunction(torch.autograd.Function):
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"fxdp: {use.op} returned {type(out).__name__}; taps expect one tensor.")
         use.saved = {k: v.detach() for k, v in binding.saved.items()}
+        use.versions = {k: v._version for k, v in use.saved.items()}
         ctx.use = use
         ctx.out = out
         ctx.targets = targets
