@@ -288,3 +288,23 @@ def test_in_place_change_of_a_consumed_layer_input_is_refused():
     model = fxdp.privatize(_InplaceAfterUse())
     with pytest.raises(fxdp.PrivacyError, match="modified in place"):
         model(torch.randn(3, 4)).sum().backward()
+
+
+class _TwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, t, x):
+        return self.fc(x) * t
+
+
+def test_shared_leading_input_that_would_hide_the_batch_is_refused_and_batch_dim_resolves_it():
+    model = fxdp.privatize(_TwoInputs())
+    t, x = torch.tensor([0.5]), torch.randn(8, 6)
+    with pytest.raises(fxdp.BatchLayoutError, match="ambiguous"):
+        model(t, x)
+    fxdp.unprivatize(model)
+    fxdp.privatize(model, batch_dim={0: None, 1: 0})
+    model(t, x).sum().backward()
+    assert fxdp.get_engine(model).last_stats["batch_size"] == 8

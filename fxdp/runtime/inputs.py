@@ -6,7 +6,11 @@ dimension, or to None for an input without one. For an input not named in the
 dict: the default dimension if it has size B there; otherwise the one
 dimension of size B (seq-first attention: x is (T, B, E) while the key padding
 mask is (B, S)); no dimension of size B means no batch dimension; several
-means the input is ambiguous and must be named in ``batch_dim``.
+means the input is ambiguous and must be named in ``batch_dim``. B comes from
+the first tensor input; an unnamed input with a larger size along the default
+dimension (a shared (1,)-shaped timestep passed before the images) makes B
+ambiguous and is refused: taking the smaller size would clip the whole batch
+as one sample.
 """
 from __future__ import annotations
 
@@ -50,10 +54,16 @@ def input_batch_dims(args, kwargs, spec: BatchDimSpec):
             B = int(t.shape[overrides[key]])
             break
     if B is None:
+        first = None
         for key, t in zip(keys, leaves):
             if isinstance(t, torch.Tensor) and key not in overrides and t.dim() > default:
-                B = int(t.shape[default])
-                break
+                if B is None:
+                    B, first = int(t.shape[default]), key
+                elif int(t.shape[default]) > B:
+                    raise BatchLayoutError(
+                        f"fxdp: the batch size is ambiguous: input {first!r} has {B} along dimension {default} but "
+                        f"input {key!r} has {int(t.shape[default])}. Say where the batch is, e.g. "
+                        f"batch_dim={{{first!r}: None, {key!r}: {default}}} (None: no batch dimension).")
     if B is None:
         raise BatchLayoutError(
             f"fxdp: cannot find the batch size: no tensor argument has a dimension {default}. "
