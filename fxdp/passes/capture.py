@@ -75,15 +75,21 @@ class ProbeRun:
     samples: List[int]
     records: List[Record] = field(default_factory=list)
     outputs: List[torch.Tensor] = field(default_factory=list)
+    # with keep_graph: per record, the tensor whose gradient the tap would capture,
+    # and the model outputs still attached to the autograd graph
+    grad_targets: List[torch.Tensor] = field(default_factory=list)
+    live_outputs: List[torch.Tensor] = field(default_factory=list)
 
 
 class ProbeRecorder:
     """Recorder of analysis runs: computes each op as is and records it."""
 
-    def __init__(self, run: ProbeRun, analysis: Analysis, lifts: Optional[Dict[int, int]] = None):
+    def __init__(self, run: ProbeRun, analysis: Analysis, lifts: Optional[Dict[int, int]] = None,
+                 keep_graph: bool = False):
         self.run = run
         self.analysis = analysis
         self.lifts = lifts or {}
+        self.keep_graph = keep_graph
 
     def substitute(self, func, args, kwargs):
         if func in RANDOM_VALUES:
@@ -104,7 +110,16 @@ class ProbeRecorder:
             lifted = src.expand(self.lifts[ordinal], *src.shape[1:])
             args = tuple(lifted if a is src else a for a in args)
             kwargs = {k: (lifted if v is src else v) for k, v in kwargs.items()}
+        target = None
+        if self.keep_graph and binding.broadcast:
+            role, shape = next(iter(binding.broadcast.items()))
+            p = binding.params[role]
+            target = p.expand(shape)
+            args = tuple(target if a is p else a for a in args)
+            kwargs = {k: (target if v is p else v) for k, v in kwargs.items()}
         out = call.func(*args, **kwargs)
+        if self.keep_graph:
+            self.run.grad_targets.append(target if target is not None else out)
         src = binding.layout_source if binding.layout_source is not None else out
         self.run.records.append(Record(call.name, binding.param_names, binding, src.detach().clone(),
                                        tuple(src.shape), tuple(out.shape)))
@@ -148,20 +163,30 @@ def quiet_state(model):
                         b.copy_(buffers[n])
 
 
-def probe_run(analysis: Analysis, samples: List[int], lifts=None) -> ProbeRun:
-    """Run the forward on ``samples`` of the example batch, recording every parameter use."""
+def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bool = False,
+              on_graph=None) -> ProbeRun:
+    """Run the forward on ``samples`` of the example batch, recording every parameter use
+    (and, with ``keep_graph``, what backward needs to see which samples gradients reach;
+    ``on_graph(run)`` then runs before the model's buffers are restored, while the graph is valid)."""
     model = analysis.model
     run = ProbeRun(list(samples))
     args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_dim, samples)
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    recorder = ProbeRecorder(run, analysis, lifts)
+    recorder = ProbeRecorder(run, analysis, lifts, keep_graph)
     engine = getattr(model, "_fxdp_engine", None)
     with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
         torch.manual_seed(20260)
         with torch.enable_grad(), ParameterInterceptor(trainable, recorder):
             out = model(*args, **kwargs)
-    leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
-    run.outputs = [t.detach() for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
+        live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        run.outputs = [t.detach() for t in live]
+        if keep_graph:
+            run.live_outputs = live
+            if on_graph is not None:
+                with torch.enable_grad():
+                    on_graph(run)
+            run.live_outputs, run.grad_targets = [], []
     return run
 
 

@@ -8,9 +8,9 @@ dimension of size B (seq-first attention: x is (T, B, E) while the key padding
 mask is (B, S)); no dimension of size B means no batch dimension; several
 means the input is ambiguous and must be named in ``batch_dim``. B comes from
 the first tensor input; an unnamed input with a larger size along the default
-dimension (a shared (1,)-shaped timestep passed before the images) makes B
-ambiguous and is refused: taking the smaller size would clip the whole batch
-as one sample.
+dimension and no dimension of size B (or any larger input when B is 1: a
+shared (1,)-shaped timestep passed before the images) makes B ambiguous and is
+refused: taking the smaller size would clip the whole batch as one sample.
 """
 from __future__ import annotations
 
@@ -59,7 +59,7 @@ def input_batch_dims(args, kwargs, spec: BatchDimSpec):
             if isinstance(t, torch.Tensor) and key not in overrides and t.dim() > default:
                 if B is None:
                     B, first = int(t.shape[default]), key
-                elif int(t.shape[default]) > B:
+                elif int(t.shape[default]) > B and (B == 1 or B not in tuple(t.shape)):
                     raise BatchLayoutError(
                         f"fxdp: the batch size is ambiguous: input {first!r} has {B} along dimension {default} but "
                         f"input {key!r} has {int(t.shape[default])}. Say where the batch is, e.g. "

@@ -136,3 +136,21 @@ def test_batch_of_one_before_any_analysis_is_exact(model_fn, shape):
                                 style="param-wise", R=1e-3)
     finally:
         torch.set_default_dtype(torch.float32)
+
+
+class ExpandThenAverage(nn.Module):
+    """Forward values stay per-sample, but each expanded row gets the whole batch's gradient."""
+
+    def __init__(self):
+        super().__init__()
+        self.pos = nn.Parameter(torch.randn(4))
+        self.l = nn.Linear(4, 2)
+
+    def forward(self, x):
+        pos = self.pos.expand(x.shape[0], -1)
+        return self.l(x + 10 * pos.mean(0))
+
+
+def test_sample_mixing_visible_only_in_gradients_is_refused():
+    with pytest.raises(fxdp.SampleMixingError, match="gradients mix samples"):
+        _analyse(ExpandThenAverage(), torch.randn(4, 4))
