@@ -47,7 +47,7 @@ from .config import make_config
 from .errors import PrivacyError
 from .runtime import checkpoint as ckpt
 from .runtime.accounting import (EpochCharge, PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier,
-                                 sampling_of)
+                                 mark_epochs, sampling_of)
 from .runtime.noise import generator_from_global_rng, generator_from_os_entropy
 from .runtime.optimizer import DPOptimizer
 from .runtime.virtual_steps import PoissonDataLoader, make_poisson_loader
@@ -169,7 +169,9 @@ class PrivacyEngine:
         if sampling.poisson:
             dp_optimizer.attach_step_hook(PoissonCharge(self.accountant, sampling.sample_rate))
         else:
-            dp_optimizer.attach_step_hook(EpochCharge(self.accountant, sampling.steps_per_epoch))
+            charge = EpochCharge(self.accountant)
+            data_loader = mark_epochs(data_loader, charge)
+            dp_optimizer.attach_step_hook(charge)
         dp_optimizer.set_param_names(module)
         if isinstance(data_loader, PoissonDataLoader):
             data_loader.dp_optimizer = dp_optimizer

@@ -126,6 +126,8 @@ def sampling_of(data_loader) -> Sampling:
         q = float(sampler.sample_rate)
         _check_rate(q)
         return Sampling(True, q, q * sampler.num_samples, len(sampler))
+    if isinstance(sampler, EpochMarkingBatchSampler):
+        sampler = sampler.inner
     if isinstance(sampler, BatchSampler):
         inner = sampler.sampler
         n = len(data_loader.dataset)
@@ -155,38 +157,68 @@ class PoissonCharge:
         self.accountant.step(noise_multiplier=float(optimizer.noise_multiplier), sample_rate=self.sample_rate)
 
 
-class EpochCharge:
-    """Step hook for samplers that use each example at most once per epoch: one
-    full-batch Gaussian mechanism (q = 1) at the first step of every epoch.
+class EpochMarkingBatchSampler(BatchSampler):
+    """A fixed-size batch sampler that tells its :class:`EpochCharge` when a new pass
+    over the data (a new iterator) starts; batches are those of ``inner``."""
 
-    The σ of an epoch must not change inside it (a lower σ later in the epoch
-    would not have been charged): that raises PrivacyError.
+    def __init__(self, inner: BatchSampler, charge: "EpochCharge"):
+        super().__init__(inner.sampler, inner.batch_size, inner.drop_last)
+        self.inner, self.charge = inner, charge
+
+    def __iter__(self):
+        self.charge.start_epoch()
+        return iter(self.inner)
+
+    def __len__(self):
+        return len(self.inner)
+
+
+class EpochCharge:
+    """Step hook for samplers that use each example at most once per pass over the
+    data: one full-batch Gaussian mechanism (q = 1) at the first step after each
+    new pass starts (signalled by :class:`EpochMarkingBatchSampler`), however many
+    steps or accumulated batches the pass has, and however early it is cut short.
+
+    The σ of a pass must not drop inside it (a lower σ later in the pass would not
+    have been charged): that raises PrivacyError.
     """
 
-    def __init__(self, accountant: IAccountant, steps_per_epoch: int):
-        if steps_per_epoch <= 0:
-            raise ValueError(f"fxdp: steps_per_epoch must be positive, got {steps_per_epoch!r}.")
+    def __init__(self, accountant: IAccountant):
         self.accountant = accountant
-        self.steps_per_epoch = int(steps_per_epoch)
-        self.steps = 0
+        self.pending = False
         self.epoch_sigma: Optional[float] = None
+
+    def start_epoch(self) -> None:
+        self.pending = True
 
     def __call__(self, optimizer) -> None:
         sigma = float(optimizer.noise_multiplier)
-        if self.steps % self.steps_per_epoch == 0:
+        if self.pending or self.epoch_sigma is None:
             self.accountant.step(noise_multiplier=sigma, sample_rate=1.0)
-            self.epoch_sigma = sigma
+            self.epoch_sigma, self.pending = sigma, False
         elif sigma < self.epoch_sigma:
             raise PrivacyError("fxdp: the noise multiplier dropped inside an epoch of non-Poisson batches; the epoch "
                                f"was charged at σ={self.epoch_sigma}. Change σ only at epoch boundaries.")
-        self.steps += 1
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "epoch_sigma": self.epoch_sigma}
+        return {"pending": self.pending, "epoch_sigma": self.epoch_sigma}
 
     def load_state_dict(self, state: dict) -> None:
-        self.steps = int(state["steps"])
+        self.pending = bool(state.get("pending", False))
         self.epoch_sigma = state["epoch_sigma"]
+
+
+def mark_epochs(data_loader, charge: EpochCharge):
+    """The same loader (dataset, collate, workers, ...) with its batch sampler
+    wrapped so that each new pass over it signals ``charge``."""
+    from torch.utils.data import DataLoader
+
+    return DataLoader(data_loader.dataset, batch_sampler=EpochMarkingBatchSampler(data_loader.batch_sampler, charge),
+                      num_workers=data_loader.num_workers, collate_fn=data_loader.collate_fn,
+                      pin_memory=data_loader.pin_memory, timeout=data_loader.timeout,
+                      worker_init_fn=data_loader.worker_init_fn, generator=data_loader.generator,
+                      prefetch_factor=data_loader.prefetch_factor if data_loader.num_workers else None,
+                      persistent_workers=data_loader.persistent_workers)
 
 
 def _check_rate(q):

@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from opacus.accountants import create_accountant as opacus_accountant
 from opacus.accountants.utils import get_noise_multiplier as opacus_sigma
@@ -112,7 +113,7 @@ def test_non_poisson_loader_is_charged_one_full_batch_gaussian_per_epoch():
 
 def test_noise_multiplier_dropping_inside_a_non_poisson_epoch_is_refused():
     acc = A.create_accountant("rdp")
-    hook = A.EpochCharge(acc, steps_per_epoch=4)
+    hook = A.EpochCharge(acc)
 
     class Opt:
         noise_multiplier = 2.0
@@ -150,3 +151,43 @@ def test_gdp_accountant_is_available_but_opacus_warns_it_can_underestimate():
         warnings.simplefilter("always")
         fxdp.PrivacyEngine(accountant="gdp")
     assert any("underestimate" in str(w.message) for w in caught)
+
+
+def _epochs_charged(loop):
+    """Run ``loop(model, opt, loader)`` on a non-Poisson PrivacyEngine; return the charged epochs."""
+    import warnings
+
+    torch.manual_seed(0)
+    data = TensorDataset(torch.randn(40, 4), torch.randint(0, 3, (40,)))
+    model = nn.Linear(4, 3)
+    engine = fxdp.PrivacyEngine(accountant="rdp")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                                 data_loader=DataLoader(data, batch_size=10, shuffle=True),
+                                                 noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False)
+    loop(model, opt, loader)
+    return sum(n for _, _, n in engine.accountant.history)
+
+
+def test_non_poisson_passes_cut_short_are_each_charged():
+    def loop(model, opt, loader):
+        for _ in range(3):
+            for i, (x, y) in enumerate(loader):
+                if i == 2:
+                    break
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+    assert _epochs_charged(loop) == 3
+
+
+def test_non_poisson_gradient_accumulation_charges_every_epoch():
+    def loop(model, opt, loader):
+        for _ in range(3):
+            for i, (x, y) in enumerate(loader):
+                F.cross_entropy(model(x), y).backward()
+                if i % 2 == 1:
+                    opt.step()
+                    opt.zero_grad()
+    assert _epochs_charged(loop) == 3
