@@ -124,3 +124,25 @@ def clear_private_grads(model: nn.Module) -> None:
     for p in model.parameters():
         if hasattr(p, "private_grad"):
             del p.private_grad
+
+
+def ensure_privatized(module: nn.Module, *, batch_first: bool = True, batch_dim=None, style="all-layer",
+                      max_grad_norm: float = 1.0, clipping_fn="abadi", numerical_stability_constant=None,
+                      loss_reduction="mean", block_heads=None) -> Engine:
+    """Privatize ``module`` for an engine-style entry point (Opacus conventions:
+    ``batch_first=False`` means ``batch_dim=1``), or check that its existing
+    configuration is the requested one. Returns the module's engine."""
+    if not batch_first:
+        if batch_dim not in (None, 1):
+            raise ValueError("fxdp: batch_first=False means batch_dim=1; do not give both.")
+        batch_dim = 1
+    config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
+                         block_heads, batch_dim)
+    engine = get_engine(module)
+    if engine is None:
+        privatize(module, config=config)
+        return get_engine(module)
+    if engine.config != config:
+        raise ValueError(f"fxdp: the module is already privatized with {engine.config}; call "
+                         "fxdp.unprivatize(module) first to change the configuration.")
+    return engine

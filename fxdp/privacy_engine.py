@@ -43,7 +43,6 @@ from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSample
 from torch.utils.data import DataLoader
 
 from . import api
-from .config import make_config
 from .errors import PrivacyError
 from .runtime import checkpoint as ckpt
 from .runtime.accounting import (EpochCharge, PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier,
@@ -150,18 +149,10 @@ class PrivacyEngine:
             raise ValueError("fxdp: secure_mode draws OS-seeded noise; passing noise_generator (a seed) is refused.")
         if not isinstance(wrap_model, bool):
             raise ValueError(f"fxdp: wrap_model must be a bool, got {wrap_model!r}.")
-        if not batch_first:
-            if batch_dim not in (None, 1):
-                raise ValueError("fxdp: batch_first=False means batch_dim=1; do not give both.")
-            batch_dim = 1
-        config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
-                             block_heads, batch_dim)
-        engine = api.get_engine(module)
-        if engine is None:
-            api.privatize(module, config=config)
-        elif engine.config != config:
-            raise ValueError(f"fxdp: the module is already privatized with {engine.config}; call "
-                             "fxdp.unprivatize(module) first to change the configuration.")
+        config = api.ensure_privatized(
+            module, batch_first=batch_first, batch_dim=batch_dim, style=style, max_grad_norm=max_grad_norm,
+            clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
+            loss_reduction=loss_reduction, block_heads=block_heads).config
         sampling = sampling_of(data_loader)
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier, config.max_grad_norm, sampling.expected_batch_size,
                                    config.loss_reduction, generator=noise_generator, secure_mode=self.secure_mode,

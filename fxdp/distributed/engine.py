@@ -11,7 +11,6 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from .. import api
-from ..config import make_config
 from ..runtime.accounting import PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier
 from . import checkpoint as dckpt
 from .agreement import agree, broadcast_state, check_same_setup, verify_replicas
@@ -148,19 +147,11 @@ class DPDistributed:
             raise ValueError("fxdp: the optimizer has parameters that are not the module's parameters.")
         if noise_generator is not None and self.secure_mode:
             raise ValueError("fxdp: secure_mode draws OS-seeded noise; passing noise_generator (a seed) is refused.")
-        if not batch_first:
-            if batch_dim not in (None, 1):
-                raise ValueError("fxdp: batch_first=False means batch_dim=1; do not give both.")
-            batch_dim = 1
-        config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
-                             block_heads, batch_dim)
-        engine = api.get_engine(inner)
-        if engine is None:
-            api.privatize(inner, config=config)
-            engine = api.get_engine(inner)
-        elif engine.config != config:
-            raise ValueError(f"fxdp: the module is already privatized with {engine.config}; call "
-                             "fxdp.unprivatize(module) first to change the configuration.")
+        engine = api.ensure_privatized(
+            inner, batch_first=batch_first, batch_dim=batch_dim, style=style, max_grad_norm=max_grad_norm,
+            clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
+            loss_reduction=loss_reduction, block_heads=block_heads)
+        config = engine.config
         n = len(data_loader.dataset)
         q = float(sample_rate) if sample_rate is not None else 1.0 / len(data_loader)
         if not (0 < q <= 1) or not math.isfinite(q):

@@ -213,12 +213,10 @@ def mark_epochs(data_loader, charge: EpochCharge):
     wrapped so that each new pass over it signals ``charge``."""
     from torch.utils.data import DataLoader
 
+    from .virtual_steps import loader_options
+
     return DataLoader(data_loader.dataset, batch_sampler=EpochMarkingBatchSampler(data_loader.batch_sampler, charge),
-                      num_workers=data_loader.num_workers, collate_fn=data_loader.collate_fn,
-                      pin_memory=data_loader.pin_memory, timeout=data_loader.timeout,
-                      worker_init_fn=data_loader.worker_init_fn, generator=data_loader.generator,
-                      prefetch_factor=data_loader.prefetch_factor if data_loader.num_workers else None,
-                      persistent_workers=data_loader.persistent_workers)
+                      **loader_options(data_loader))
 
 
 def _check_rate(q):

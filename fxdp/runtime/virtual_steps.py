@@ -58,18 +58,20 @@ def make_poisson_loader(data_loader: DataLoader, *, sample_rate: Optional[float]
     return PoissonDataLoader(
         dataset=data_loader.dataset,
         sample_rate=(1 / len(data_loader)) if sample_rate is None else float(sample_rate),
-        collate_fn=collate,
-        generator=generator if generator is not None else data_loader.generator,
-        num_workers=data_loader.num_workers,
-        pin_memory=data_loader.pin_memory,
-        timeout=data_loader.timeout,
-        worker_init_fn=data_loader.worker_init_fn,
-        multiprocessing_context=data_loader.multiprocessing_context,
-        prefetch_factor=data_loader.prefetch_factor,
-        persistent_workers=data_loader.persistent_workers,
+        **dict(loader_options(data_loader), collate_fn=collate,
+               generator=generator if generator is not None else data_loader.generator),
         batch_first=batch_first,
         rand_on_empty=rand_on_empty,
     )
+
+
+def loader_options(data_loader: DataLoader) -> dict:
+    """The keyword arguments that rebuild ``data_loader`` with another batch sampler."""
+    return dict(num_workers=data_loader.num_workers, collate_fn=data_loader.collate_fn,
+                pin_memory=data_loader.pin_memory, timeout=data_loader.timeout,
+                worker_init_fn=data_loader.worker_init_fn, multiprocessing_context=data_loader.multiprocessing_context,
+                generator=data_loader.generator, prefetch_factor=data_loader.prefetch_factor,
+                persistent_workers=data_loader.persistent_workers)
 
 
 class _SplitFlags:
@@ -94,15 +96,7 @@ class MicroBatchLoader(DataLoader):
             dataset=data_loader.dataset,
             batch_sampler=BatchSplittingSampler(sampler=data_loader.batch_sampler,
                                                 max_batch_size=max_physical_batch_size, optimizer=flags),
-            num_workers=data_loader.num_workers,
-            collate_fn=data_loader.collate_fn,
-            pin_memory=data_loader.pin_memory,
-            timeout=data_loader.timeout,
-            worker_init_fn=data_loader.worker_init_fn,
-            multiprocessing_context=data_loader.multiprocessing_context,
-            generator=data_loader.generator,
-            prefetch_factor=data_loader.prefetch_factor,
-            persistent_workers=data_loader.persistent_workers,
+            **loader_options(data_loader),
         )
         self.split_flags = flags
         self.dp_optimizer = optimizer
