@@ -34,6 +34,7 @@ class Entry:
     reason: str = ""
     made_by: str = ""
     changed_by: List[str] = field(default_factory=list)
+    input_layouts: Dict[str, Any] = field(default_factory=dict)  # per-sample fallback only
 
     def snapshot(self) -> tuple:
         return (self.layout, self.lift, self.reason, self.source_shape, self.output_shape)

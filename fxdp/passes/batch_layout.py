@@ -124,6 +124,8 @@ def infer_batch_layouts(analysis: Analysis) -> PassResult:
         what = f"{entry.op} using {', '.join(entry.param_names)}"
         try:
             entry.layout = classify(rb.source, rr.source, rs.source_shape, n, perm, what)
+            entry.input_layouts = {k: classify(t, rr.inputs[k], tuple(rs.inputs[k].shape), n, perm,
+                                               f"input {k} of {what}") for k, t in rb.inputs.items()}
         except BatchLayoutError as exc:
             entry.reason = str(exc)
             analysis.problem(exc)

@@ -68,6 +68,7 @@ class Record:
     source: torch.Tensor
     source_shape: tuple
     output_shape: tuple
+    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample fallback: every tensor input
 
 
 @dataclass
@@ -121,8 +122,10 @@ class ProbeRecorder:
         if self.keep_graph:
             self.run.grad_targets.append(target if target is not None else out)
         src = binding.layout_source if binding.layout_source is not None else out
+        inputs = ({k: v.detach().clone() for k, v in binding.saved.items()}
+                  if "input_layouts" in binding.options else {})
         self.run.records.append(Record(call.name, binding.param_names, binding, src.detach().clone(),
-                                       tuple(src.shape), tuple(out.shape)))
+                                       tuple(src.shape), tuple(out.shape), inputs))
         return out
 
     def refuse(self, exc, func, args, kwargs, out=None):

@@ -77,11 +77,15 @@ class LayoutTable:
         self.keys = [(e.op, e.param_names) for e in entries]
         self.layouts = [e.layout for e in entries]
         self.lifts = [e.lift for e in entries]
+        self.input_layouts = [dict(e.input_layouts) for e in entries]
 
     def lookup(self, ordinal: int, op: str, param_names: tuple):
         if ordinal < len(self.keys) and self.keys[ordinal] == (op, param_names):
             return self.layouts[ordinal], self.lifts[ordinal]
         return None, False
+
+    def inputs_of(self, ordinal: int) -> dict:
+        return self.input_layouts[ordinal] if ordinal < len(self.input_layouts) else {}
 
 
 def batch_size_of(args, kwargs, batch_dim) -> int:
@@ -131,8 +135,12 @@ class RuntimeRecorder:
         if layout is None:
             if B <= 1:
                 layout = trivial_layout(binding.layout_source)
+                if "input_layouts" in binding.options:
+                    binding.options["input_layouts"] = {k: trivial_layout(v) for k, v in binding.saved.items()}
             else:
                 ctx.pending_layouts = True
+        elif "input_layouts" in binding.options:
+            binding.options["input_layouts"] = self.table.inputs_of(ordinal)
         if lift:
             src = binding.layout_source
             lifted = src.expand(B, *src.shape[1:])
@@ -257,6 +265,8 @@ class Engine:
                     "behaves differently from one forward pass to the next on inputs of the same structure "
                     "(data-dependent control flow). fxdp cannot place its samples; this batch is refused.")
             use.layout = use.layout or layout
+            if "input_layouts" in use.binding.options:
+                use.binding.options["input_layouts"] = table.inputs_of(use.ordinal)
         self.tables[ctx.key] = table
         ctx.pending_layouts = False
 

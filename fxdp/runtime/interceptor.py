@@ -20,6 +20,9 @@ from torch.utils._pytree import tree_flatten
 
 from ..errors import SampleMixingError, UncoveredParameterError
 from ..rules import OpCall, bind, decomposition, func_name
+from ..rules.functional import PerSampleFallbackRule
+
+FALLBACK = PerSampleFallbackRule()
 
 BATCH_MIXING = {
     F.batch_norm: "BatchNorm in training mode normalises with statistics of the whole batch",
@@ -78,6 +81,9 @@ class ParameterInterceptor(TorchFunctionMode):
             return self.recorder.handle(call, binding)
         out = func(*args, **kwargs)
         out_leaves, _ = tree_flatten(out)
+        if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point() \
+                and func not in BATCH_MIXING:
+            return self.recorder.handle(call, FALLBACK.bind(call))
         if any(isinstance(t, torch.Tensor) and t.requires_grad for t in out_leaves):
             names = ", ".join(sorted(set(trainable.values())))
             exc = UncoveredParameterError(

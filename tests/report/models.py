@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 
 
-class EinsumParam(nn.Module):
-    """A trainable parameter used in torch.einsum (no rule covers it)."""
+class UncoveredParam(nn.Module):
+    """A trainable parameter split by torch.unbind: a tuple result, which neither a rule
+    nor the per-sample fallback covers."""
 
     def __init__(self):
         super().__init__()
@@ -15,7 +16,8 @@ class EinsumParam(nn.Module):
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
-        return self.head(torch.einsum("bi,ij->bj", self.fc(x), self.w))
+        cols = torch.unbind(self.w, 1)
+        return self.head(self.fc(x) @ torch.stack(cols, 1))
 
 
 class BatchNormTrain(nn.Module):
@@ -57,4 +59,4 @@ class WithUnused(nn.Module):
 def refused_factory(batch_size: int = 4):
     """CLI factory of a model privatize refuses."""
     torch.manual_seed(0)
-    return EinsumParam(), (torch.randn(batch_size, 6),)
+    return UncoveredParam(), (torch.randn(batch_size, 6),)

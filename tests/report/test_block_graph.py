@@ -10,7 +10,7 @@ from examples.models import tiny_gpt
 from fxdp.passes.plan_groups import block_labels
 
 from .dot_check import parse_dot
-from .models import EinsumParam
+from .models import UncoveredParam
 
 
 @pytest.fixture(scope="module")
@@ -57,11 +57,11 @@ def test_dot_has_one_cluster_per_block_and_every_node_and_edge(report):
 
 def test_refused_use_is_a_coloured_node_in_the_data_flow(tmp_path):
     torch.manual_seed(0)
-    rep = fxdp.explain(EinsumParam(), torch.randn(3, 6))
+    rep = fxdp.explain(UncoveredParam(), torch.randn(3, 6))
     g = rep.block_graph
     refused = [k for k, a in g.nodes(data=True) if a.get("kind") == "refused"]
     assert len(refused) == 1 and g.nodes[refused[0]]["status"] == "uncovered"
-    assert list(g.predecessors(refused[0])) == [0] and list(g.successors(refused[0])) == [1]
+    assert list(g.predecessors(refused[0])) == [] and list(g.successors(refused[0])) == [1]
     path = tmp_path / "g.dot"
     rep.write_dot(path)
     nodes, _, _ = parse_dot(path.read_text())

@@ -10,7 +10,7 @@ import fxdp
 from examples.models import tiny_cnn, tiny_gpt
 from fxdp.errors import SampleMixingError, UncoveredParameterError
 
-from .models import BatchMean, BatchNormTrain, EinsumParam, WithUnused
+from .models import BatchMean, BatchNormTrain, UncoveredParam, WithUnused
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +82,12 @@ def test_str_is_a_table_with_one_line_per_use_and_a_summary(gpt_report):
 
 def test_uncovered_parameter_is_reported_not_raised():
     torch.manual_seed(0)
-    model, x = EinsumParam(), torch.randn(4, 6)
+    model, x = UncoveredParam(), torch.randn(4, 6)
     report = fxdp.explain(model, x)
     assert report.uncovered == ["w"] and not report.ok
     refused = [r for r in report.rows if r["path"] == "refused"]
-    assert [(r["op"], r["params"], r["status"]) for r in refused] == [("torch.einsum", ["w"], "uncovered")]
-    assert any(p["kind"] == "UncoveredParameterError" and "torch.einsum" in p["message"] for p in report.problems)
+    assert [(r["op"], r["params"], r["status"]) for r in refused] == [("torch.unbind", ["w"], "uncovered")]
+    assert any(p["kind"] == "UncoveredParameterError" and "torch.unbind" in p["message"] for p in report.problems)
     assert report.num_covered == 4 and "UNCOVERED parameters (privatize refuses): w" in str(report)
     fxdp.privatize(model)
     with pytest.raises(UncoveredParameterError):
