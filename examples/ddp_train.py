@@ -35,23 +35,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxdp  # noqa: E402
-
-
-def digits(seed: int = 0):
-    """80/20 split of sklearn's digits; pixels scaled by the public constant 1/16."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    x, y = load_digits(return_X_y=True)
-    x = torch.tensor(x, dtype=torch.float32) / 16.0
-    y = torch.tensor(y, dtype=torch.long)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.2, random_state=seed, stratify=y)
-    return TensorDataset(x_tr, y_tr), TensorDataset(x_te, y_te)
-
-
-def make_model(seed: int) -> nn.Module:
-    torch.manual_seed(seed)
-    return nn.Sequential(nn.Linear(64, 64), nn.Tanh(), nn.Linear(64, 10))
+from examples.dp_digits import load_digits_split as digits, make_model  # noqa: E402
 
 
 @torch.no_grad()
