@@ -309,3 +309,35 @@ def test_shared_leading_input_that_would_hide_the_batch_is_refused_and_batch_dim
     fxdp.privatize(model, batch_dim={0: None, 1: 0})
     model(t, x).sum().backward()
     assert fxdp.get_engine(model).last_stats["batch_size"] == 8
+
+
+class _Branchy(nn.Module):
+    """Which layer runs depends on the data (the sign of the batch sum)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.h(self.a(x) if x.sum() > 0 else self.b(x))
+
+
+def test_data_dependent_control_flow_is_reanalysed_and_stays_exact():
+    torch.manual_seed(0)
+    base = _Branchy().double()
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3)
+    for shift in (-3.0, 3.0, -3.0):
+        x = torch.randn(5, 4, dtype=torch.float64) + shift
+        fresh = fxdp.privatize(copy.deepcopy(model_state(base, model)), max_grad_norm=0.3)
+        model(x).sum().backward()
+        fresh(x).sum().backward()
+        for p, q in zip(model.parameters(), fresh.parameters()):
+            torch.testing.assert_close(p.private_grad, q.private_grad)
+        fxdp.clear_private_grads(model)
+
+
+def model_state(base, model):
+    """A plain copy of ``base`` carrying ``model``'s current weights."""
+    clone = copy.deepcopy(base)
+    clone.load_state_dict(model.state_dict())
+    return clone
