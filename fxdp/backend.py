@@ -47,6 +47,7 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     compiler = options.pop("compiler", "inductor")
     if options:
         raise ValueError(f"fxdp backend: unknown options {sorted(options)}; supported: 'compiler'.")
+    _dump_region(gm)
     trainable = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter) and t.requires_grad]
     if trainable:
         names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
@@ -56,6 +57,16 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
             "would bypass per-sample clipping. Privatize the model first (fxdp.privatize(model)), or freeze "
             "these parameters.")
     return _inner_compiler(compiler)(gm, example_inputs)
+
+
+def _dump_region(gm: torch.fx.GraphModule) -> None:
+    """With FXDP_DEBUG >= 2, write each compiled region's graph (``print_readable``) to
+    ``$FXDP_DUMP_DIR/compile_<k>/00_dynamo_graph.txt``."""
+    from .report.debug import new_dump_folder, debug_level
+
+    if debug_level() >= 2:
+        folder = new_dump_folder("compile")
+        (folder / "00_dynamo_graph.txt").write_text(gm.print_readable(print_output=False))
 
 
 def register() -> None:

@@ -84,3 +84,13 @@ def test_unknown_backend_option_is_refused():
     model = fxdp.privatize(Z.MLP())
     with pytest.raises(Exception, match="unknown"):
         torch.compile(model, backend="fxdp", options={"compiler": "tvm"})(torch.randn(3, 6))
+
+
+def test_debug_dumps_write_each_compiled_region(tmp_path, monkeypatch):
+    monkeypatch.setenv("FXDP_DEBUG", "2")
+    monkeypatch.setenv("FXDP_DUMP_DIR", str(tmp_path))
+    model = fxdp.privatize(Z.MLP())
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "eager"})
+    compiled(torch.randn(3, 6)).sum().backward()
+    dumps = sorted(tmp_path.glob("compile_*/00_dynamo_graph.txt"))
+    assert dumps and "def forward" in dumps[0].read_text()

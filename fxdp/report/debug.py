@@ -143,7 +143,7 @@ def summary_line(region: str, analysis) -> str:
     return text
 
 
-def _new_folder(region: str) -> Path:
+def new_dump_folder(region: str) -> Path:
     root = Path(os.environ.get("FXDP_DUMP_DIR", "fxdp_dump"))
     root.mkdir(parents=True, exist_ok=True)
     while True:
@@ -205,7 +205,7 @@ def dump_hook(region: str, tracker: Optional[PassTracker] = None, plan=None):
     if level <= 0 and tracker is None:
         return None
     tracker = tracker if tracker is not None else PassTracker()
-    folder = _new_folder(region) if level >= 2 else None
+    folder = new_dump_folder(region) if level >= 2 else None
     state = {"folder": folder, "dot": None, "name": folder.name if folder is not None else f"{region}_{next(_counter)}"}
 
     def dump(pass_name: str, index: int, analysis):
