@@ -11,7 +11,6 @@ fresh process per configuration).
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import json
 import os
@@ -76,7 +75,6 @@ def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     gc.collect()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     times = []
     for _ in range(steps):
         t = time.perf_counter()

@@ -17,7 +17,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
-from ..rules import func_name
 from ..runtime.inputs import input_batch_dims
 from ..runtime.interceptor import ParameterInterceptor
 from .base import Analysis, PassResult

@@ -48,7 +48,7 @@ def explain(model, *example_args, **kwargs) -> Report:
         ValueError: invalid configuration arguments (as privatize would).
     """
     from ..api import get_engine
-    from ..runtime.engine import batch_size_of
+    from ..runtime.recorder import batch_size_of
 
     cfg_kwargs = {k: kwargs.pop(k) for k in CONFIG_KEYS if k in kwargs}
     engine = get_engine(model)

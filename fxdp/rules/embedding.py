@@ -12,7 +12,6 @@ the gradient (the analysis checks that the model's output is unchanged).
 """
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from ..errors import SampleMixingError, UncoveredParameterError

@@ -2,7 +2,6 @@
 under fxdp, against the per-sample reference (float64, R near the median norm):
 GPT-2 with padding, BERT masked LM, ViT, Llama (RMSNorm, rotary, GQA), T5
 (relative attention bias: refused loudly, exact once frozen), PEFT LoRA."""
-import copy
 
 import pytest
 import torch

@@ -15,7 +15,7 @@ from examples.models import tiny_gpt
 from fxdp.report.cost import (crossover, evaluate, family_and_dims, family_cost, ghost_condition, runtime_decision,
                               symbols)
 from fxdp.rules import OpCall, bind
-from fxdp.rules.factors import LowRankGrad, norm_decision, sq_norm
+from fxdp.rules.factors import norm_decision, sq_norm
 from fxdp.runtime.layout import BatchLayout, LayoutKind
 
 BATCH0 = BatchLayout(LayoutKind.BATCH, 0)
