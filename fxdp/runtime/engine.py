@@ -140,8 +140,7 @@ class Engine:
         except BaseException:
             self._depth -= 1
             raise
-        ctx = ForwardContext(B, self)
-        ctx.key = key
+        ctx = ForwardContext(B, weakref.ref(self), key)
         self._context = ctx
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table))
         self._mode.__enter__()

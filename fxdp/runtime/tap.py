@@ -10,7 +10,6 @@ pass is running, so the engine can finalize once at its end.
 """
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -46,17 +45,11 @@ class ForwardContext:
     """The taps of one forward pass over one batch of ``batch_size`` samples."""
 
     batch_size: int
-    engine: Any
+    engine_ref: Any  # weakref to the Engine: no strong cycle through the autograd graph
+    key: Any = None  # the input structure the forward was analysed under
     uses: List[LayerUse] = field(default_factory=list)
     pending_layouts: bool = False
     finalized: bool = False
-
-    def __post_init__(self):
-        self._weak_engine = weakref.ref(self.engine)
-        self.engine = None  # no strong cycle through the autograd graph
-
-    def engine_ref(self):
-        return self._weak_engine()
 
 
 def _rebuild(spec, leaves, replace: Dict[int, Any]):
