@@ -33,9 +33,7 @@ def _per_sample_view(t, layout, B):
     tb = layout.to_batch_first(t, B)
     if layout.kind is LayoutKind.BATCH:
         return tb.unsqueeze(layout.dim + 1)
-    if layout.kind is LayoutKind.WHOLE:
-        return tb
-    return tb  # rows layouts keep the sample's m rows at the same position
+    return tb  # rows layouts keep the sample's m rows in place; WHOLE is the sample itself
 
 
 class PerSampleFallbackRule(Rule):

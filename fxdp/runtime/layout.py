@@ -73,10 +73,6 @@ class BatchLayout:
         return t.unflatten(k, (size // B, B)).movedim(k + 1, 0)
 
 
-BATCH0 = BatchLayout(LayoutKind.BATCH, 0)
-NO_BATCH = BatchLayout(LayoutKind.NONE, 0)
-
-
 def batch_first_2d(t: torch.Tensor, layout: BatchLayout, batch_size: int, feature_dims: int = 1) -> torch.Tensor:
     """(B, T, F): samples first, the last ``feature_dims`` dims flattened into F,
     everything else flattened into T (T = 1 for a plain (B, F) input)."""

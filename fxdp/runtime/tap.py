@@ -33,7 +33,6 @@ class LayerUse:
     grad_output: Optional[torch.Tensor] = None
     extra_grads: Dict[str, torch.Tensor] = field(default_factory=dict)
     versions: Dict[str, int] = field(default_factory=dict)
-    module: str = ""
 
     @property
     def rule(self):
