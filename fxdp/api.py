@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Optional, Sequence
 
+import torch
 import torch.nn as nn
 
 from .config import DPConfig, make_config
@@ -21,12 +22,15 @@ from .runtime.engine import Engine
 ENGINE_ATTR = "_fxdp_engine"
 
 
+# Disabled for dynamo: ``torch.compile(model)`` then runs them outside the compiled frame (no graph break).
+@torch._dynamo.disable
 def _pre_hook(module, args, kwargs):
     module._fxdp_engine.before_forward(args, kwargs)
 
 
+@torch._dynamo.disable
 def _post_hook(module, args, kwargs, output):
-    module._fxdp_engine.after_forward(args, kwargs)
+    module._fxdp_engine.after_forward(args, kwargs, output)
 
 
 def get_engine(model: nn.Module) -> Optional[Engine]:

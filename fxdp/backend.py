@@ -1,33 +1,40 @@
-"""The ``"fxdp"`` backend of ``torch.compile``.
+"""The ``"fxdp"`` backend of ``torch.compile``: DP training compiled end to end.
 
-Usage: ``torch.compile(fxdp.privatize(model), backend="fxdp", options={"compiler": "inductor"})``.
+Usage::
 
-What it guarantees today: every compiled region is free of trainable
-parameters. fxdp's taps run eagerly (they are excluded from dynamo tracing, so
-each covered parameter use is a graph break) and the regions between them --
-attention, activations, residuals, the loss -- are compiled by the inner
-compiler. The engine combines the norms of all taps of a backward pass at its
-end, so all-layer and block-wise clipping stay exact across graph breaks.
+    model = fxdp.privatize(model, style="all-layer", max_grad_norm=1.0)
+    model = torch.compile(model, backend="fxdp")       # options={"compiler": "inductor"}
 
-A region that would use a trainable parameter directly would compute its
-ordinary, unclipped gradient; the backend refuses it with an error instead of
-compiling it. This is also what happens when an unprivatized model is
-compiled with ``backend="fxdp"``: it is refused (call ``fxdp.privatize`` first),
-never trained without privacy.
+``torch.compile(model)`` runs the model's forward hooks outside dynamo, so the
+engine opens each forward pass (batch size, the eager analysis of this input
+structure) before the compiled graph runs, and closes it after. Inside, the
+forward is one graph: every covered parameter use is rewritten in place by the
+passes of :mod:`fxdp.passes.region` and :mod:`fxdp.passes.insert_taps`, then
+the graph goes to the inner compiler (inductor by default; "aot_eager" or
+"eager" for debugging). No graph break is caused by fxdp; ``fullgraph=True``
+works (for a root module of your own class: torch.nn containers such as
+``nn.Sequential`` have their hooks traced, which breaks the graph).
 
-Options (``torch.compile(..., options={...})``): ``compiler`` -- "inductor"
-(default), "aot_eager" or "eager".
+Graph breaks of the model's own split the forward into regions; their call
+sites are numbered across regions and every norm is combined at the end of
+backward, so all-layer and block-wise clipping stay exact. A parameter used by
+eager code between regions is refused when the forward ends.
 
-Not yet: fxdp's taps inside the compiled graph (one graph, ``fullgraph=True``);
-see the project notes.
+Refusals, never silent non-private training: a region using trainable
+parameters of an unprivatized model; a privatized model compiled with another
+backend (detected when its forward ends); a call no rule covers.
+
+Debugging: with ``FXDP_DEBUG=2`` every region's graph is written after each
+pass, ``$FXDP_DUMP_DIR/compile_<k>/<NN>_<pass>.txt`` (``print_readable``).
 """
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional
 
 import torch
 
-from .errors import PrivacyError
+from .runtime.compiled import release_sites
 
 INNER = ("inductor", "aot_eager", "eager")
 
@@ -42,31 +49,18 @@ def _inner_compiler(name: str):
 
 
 def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: Optional[Dict[str, Any]] = None):
-    """Compile one dynamo region after checking it holds no trainable parameter."""
+    """Rewrite one dynamo region's parameter uses into taps, then compile it with the inner compiler."""
     options = dict(options or {})
     compiler = options.pop("compiler", "inductor")
     if options:
         raise ValueError(f"fxdp backend: unknown options {sorted(options)}; supported: 'compiler'.")
-    _dump_region(gm)
-    trainable = [i for i, t in enumerate(example_inputs) if isinstance(t, torch.nn.Parameter) and t.requires_grad]
-    if trainable:
-        names = [n.target for n in gm.graph.nodes if n.op == "placeholder"]
-        shown = ", ".join(str(names[i]) if i < len(names) else f"input {i}" for i in trainable[:5])
-        raise PrivacyError(
-            f"fxdp backend: a compiled region uses trainable parameters directly ({shown}); their gradients "
-            "would bypass per-sample clipping. Privatize the model first (fxdp.privatize(model)), or freeze "
-            "these parameters.")
-    return _inner_compiler(compiler)(gm, example_inputs)
+    inner = _inner_compiler(compiler)
+    from .passes.region import Region, run_region_passes
 
-
-def _dump_region(gm: torch.fx.GraphModule) -> None:
-    """With FXDP_DEBUG >= 2, write each compiled region's graph (``print_readable``) to
-    ``$FXDP_DUMP_DIR/compile_<k>/00_dynamo_graph.txt``."""
-    from .report.debug import new_dump_folder, debug_level
-
-    if debug_level() >= 2:
-        folder = new_dump_folder("compile")
-        (folder / "00_dynamo_graph.txt").write_text(gm.print_readable(print_output=False))
+    region = run_region_passes(Region(gm, list(example_inputs)))
+    if region.site_uids:
+        weakref.finalize(region.gm, release_sites, list(region.site_uids))
+    return inner(region.gm, example_inputs)
 
 
 def register() -> None:

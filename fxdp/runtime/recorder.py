@@ -31,6 +31,13 @@ class LayoutTable:
             return self.layouts[ordinal], self.lifts[ordinal]
         return None, False
 
+    def layout_of(self, ordinal: int, param_names: tuple):
+        """The layout at ``ordinal`` if the same parameters are used there (compiled sites: the op
+        may be spelled differently in a dynamo graph than in eager Python)."""
+        if ordinal < len(self.keys) and self.keys[ordinal][1] == param_names:
+            return self.layouts[ordinal]
+        return None
+
     def inputs_of(self, ordinal: int) -> dict:
         return self.input_layouts[ordinal] if ordinal < len(self.input_layouts) else {}
 

@@ -49,6 +49,14 @@ class ForwardContext:
     uses: List[LayerUse] = field(default_factory=list)
     pending_layouts: bool = False
     finalized: bool = False
+    # compiled forwards (backend "fxdp"): taps arrive from the graph, by call-site ordinal
+    compiled: bool = False
+    table: Any = None
+    next_ordinal: int = 0
+    cid: int = 0
+    by_ordinal: Dict[int, LayerUse] = field(default_factory=dict)
+    batch_inputs: List[Any] = field(default_factory=list)  # (input tensor, batch dim), while the forward runs
+    params: Dict[str, Any] = field(default_factory=dict)
 
 
 def _rebuild(spec, leaves, replace: Dict[int, Any]):
