@@ -76,7 +76,7 @@ def test_varying_batch_sizes_stay_exact_under_compile():
 
 def test_compiling_an_unprivatized_model_is_refused():
     model = Z.MLP()
-    with pytest.raises(Exception, match="Privatize the model first"):
+    with pytest.raises(Exception, match="not privatized"):
         torch.compile(model, backend="fxdp")(torch.randn(3, 6))
 
 

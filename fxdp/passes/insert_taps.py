@@ -22,7 +22,10 @@ import torch.fx as fx
 
 from ..errors import BatchLayoutError, PrivacyError
 from ..runtime import compiled as C
+from torch.utils._pytree import tree_flatten
+
 from .base import PassResult
+from .composite_taps import InnerSite, register_plan, run_composite
 
 
 def _batch_size_node(region, g: fx.Graph, after: fx.Node) -> fx.Node:
@@ -64,7 +67,13 @@ def insert_taps(region) -> PassResult:
                 detached[p] = g.call_method("detach", (p,))
         return detached[p]
 
+    composites = {}
     for site in region.sites:
+        if site.composite:
+            uid = _register(region, site, next((k for k, v in site.binding.saved.items()
+                                                if v is site.binding.layout_source), None))
+            composites.setdefault(site.node, []).append(InnerSite(uid, site.param_positions, site.saved_positions))
+            continue
         n, b = site.node, site.binding
         saved = {k: site.inputs[("saved", k)] for k in b.saved}
         source = site.inputs.get(("source",))
@@ -96,6 +105,11 @@ def insert_taps(region) -> PassResult:
             cap = g.call_function(C.capture, (n, token, uid, C.OUTPUT_SLOT, len(params), *params,
                                               *saved.values()))
         n.replace_all_uses_with(cap, delete_user_cb=lambda user: user is not cap)
+    for n, inner in composites.items():
+        leaves, _ = tree_flatten((n.args, n.kwargs))
+        positions = tuple(i for i, a in enumerate(leaves) if a in region.param_nodes)
+        n.args = (n.target, token, register_plan(inner), positions) + tuple(n.args)
+        n.target = run_composite
     return PassResult(region, True)
 
 
@@ -104,7 +118,7 @@ def check_no_direct_use(region) -> PassResult:
     for p in region.param_nodes:
         for user in p.users:
             ok = (user.op == "call_method" and user.target == "detach") or user.target is C.capture \
-                or user in region.benign
+                or user.target is run_composite or user in region.benign
             if not ok:
                 raise PrivacyError(
                     f"fxdp backend: after the rewrite, graph node {user.name} ({user.target}) still reads trainable "

@@ -32,9 +32,9 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from ..errors import PrivacyError, UncoveredParameterError
-from ..runtime import compiled as C
 from ..runtime.interceptor import ParameterInterceptor
 from .base import PassError, PassResult
+from .composite_taps import is_composite, positions_of
 
 
 @dataclass
@@ -52,6 +52,9 @@ class BoundSite:
     others: List[fx.Node] = field(default_factory=list)
     ordinal: int = -1
     lift: bool = False
+    composite: bool = False  # an inner call of a decomposed node: tensors located by argument position
+    param_positions: tuple = ()
+    saved_positions: tuple = ()
 
 
 @dataclass
@@ -128,6 +131,17 @@ class _SiteRecorder:
 
     def handle(self, call, binding):
         node = self.interpreter.current
+        if node.op == "call_function" and is_composite(node.target):
+            if binding.broadcast or binding.layout_source is not None and \
+                    not any(binding.layout_source is t for t in binding.saved.values()):
+                raise UncoveredParameterError(
+                    f"fxdp backend: {node.target.__name__} uses {', '.join(binding.param_names)} in a form fxdp "
+                    "cannot tap inside a compiled graph (a broadcast parameter); use eager fxdp.privatize.")
+            site = BoundSite(node, call.name, binding, composite=True,
+                             param_positions=positions_of(call, list(binding.params.values())),
+                             saved_positions=positions_of(call, list(binding.saved.values())))
+            self.sites.append(site)
+            return call.func(*call.args, **call.kwargs)
         if any(s.node is node for s in self.sites):
             raise UncoveredParameterError(
                 f"fxdp backend: graph node {node.name} ({call.name}) is a composite op using trainable parameters "
@@ -210,12 +224,15 @@ def match_analysis(region: Region) -> PassResult:
         if table is None:
             continue
         names = site.binding.param_names
-        if site.ordinal >= len(table.keys) or table.keys[site.ordinal][1] != names:
-            seen = table.keys[site.ordinal] if site.ordinal < len(table.keys) else "nothing"
+        rule = site.binding.rule.name
+        if not table.matches(site.ordinal, rule, names):
+            seen = (f"{table.keys[site.ordinal][0]} bound by the {table.rules[site.ordinal]} rule using "
+                    f"{', '.join(table.keys[site.ordinal][1])}" if site.ordinal < len(table.keys) else "nothing")
             raise PrivacyError(
-                f"fxdp backend: compiled call site {site.ordinal} ({site.op} using {', '.join(names)}) does not "
-                f"match the eager analysis of the forward pass, which saw {seen} there. The compiled graph "
-                "uses parameters in another order than the model's Python code; please report this model.")
+                f"fxdp backend: compiled call site {site.ordinal} ({site.op} bound by the {rule} rule using "
+                f"{', '.join(names)}) does not match the eager analysis of the forward pass, which saw {seen} "
+                "there: the compiled graph spells this parameter use differently from the model's Python code. "
+                "Please report this model; eager fxdp.privatize (without torch.compile) covers it.")
         site.lift = bool(table.lifts[site.ordinal])
     return PassResult(region, False)
 

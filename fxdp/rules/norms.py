@@ -36,7 +36,7 @@ def _reduce_to(t, shape, tail):
 
 class LayerNormRule(Rule):
     name = "layer_norm"
-    funcs = (F.layer_norm,)
+    funcs = (F.layer_norm, torch.layer_norm)  # dynamo graphs may hold the torch.* spelling
 
     def bind(self, call: OpCall):
         x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
@@ -61,7 +61,7 @@ class LayerNormRule(Rule):
 
 class RMSNormRule(Rule):
     name = "rms_norm"
-    funcs = (F.rms_norm,)
+    funcs = (F.rms_norm, torch.rms_norm)
 
     def bind(self, call: OpCall):
         x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
@@ -89,7 +89,7 @@ class RMSNormRule(Rule):
 
 class GroupNormRule(Rule):
     name = "group_norm"
-    funcs = (F.group_norm,)
+    funcs = (F.group_norm, torch.group_norm)
 
     def bind(self, call: OpCall):
         x, groups = call.arg(0, "input"), call.arg(1, "num_groups")

@@ -110,13 +110,14 @@ def _forward_token_fake(engine_uid, first_ordinal, num_sites):
 def stash(token: torch.Tensor, site_uid: int, slot: int, grad: torch.Tensor, saved: List[torch.Tensor]) -> None:
     """Backward: hand one captured gradient (and the rule's tensors) to the engine.
 
-    The gradient is copied: a compiled backward may reuse its buffer once this
-    op, its last reader in the graph, has run."""
+    Everything is copied: a compiled backward may reuse a buffer once this op,
+    its last reader in the graph, has run -- the gradient, and saved tensors
+    the partitioner chose to recompute in the backward."""
     site = _SITES.get(site_uid)
     if site is None:
         raise PrivacyError("fxdp: backward through a compiled graph whose call sites were released; "
                            "compile the model again.")
-    engine_by_uid(site.engine_uid).receive_compiled(int(token), site, slot, grad.clone(), list(saved))
+    engine_by_uid(site.engine_uid).receive_compiled(int(token), site, slot, grad.clone(), [t.clone() for t in saved])
 
 
 @stash.register_fake

@@ -285,7 +285,7 @@ class Engine:
             if "input_layouts" in binding.options:
                 binding.options["input_layouts"] = {k: trivial_layout(v) for k, v in use.saved.items()}
             return trivial_layout(binding.layout_source)
-        layout = ctx.table.layout_of(use.ordinal, binding.param_names)
+        layout = ctx.table.layout_of(use.ordinal, binding.rule.name, binding.param_names)
         if layout is None:
             raise BatchLayoutError(
                 f"fxdp: compiled call site {use.ordinal} ({use.op} using {', '.join(binding.param_names)}) does not "

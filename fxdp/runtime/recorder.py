@@ -22,6 +22,7 @@ class LayoutTable:
 
     def __init__(self, entries):
         self.keys = [(e.op, e.param_names) for e in entries]
+        self.rules = [e.rule for e in entries]
         self.layouts = [e.layout for e in entries]
         self.lifts = [e.lift for e in entries]
         self.input_layouts = [dict(e.input_layouts) for e in entries]
@@ -31,12 +32,15 @@ class LayoutTable:
             return self.layouts[ordinal], self.lifts[ordinal]
         return None, False
 
-    def layout_of(self, ordinal: int, param_names: tuple):
-        """The layout at ``ordinal`` if the same parameters are used there (compiled sites: the op
-        may be spelled differently in a dynamo graph than in eager Python)."""
-        if ordinal < len(self.keys) and self.keys[ordinal][1] == param_names:
+    def layout_of(self, ordinal: int, rule: str, param_names: tuple):
+        """The layout at ``ordinal`` if the same rule binds the same parameters there (compiled
+        sites: the op may be spelled differently in a dynamo graph than in eager Python)."""
+        if self.matches(ordinal, rule, param_names):
             return self.layouts[ordinal]
         return None
+
+    def matches(self, ordinal: int, rule: str, param_names: tuple) -> bool:
+        return ordinal < len(self.keys) and self.keys[ordinal][1] == param_names and self.rules[ordinal] == rule
 
     def inputs_of(self, ordinal: int) -> dict:
         return self.input_layouts[ordinal] if ordinal < len(self.input_layouts) else {}
