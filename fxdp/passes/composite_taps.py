@@ -36,7 +36,7 @@ class InnerSite:
     saved_positions: Tuple[int, ...]
 
 
-PLANS: Dict[int, Tuple[InnerSite, ...]] = {}
+PLANS: Dict[int, tuple] = {}  # plan id -> (composite function, its inner sites)
 _plan_ids = itertools.count(1)
 
 
@@ -57,9 +57,10 @@ def positions_of(call, tensors) -> Tuple[int, ...]:
     return tuple(out)
 
 
-def register_plan(sites) -> int:
+def register_plan(func, sites) -> int:
+    """An int for the graph to name (a function object has no source spelling in generated code)."""
     plan_id = next(_plan_ids)
-    PLANS[plan_id] = tuple(sites)
+    PLANS[plan_id] = (func, tuple(sites))
     return plan_id
 
 
@@ -94,9 +95,9 @@ class CompositeTaps(TorchFunctionMode):
         return C.capture(out, self.token, site.uid, C.OUTPUT_SLOT, len(params), *params, *saved)
 
 
-def run_composite(func, token, plan_id: int, param_positions: Tuple[int, ...], *args, **kwargs):
+def run_composite(token, plan_id: int, param_positions: Tuple[int, ...], *args, **kwargs):
     """Graph target replacing a composite node (see module docstring)."""
-    sites = PLANS[plan_id]
+    func, sites = PLANS[plan_id]
     leaves, _ = tree_flatten((args, kwargs))
     params = {id(leaves[i]): str(i) for i in param_positions}
     mode = CompositeTaps(params, sites, token)

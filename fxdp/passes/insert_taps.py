@@ -108,7 +108,7 @@ def insert_taps(region) -> PassResult:
     for n, inner in composites.items():
         leaves, _ = tree_flatten((n.args, n.kwargs))
         positions = tuple(i for i, a in enumerate(leaves) if a in region.param_nodes)
-        n.args = (n.target, token, register_plan(inner), positions) + tuple(n.args)
+        n.args = (token, register_plan(n.target, inner), positions) + tuple(n.args)
         n.target = run_composite
     return PassResult(region, True)
 

@@ -231,8 +231,9 @@ def match_analysis(region: Region) -> PassResult:
             raise PrivacyError(
                 f"fxdp backend: compiled call site {site.ordinal} ({site.op} bound by the {rule} rule using "
                 f"{', '.join(names)}) does not match the eager analysis of the forward pass, which saw {seen} "
-                "there: the compiled graph spells this parameter use differently from the model's Python code. "
-                "Please report this model; eager fxdp.privatize (without torch.compile) covers it.")
+                "there. Either a parameter use ran outside the compiled graph (code dynamo does not trace, where "
+                "fxdp cannot see it), or the graph spells a use differently from the model's Python code (please "
+                "report the model). Eager fxdp.privatize, without torch.compile, covers the model.")
         site.lift = bool(table.lifts[site.ordinal])
     return PassResult(region, False)
 

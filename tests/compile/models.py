@@ -1,0 +1,75 @@
+"""Small models for the compile tests, and the comparison with eager privatize."""
+import copy
+
+import torch
+import torch.nn as nn
+
+import fxdp
+from tests import models_zoo as Z
+
+
+class SeqFirstEncoder(nn.Module):
+    """nn.TransformerEncoder on (T, B, d) inputs: seq-major MultiheadAttention inside."""
+
+    def __init__(self, d=8, classes=3):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(d, 2, 16, dropout=0.0)
+        self.enc = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        return self.head(self.enc(x).mean(0))
+
+
+class BrokenMLP(nn.Module):
+    """An MLP with a graph break of its own between its layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        torch._dynamo.graph_break()
+        h = torch.tanh(self.fc2(h))
+        return self.fc3(h)
+
+
+def case(name, B=5):
+    """(model, args, target, per-sample-sum loss, privatize kwargs) for a named model."""
+    f64 = torch.float64
+    if name == "mlp":
+        return Z.MLP().double(), (torch.randn(B, 6, dtype=f64),), torch.randint(0, 3, (B,)), Z.ce_sum, {}
+    if name == "cnn":
+        return Z.CNN().double(), (torch.randn(B, 3, 8, 8, dtype=f64),), torch.randint(0, 4, (B,)), Z.ce_sum, {}
+    if name == "seq":
+        return Z.SeqModel().double(), (torch.randint(0, 20, (B, 6)),), torch.randint(0, 3, (B,)), Z.ce_sum, {}
+    if name == "raw":
+        return Z.RawParams().double(), (torch.randn(B, 4, 6, dtype=f64),), torch.randint(0, 2, (B,)), Z.ce_sum, {}
+    if name == "gpt2":
+        ids = torch.randint(0, 40, (B, 8))
+        return Z.gpt2(), (ids,), ids, Z.lm_sum, {}
+    if name == "bert":
+        return Z.bert(), (torch.randint(0, 30, (B, 7)),), torch.randint(0, 3, (B,)), Z.ce_sum, {}
+    if name == "encoder":
+        return (SeqFirstEncoder().double(), (torch.randn(6, B, 8, dtype=f64),), torch.randint(0, 3, (B,)),
+                Z.ce_sum, {"batch_dim": 1})
+    raise KeyError(name)
+
+
+def compiled_and_eager(base, args, target, loss_fn, compiler="aot_eager", fullgraph=True, **kw):
+    """Private grads of eager privatize and of backend "fxdp" on copies of ``base``."""
+    eager = fxdp.privatize(copy.deepcopy(base), **kw)
+    loss_fn(eager(*args), target).backward()
+    model = fxdp.privatize(copy.deepcopy(base), **kw)
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": compiler}, fullgraph=fullgraph)
+    loss_fn(compiled(*args), target).backward()
+    return model, eager
+
+
+def assert_same_private_grads(model, eager, rtol=1e-10):
+    scale = max(float(q.private_grad.abs().max()) for q in eager.parameters())
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert p.grad is None, f"{name}: p.grad written under compile"
+        err = float((p.private_grad - q.private_grad).abs().max())
+        assert err <= rtol * scale, f"{name}: {err:.3e} vs scale {scale:.3e}"
