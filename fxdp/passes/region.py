@@ -23,7 +23,6 @@ anything; the inner compiler (inductor by default) gets the rewritten graph.
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 

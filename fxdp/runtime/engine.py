@@ -18,7 +18,6 @@ contribution by R.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import warnings
 import weakref
 from collections import OrderedDict
@@ -32,31 +31,12 @@ from ..passes import PIPELINE, Analysis, run_pipeline
 from ..passes.plan_groups import GroupPlan
 from ..rules import factors as F
 from .clipping import clip_groups
-from .compiled import OUTPUT_SLOT, CompiledSite, register_engine
+from .compiled import register_engine
+from .compiled_forwards import CompiledForwards, in_compiled_module
 from .inputs import input_batch_dims
 from .interceptor import ParameterInterceptor
-from .recorder import LayoutTable, RuntimeRecorder, structure_key, trivial_layout
+from .recorder import LayoutTable, RuntimeRecorder, structure_key
 from .tap import ForwardContext, LayerUse
-
-# Compiled forward passes kept for their backward; older ones are dropped (their backward then fails loudly).
-MAX_COMPILED_FORWARDS = 64
-_context_ids = itertools.count(1)
-
-
-def _in_compiled_module() -> bool:
-    """True while ``torch.compile(model)`` runs: dynamo then traces the forward itself, and fxdp's
-    taps come from the graph (backend "fxdp") instead of the eager interceptor."""
-    try:
-        from torch._dynamo.eval_frame import _is_in_optimized_module
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return _is_in_optimized_module()
-
-
-def _requires_grad(output) -> bool:
-    from torch.utils._pytree import tree_flatten
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0])
-
 
 class _WriterRegistry:
     """Parameter -> engine that last wrote its private_grad, by identity, weakly on both
@@ -91,7 +71,7 @@ def _graph_task() -> int:
     return torch._C._current_graph_task_id()
 
 
-class Engine:
+class Engine(CompiledForwards):
     """Owns everything fxdp adds to one privatized model (see module docstring)."""
 
     def __init__(self, model: torch.nn.Module, config: DPConfig, plan: GroupPlan):
@@ -172,7 +152,7 @@ class Engine:
             raise
         ctx = ForwardContext(B, weakref.ref(self), key)
         self._context = ctx
-        if _in_compiled_module():
+        if in_compiled_module():
             self._open_compiled(ctx, table, leaves, dims)
             return
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table))
@@ -210,89 +190,6 @@ class Engine:
                 use.binding.options["input_layouts"] = table.inputs_of(use.ordinal)
         self.tables[ctx.key] = table
         ctx.pending_layouts = False
-
-    # ------------------------------------------------------- compiled forwards
-    def _open_compiled(self, ctx: ForwardContext, table, leaves, dims):
-        ctx.compiled, ctx.table, ctx.cid = True, table, next(_context_ids)
-        ctx.batch_inputs = [(t, d) for t, d in zip(leaves, dims) if isinstance(t, torch.Tensor) and d is not None]
-        ctx.params = dict(self.model.named_parameters())
-        self._compiled[ctx.cid] = ctx
-        while len(self._compiled) > MAX_COMPILED_FORWARDS:
-            self._compiled.popitem(last=False)
-
-    def _close_compiled(self, ctx: ForwardContext, output):
-        ctx.batch_inputs = []
-        expected = len(ctx.table.keys) if ctx.table is not None else None
-        if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
-            self._compiled.pop(ctx.cid, None)
-            raise PrivacyError(
-                "fxdp: the privatized model ran under torch.compile, but no compiled region reported its parameter "
-                "uses: it was compiled with a backend other than \"fxdp\", so its gradients would not be clipped. "
-                "Use torch.compile(model, backend=\"fxdp\").")
-        if expected is not None and ctx.next_ordinal != expected:
-            self._compiled.pop(ctx.cid, None)
-            raise PrivacyError(
-                f"fxdp: the analysis found {expected} parameter uses in this forward pass, but compiled regions "
-                f"tapped {ctx.next_ordinal}; the others ran outside a compiled graph (eager code between graph "
-                "breaks) where fxdp cannot see them. Move parameter uses out of the code dynamo cannot trace.")
-        if not _requires_grad(output):
-            self._compiled.pop(ctx.cid, None)
-
-    def enter_compiled_region(self, first_ordinal: int, num_sites: int) -> torch.Tensor:
-        """Run time, start of a compiled region: its token (see :mod:`fxdp.runtime.compiled`)."""
-        ctx = self._context
-        if ctx is None or not ctx.compiled:
-            raise PrivacyError(
-                "fxdp: a compiled region that uses the privatized model's parameters ran outside a forward pass "
-                "of the model in grad mode (fxdp did not see the pass start). Call the compiled model itself: "
-                "torch.compile(model, backend=\"fxdp\")(inputs).")
-        if ctx.next_ordinal != first_ordinal:
-            raise BatchLayoutError(
-                f"fxdp: a compiled region starts at parameter use {first_ordinal}, but this forward pass has made "
-                f"{ctx.next_ordinal}: the forward takes another path than when it was compiled (data-dependent "
-                "control flow between graph breaks).")
-        ctx.next_ordinal += num_sites
-        return torch.tensor(ctx.cid, dtype=torch.int64)
-
-    def receive_compiled(self, cid: int, site: CompiledSite, slot: int, grad: torch.Tensor, saved: list):
-        """Backward: one capture of a compiled call site; feeds the same path as the eager taps."""
-        ctx = self._compiled.get(cid)
-        if ctx is None:
-            raise PrivacyError(
-                f"fxdp: gradient of a compiled forward pass fxdp no longer holds (more than {MAX_COMPILED_FORWARDS} "
-                "forward passes without their backward, or a backward through a released model).")
-        use = ctx.by_ordinal.get(site.ordinal)
-        if use is None:
-            use = LayerUse(site.ordinal, site.op, site.binding(ctx.params, {}), None, ctx)
-            ctx.by_ordinal[site.ordinal] = use
-            ctx.uses.append(use)
-        if slot == OUTPUT_SLOT:
-            use.saved = dict(zip(site.saved_names, saved))
-            use.binding.saved = use.saved
-            use.binding.layout_source = use.saved.get(site.source) if site.source else None
-            use.layout = self._compiled_layout(ctx, use)
-            grad_output = grad
-        else:
-            use.extra_grads[site.broadcast_roles[slot]] = grad
-            grad_output = use.grad_output
-        self.receive(use, grad_output, use.extra_grads)
-
-    def _compiled_layout(self, ctx: ForwardContext, use: LayerUse):
-        binding = use.binding
-        if ctx.table is None:
-            if ctx.batch_size > 1:
-                raise BatchLayoutError("fxdp: no batch analysis for this compiled forward pass; this is a bug.")
-            if "input_layouts" in binding.options:
-                binding.options["input_layouts"] = {k: trivial_layout(v) for k, v in use.saved.items()}
-            return trivial_layout(binding.layout_source)
-        layout = ctx.table.layout_of(use.ordinal, binding.rule.name, binding.param_names)
-        if layout is None:
-            raise BatchLayoutError(
-                f"fxdp: compiled call site {use.ordinal} ({use.op} using {', '.join(binding.param_names)}) does not "
-                "match the analysis of this forward pass; recompile the model (torch._dynamo.reset()).")
-        if "input_layouts" in binding.options:
-            binding.options["input_layouts"] = ctx.table.inputs_of(use.ordinal)
-        return layout
 
     # ---------------------------------------------------------------- backward
     def receive(self, use: LayerUse, grad_output: torch.Tensor, extra: dict):
