@@ -112,3 +112,20 @@ def test_bf16_autocast_norms_and_sums_in_fp32():
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         assert p.private_grad.dtype == torch.float32 and p.grad is None
         torch.testing.assert_close(p.private_grad, q.private_grad, rtol=0.05, atol=2e-3, msg=name)
+
+
+def test_compiling_a_function_that_calls_the_model_stays_exact():
+    """torch.compile(step_fn): dynamo traces the hooks, so the taps run eagerly between compiled
+    regions (graph breaks, still exact); only torch.compile(model) gives one graph."""
+    torch.manual_seed(7)
+    base, args, target, loss_fn, _ = case("mlp")
+    eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.05)
+    loss_fn(eager(*args), target).backward()
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.05)
+
+    @torch.compile(backend="fxdp", options={"compiler": "aot_eager"})
+    def step(x, y):
+        return loss_fn(model(x), y)
+
+    step(*args, target).backward()
+    assert_same_private_grads(model, eager)
