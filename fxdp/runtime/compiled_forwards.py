@@ -19,7 +19,7 @@ import torch
 
 from ..errors import BatchLayoutError, PrivacyError
 from .compiled import OUTPUT_SLOT, CompiledSite
-from .recorder import trivial_layout
+from .recorder import single_sample_layout
 from .tap import ForwardContext, LayerUse
 
 # Compiled forward passes kept for their backward; older ones are dropped (their backward then fails loudly).
@@ -115,9 +115,7 @@ class CompiledForwards:
         if ctx.table is None:
             if ctx.batch_size > 1:
                 raise BatchLayoutError("fxdp: no batch analysis for this compiled forward pass; this is a bug.")
-            if "input_layouts" in binding.options:
-                binding.options["input_layouts"] = {k: trivial_layout(v) for k, v in use.saved.items()}
-            return trivial_layout(binding.layout_source)
+            return single_sample_layout(binding)
         layout = ctx.table.layout_of(use.ordinal, binding.rule.name, binding.param_names)
         if layout is None:
             raise BatchLayoutError(

@@ -70,6 +70,14 @@ def trivial_layout(t: Optional[torch.Tensor]) -> BatchLayout:
     return BatchLayout(LayoutKind.WHOLE, 0)
 
 
+def single_sample_layout(binding) -> BatchLayout:
+    """Layout of a call of a batch of at most one sample (no analysis runs then); also gives
+    per-input layouts to rules that take them. Shared by eager taps and compiled sites."""
+    if "input_layouts" in binding.options:
+        binding.options["input_layouts"] = {k: trivial_layout(v) for k, v in binding.saved.items()}
+    return trivial_layout(binding.layout_source)
+
+
 class RuntimeRecorder:
     """Routes bound calls of a training forward through taps."""
 
@@ -92,9 +100,7 @@ class RuntimeRecorder:
                         if self.table is not None else (None, False))
         if layout is None:
             if B <= 1:
-                layout = trivial_layout(binding.layout_source)
-                if "input_layouts" in binding.options:
-                    binding.options["input_layouts"] = {k: trivial_layout(v) for k, v in binding.saved.items()}
+                layout = single_sample_layout(binding)
             else:
                 ctx.pending_layouts = True
         elif "input_layouts" in binding.options:
