@@ -3,27 +3,28 @@
 ``fxdp.privatize(model, ...)`` makes one backward pass produce per-sample
 clipped gradient sums (bookkeeping ghost clipping) in ``p.private_grad``.
 """
-from .api import clear_private_grads, engine_of, get_engine, is_privatized, privatize, unprivatize
-from .config import ClippingFn, ClippingStyle, DPConfig, LossReduction, make_config
-from .errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
-from .report import Report, explain
+from fxdp.engine.install import clear_private_grads, engine_of, get_engine, is_privatized, privatize, unprivatize
+from fxdp.core.config import ClippingFn, ClippingStyle, DPConfig, LossReduction, make_config
+from fxdp.core.version import VERSION
+from fxdp.core.errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
+from fxdp.report import Report, explain
 
-from .backend import register as _register_backend
+from fxdp.compile.backend import register as _register_backend
 
 _register_backend()
 
-__version__ = "0.1.0"
+__version__ = VERSION
 
 # Names provided by modules of later pipeline stages, imported on first use.
 _LAZY = {
-    "DPOptimizer": "fxdp.runtime.optimizer",
-    "PrivacyEngine": "fxdp.privacy_engine",
-    "BatchMemoryManager": "fxdp.runtime.virtual_steps",
-    "audit": "fxdp.auditing",
-    "AuditResult": "fxdp.auditing",
+    "DPOptimizer": "fxdp.training.optimizer",
+    "PrivacyEngine": "fxdp.training.privacy_engine",
+    "BatchMemoryManager": "fxdp.training.loaders",
+    "audit": "fxdp.auditing.canary",
+    "AuditResult": "fxdp.auditing.canary",
     "fix_batchnorm": "fxdp.fix",
     "validate": "fxdp.fix",
-    "per_sample_loss": "fxdp.losses",
+    "per_sample_loss": "fxdp.training.losses",
     "DPDistributed": "fxdp.distributed",
 }
 

@@ -1,7 +1,7 @@
 """``python -m fxdp ...``: see :mod:`fxdp.cli`."""
 import sys
 
-from .cli import main
+from fxdp.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -108,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
-    from .report import explain
+    from fxdp.report import explain
 
     try:
         factory = load_factory(args.target)

@@ -21,7 +21,7 @@ from typing import List
 import torch.nn as nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .errors import SampleMixingError
+from fxdp.core.errors import SampleMixingError
 
 BATCHNORM_REASON = ("normalises with the mean and variance of the whole batch in training mode, so every "
                     "sample's output depends on the other samples")
@@ -111,7 +111,7 @@ def fix_batchnorm(model: nn.Module, max_groups: int = 32) -> nn.Module:
         ValueError: the model is already privatized (its clip groups name the
             old parameters), or a lazy BatchNorm is not initialised yet.
     """
-    from .api import is_privatized
+    from fxdp.engine.install import is_privatized
 
     if is_privatized(model):
         raise ValueError("fxdp: fix_batchnorm changes the model's parameters; call it before fxdp.privatize "

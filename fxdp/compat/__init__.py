@@ -8,6 +8,6 @@
 
 The differences from the originals are the privacy fixes; each module lists them.
 """
-from . import fastdp
+from fxdp.compat import fastdp
 
 __all__ = ["fastdp"]

@@ -46,10 +46,11 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from .. import api
-from ..config import make_config
-from ..runtime.accounting import create_accountant, epsilon_spent, get_noise_multiplier, steps_for_epochs
-from ..runtime.optimizer import DPOptimizer
+from fxdp.engine import install as api
+from fxdp.core.config import make_config
+from fxdp.training.accounting import (attach_accountant, create_accountant, epsilon_spent, get_noise_multiplier,
+                                      steps_for_epochs)
+from fxdp.training.optimizer import DPOptimizer
 
 CLIPPING_MODES = ("ghost", "MixGhostClip", "MixOpt")
 ACCOUNTING_MODES = ("rdp", "prv", "gdp")
@@ -168,7 +169,8 @@ class PrivacyEngine:
         elif engine.config != self.config:
             raise ValueError(f"fxdp: the module is already privatized with {engine.config}.")
         dp = DPOptimizer(optimizer, self.noise_multiplier, self.max_grad_norm, self.batch_size,
-                         self.config.loss_reduction, accountant=self.accountant, sample_rate=self.sample_rate)
+                         self.config.loss_reduction)
+        attach_accountant(dp, self.accountant, self.sample_rate)
         dp.inner_class_methods = True
         self.module.zero_grad(set_to_none=True)  # gradients of earlier non-private backward passes are dropped
         dp.set_param_names(self.module)

@@ -62,10 +62,10 @@ parallelism, non-Poisson sampling across ranks, changing the world size with an
 exact resume (a checkpoint loads on another world size with fresh sampling
 streams and a warning).
 """
-from .agreement import PeerRankError, RankMismatchError
-from .engine import DPDistributed
-from .optimizer import DistributedDPOptimizer
-from .sampler import DistributedPoissonDataLoader, DistributedPoissonSampler
+from fxdp.distributed.agreement import PeerRankError, RankMismatchError
+from fxdp.distributed.engine import DPDistributed
+from fxdp.distributed.optimizer import DistributedDPOptimizer
+from fxdp.distributed.sampler import DistributedPoissonDataLoader, DistributedPoissonSampler
 
 __all__ = ["DPDistributed", "DistributedDPOptimizer", "DistributedPoissonSampler", "DistributedPoissonDataLoader",
            "RankMismatchError", "PeerRankError"]

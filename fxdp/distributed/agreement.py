@@ -29,7 +29,7 @@ from typing import Dict, Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
-from ..errors import PrivacyError
+from fxdp.core.errors import PrivacyError
 
 
 class RankMismatchError(ValueError):

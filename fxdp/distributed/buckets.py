@@ -29,7 +29,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from .agreement import digest
+from fxdp.distributed.agreement import digest
 
 NoiseFn = Callable[[torch.nn.Parameter], Optional[torch.Tensor]]
 

@@ -1,6 +1,6 @@
 """Checkpoints of a distributed DP run: written by rank 0, read by rank 0, resumed exactly.
 
-The file is an ordinary fxdp checkpoint (:mod:`fxdp.runtime.checkpoint`: model,
+The file is an ordinary fxdp checkpoint (:mod:`fxdp.training.checkpoint`: model,
 optimizer with rank 0's noise stream, accountant; ``torch.load(weights_only=True)``)
 plus one entry, ``"fxdp_distributed"``, with what differs between ranks:
 
@@ -30,15 +30,15 @@ from typing import Optional
 
 import torch
 
-from ..runtime import checkpoint as ckpt
-from .agreement import agree, all_gather_bytes, broadcast_bytes
+from fxdp.training import checkpoint as ckpt
+from fxdp.distributed.agreement import agree, all_gather_bytes, broadcast_bytes
 
 KEY = "fxdp_distributed"
 
 
 @dataclass
 class _EngineView:
-    """What :mod:`fxdp.runtime.checkpoint` reads from an engine; the per-rank sampler state goes under KEY."""
+    """What :mod:`fxdp.training.checkpoint` reads from an engine; the per-rank sampler state goes under KEY."""
 
     accountant: object
     secure_mode: bool

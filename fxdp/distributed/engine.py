@@ -10,12 +10,13 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 
-from .. import api
-from ..runtime.accounting import PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier
-from . import checkpoint as dckpt
-from .agreement import agree, broadcast_state, check_same_setup, verify_replicas
-from .optimizer import DistributedDPOptimizer
-from .sampler import make_distributed_loader, rank_generator
+from fxdp.core.version import VERSION
+from fxdp.engine import install as api
+from fxdp.training.accounting import PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier
+from fxdp.distributed import checkpoint as dckpt
+from fxdp.distributed.agreement import agree, broadcast_state, check_same_setup, verify_replicas
+from fxdp.distributed.optimizer import DistributedDPOptimizer
+from fxdp.distributed.sampler import make_distributed_loader, rank_generator
 
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:
@@ -174,14 +175,13 @@ class DPDistributed:
         return module, dp_optimizer, loader, inner, fields
 
     def _setup_fields(self, inner, engine, optimizer, dp_optimizer, loader, shuffle_seed) -> dict:
-        import fxdp
         names = {id(p): n for n, p in inner.named_parameters()}
         groups = [({k: v for k, v in g.items() if k != "params"}, [names[id(p)] for p in g["params"]])
                   for g in optimizer.param_groups]
         sampler = loader.batch_sampler
         return {
             "world size": str(self.world_size),
-            "fxdp version": str(fxdp.__version__),
+            "fxdp version": VERSION,
             "model parameters": repr([(n, tuple(p.shape), str(p.dtype), p.requires_grad, p.device.type)
                                       for n, p in inner.named_parameters()]),
             "model buffers": repr([(n, tuple(b.shape), str(b.dtype)) for n, b in inner.named_buffers()]),

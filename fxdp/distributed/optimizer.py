@@ -32,10 +32,10 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from ..errors import PrivacyError
-from ..runtime.optimizer import DPOptimizer
-from .agreement import PeerRankError, agree, digest
-from .buckets import layout_digest, reduce_private_grads
+from fxdp.core.errors import PrivacyError
+from fxdp.training.optimizer import DPOptimizer
+from fxdp.distributed.agreement import PeerRankError, agree, digest
+from fxdp.distributed.buckets import layout_digest, reduce_private_grads
 
 
 class _NoNoise:
@@ -58,16 +58,14 @@ class DistributedDPOptimizer(DPOptimizer):
 
     def __init__(self, optimizer, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: Optional[float] = None, loss_reduction="mean", generator=None,
-                 secure_mode: bool = False, *, accountant=None, sample_rate: Optional[float] = None,
-                 public_grads: str = "refuse", process_group=None, bucket_cap_mb: float = 25.0):
+                 secure_mode: bool = False, *, public_grads: str = "refuse", process_group=None, bucket_cap_mb: float = 25.0):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("fxdp: DistributedDPOptimizer needs an initialised torch.distributed process group "
                              "(torch.distributed.init_process_group); in one process use fxdp.DPOptimizer.")
         if not float(bucket_cap_mb) > 0:
             raise ValueError(f"fxdp: bucket_cap_mb must be positive, got {bucket_cap_mb!r}.")
         super().__init__(optimizer, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction,
-                         generator, secure_mode, accountant=accountant, sample_rate=sample_rate,
-                         public_grads=public_grads)
+                         generator, secure_mode, public_grads=public_grads)
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)

@@ -28,7 +28,7 @@ the same on every rank (``fxdp.DPDistributed`` checks it).
 :class:`DistributedPoissonDataLoader` hands the local batches out (empty ones
 as empty tensors, via Opacus's collate wrapper) and tells the optimizer at
 hand-out time that each batch is one logical batch, like
-:class:`fxdp.runtime.virtual_steps.PoissonDataLoader`.
+:class:`fxdp.training.loaders.PoissonDataLoader`.
 """
 from __future__ import annotations
 
@@ -41,7 +41,7 @@ from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSample
 from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
-from ..runtime.noise import generator_from_os_entropy, seed_from_global_rng
+from fxdp.training.noise import generator_from_os_entropy, seed_from_global_rng
 
 
 def mix_seed(seed: int, rank: int) -> int:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Dict, Iterable, List, Optional
 
-from .trace import INPUT, OUTPUT, Trace
+from fxdp.report.trace import INPUT, OUTPUT, Trace
 
 if TYPE_CHECKING:  # networkx is imported on first use (``import fxdp`` stays light)
     import networkx as nx

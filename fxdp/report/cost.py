@@ -36,7 +36,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Dict, FrozenSet, Optional
 
-from ..rules.factors import DenseGrad, EmbeddingGrad, norm_decision, use_ghost
+from fxdp.rules.factors import DenseGrad, EmbeddingGrad, norm_decision, use_ghost
 
 SYMBOL_NAMES = ("B", "T", "m", "n", "p", "G", "V")
 

@@ -1,6 +1,6 @@
 """``fxdp.explain``: what privatize would do with a model, without training.
 
-The report runs the same analysis pipeline (``fxdp.passes.PIPELINE``) as the
+The report runs the same analysis pipeline (``fxdp.analysis.PIPELINE``) as the
 first privatized forward pass, with ``strict=False`` so that problems are
 collected instead of raised -- it also explains models that privatize refuses
 -- and one traced forward pass on the whole example batch (real shapes, the
@@ -16,17 +16,17 @@ from __future__ import annotations
 import math
 from typing import Any, Dict, List, Optional
 
-from ..config import DPConfig, make_config
-from ..errors import BatchLayoutError, PrivacyError, UncoveredParameterError
-from ..passes import PIPELINE, Analysis, run_pipeline
-from ..passes.base import PassError
-from ..passes.plan_groups import GroupPlan, block_labels, owner, plan_groups
-from .block_graph import build_block_graph
-from .cost import evaluate, family_and_dims
-from .debug import PassTracker, dump_hook, status_of
-from .overhead import reference_length
-from .result import Report
-from .trace import Trace, trace_model
+from fxdp.core.config import DPConfig, make_config
+from fxdp.core.errors import BatchLayoutError, PrivacyError, UncoveredParameterError
+from fxdp.analysis import PIPELINE, Analysis, run_pipeline
+from fxdp.analysis.runner import PassError
+from fxdp.analysis.plan_groups import GroupPlan, block_labels, owner, plan_groups
+from fxdp.report.block_graph import build_block_graph
+from fxdp.report.cost import evaluate, family_and_dims
+from fxdp.report.debug import PassTracker, dump_hook, status_of
+from fxdp.report.overhead import reference_length
+from fxdp.report.result import Report
+from fxdp.report.trace import Trace, trace_model
 
 CONFIG_KEYS = ("style", "max_grad_norm", "clipping_fn", "numerical_stability_constant", "loss_reduction",
                "block_heads", "batch_dim")
@@ -47,8 +47,8 @@ def explain(model, *example_args, **kwargs) -> Report:
     Raises:
         ValueError: invalid configuration arguments (as privatize would).
     """
-    from ..api import get_engine
-    from ..runtime.recorder import batch_size_of
+    from fxdp.engine.install import get_engine
+    from fxdp.engine.recorder import batch_size_of
 
     cfg_kwargs = {k: kwargs.pop(k) for k in CONFIG_KEYS if k in kwargs}
     engine = get_engine(model)

@@ -25,8 +25,8 @@ from typing import Any, Dict, List, Optional
 
 from tabulate import tabulate
 
-from .cost import crossover, cross_flops, evaluate, family_cost, runtime_decision, symbols
-from ..rules.factors import use_ghost
+from fxdp.report.cost import crossover, cross_flops, evaluate, family_cost, runtime_decision, symbols
+from fxdp.rules.factors import use_ghost
 
 
 def si(x: Optional[float], unit: str = "") -> str:

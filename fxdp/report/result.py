@@ -1,7 +1,7 @@
 """The :class:`Report` that ``fxdp.explain`` returns.
 
 One row per parameter use (``report.rows``, dicts of JSON types), the clip
-groups (``report.plan`` is the very :class:`~fxdp.passes.plan_groups.GroupPlan`
+groups (``report.plan`` is the very :class:`~fxdp.analysis.plan_groups.GroupPlan`
 the engine clips with; ``report.groups`` and ``report.group_labels`` read it),
 the problems privatize would raise, the layer / block graph, and the cost
 model at any shape (``report.cost(B=..., T=...)``).
@@ -26,10 +26,10 @@ from typing import Any, Dict, List, Optional
 
 from tabulate import tabulate
 
-from ..config import DPConfig, make_config
-from ..passes.plan_groups import GroupPlan
-from .block_graph import graph_from_data, graph_to_data, to_dot, write_dot
-from .overhead import CostTable, nbytes, si, symbolic_overhead
+from fxdp.core.config import DPConfig, make_config
+from fxdp.analysis.plan_groups import GroupPlan
+from fxdp.report.block_graph import graph_from_data, graph_to_data, to_dot, write_dot
+from fxdp.report.overhead import CostTable, nbytes, si, symbolic_overhead
 
 MAX_LISTED = 24
 

@@ -1,7 +1,7 @@
 """Dataflow trace of one forward pass: which parameter use feeds which.
 
 :func:`trace_model` runs the model once, with the same interception the
-runtime uses (:class:`~fxdp.runtime.interceptor.ParameterInterceptor` and the
+runtime uses (:class:`~fxdp.analysis.interceptor.ParameterInterceptor` and the
 rule registry), and records for every parameter use
 
 - the module whose ``forward`` was running (its path and type),
@@ -29,9 +29,9 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from ..passes.capture import ProbeRecorder, ProbeRun, quiet_state, select_samples
-from ..rules import func_name
-from ..runtime.interceptor import ParameterInterceptor
+from fxdp.analysis.capture import ProbeRecorder, ProbeRun, quiet_state, select_samples
+from fxdp.rules import func_name
+from fxdp.analysis.interceptor import ParameterInterceptor
 
 INPUT, OUTPUT = "input", "output"
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
@@ -194,7 +194,7 @@ def trace_model(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: i
     """Trace one forward pass on the example batch (or on ``samples`` of it).
 
     ``batch_dim`` is the batch-dimension spec of the inputs (an int or a dict,
-    ``DPConfig.batch_dim_spec``; see ``fxdp.runtime.inputs``).
+    ``DPConfig.batch_dim_spec``; see ``fxdp.core.inputs``).
 
     ``lifts`` maps ordinals of uses whose index is expanded to the batch (as
     the runtime does for lifted entries). With ``count_flops`` the forward's

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from typing import Dict, List
 
-from .attention import MultiheadAttentionRule
-from .base import Binding, OpCall, Rule, func_name
-from .broadcast import BroadcastRule
-from .conv import ConvRule
-from .embedding import EmbeddingRule
-from .linear import AddmmRule, LinearRule, MatmulRule
-from .norms import GroupNormRule, LayerNormRule, RMSNormRule
+from fxdp.rules.attention import MultiheadAttentionRule
+from fxdp.rules.base import Binding, OpCall, Rule, func_name
+from fxdp.rules.broadcast import BroadcastRule
+from fxdp.rules.conv import ConvRule
+from fxdp.rules.embedding import EmbeddingRule
+from fxdp.rules.linear import AddmmRule, LinearRule, MatmulRule
+from fxdp.rules.norms import GroupNormRule, LayerNormRule, RMSNormRule
 
 ALL_RULES: List[Rule] = [LinearRule(), AddmmRule(), MatmulRule(), EmbeddingRule(), ConvRule(),
                          LayerNormRule(), GroupNormRule(), RMSNormRule(), BroadcastRule(),

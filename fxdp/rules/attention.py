@@ -40,8 +40,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..errors import UncoveredParameterError
-from .base import OpCall, Rule
+from fxdp.core.errors import UncoveredParameterError
+from fxdp.rules.base import OpCall, Rule
 
 _MHA_ARGS = (
     "query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias", "bias_k",

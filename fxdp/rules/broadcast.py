@@ -19,10 +19,10 @@ import operator
 
 import torch
 
-from ..errors import UncoveredParameterError
-from ..runtime.layout import LayoutKind
-from .base import Binding, OpCall, Rule
-from .factors import DenseGrad
+from fxdp.core.errors import UncoveredParameterError
+from fxdp.core.layout import LayoutKind
+from fxdp.rules.base import Binding, OpCall, Rule
+from fxdp.rules.factors import DenseGrad
 
 T = torch.Tensor
 ELEMENTWISE = (

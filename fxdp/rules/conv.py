@@ -12,10 +12,10 @@ import math
 import torch
 import torch.nn.functional as F
 
-from ..errors import SampleMixingError
-from ..runtime.layout import LayoutKind
-from .base import Binding, OpCall, Rule, trainable_roles
-from .factors import DenseGrad, LowRankGrad
+from fxdp.core.errors import SampleMixingError
+from fxdp.core.layout import LayoutKind
+from fxdp.rules.base import Binding, OpCall, Rule, trainable_roles
+from fxdp.rules.factors import DenseGrad, LowRankGrad
 
 
 def _tuple(v, n):

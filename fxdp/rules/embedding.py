@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch.nn.functional as F
 
-from ..errors import SampleMixingError, UncoveredParameterError
-from .base import Binding, OpCall, Rule
-from .factors import EmbeddingGrad
+from fxdp.core.errors import SampleMixingError, UncoveredParameterError
+from fxdp.rules.base import Binding, OpCall, Rule
+from fxdp.rules.factors import EmbeddingGrad
 
 
 class EmbeddingRule(Rule):

@@ -20,10 +20,10 @@ import warnings
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from ..errors import BatchLayoutError
-from ..runtime.layout import LayoutKind
-from .base import Binding, OpCall, Rule
-from .factors import DenseGrad
+from fxdp.core.errors import BatchLayoutError
+from fxdp.core.layout import LayoutKind
+from fxdp.rules.base import Binding, OpCall, Rule
+from fxdp.rules.factors import DenseGrad
 
 
 def _per_sample_view(t, layout, B):

@@ -12,10 +12,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import UncoveredParameterError
-from ..runtime.layout import batch_first_2d
-from .base import Binding, OpCall, Rule, trainable_roles
-from .factors import DenseGrad, LowRankGrad
+from fxdp.core.errors import UncoveredParameterError
+from fxdp.core.layout import batch_first_2d
+from fxdp.rules.base import Binding, OpCall, Rule, trainable_roles
+from fxdp.rules.factors import DenseGrad, LowRankGrad
 
 
 def _lowrank(left, right, shape):

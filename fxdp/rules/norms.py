@@ -11,10 +11,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import SampleMixingError
-from ..runtime.layout import LayoutKind
-from .base import Binding, OpCall, Rule, trainable_roles
-from .factors import DenseGrad, compute_dtype
+from fxdp.core.errors import SampleMixingError
+from fxdp.core.layout import LayoutKind
+from fxdp.rules.base import Binding, OpCall, Rule, trainable_roles
+from fxdp.rules.factors import DenseGrad, compute_dtype
 
 
 def _affine_factors(binding, xhat, g, param_ndim_tail):

@@ -7,7 +7,7 @@ from opacus.accountants.utils import get_noise_multiplier as opacus_sigma
 import fxdp
 from fxdp.compat.fastdp import PrivacyEngine
 from tests.reference import per_sample_gradients, reference_private_grads, split_batch
-from tests.runtime.stack_helpers import (all_layer_groups, assert_close_dicts, ce_loss, make_data, make_model, median_R,
+from tests.training.stack_helpers import (all_layer_groups, assert_close_dicts, ce_loss, make_data, make_model, median_R,
                                          params_of)
 
 pytestmark = pytest.mark.filterwarnings("ignore:fxdp. privacy is accounted as Poisson sampling")

@@ -80,7 +80,7 @@ def test_varying_batch_sizes_are_exact_with_bounded_recompiles():
 
     def counting(gm, inputs):
         compiles.append(1)
-        from fxdp.backend import fxdp_backend
+        from fxdp.compile.backend import fxdp_backend
         return fxdp_backend(gm, inputs, {"compiler": "aot_eager"})
 
     compiled = torch.compile(model, backend=counting)

@@ -21,7 +21,7 @@ def test_privatized_model_traces_as_one_graph(name):
 
     def counting(gm, inputs):
         regions.append(gm)
-        from fxdp.backend import fxdp_backend
+        from fxdp.compile.backend import fxdp_backend
         return fxdp_backend(gm, inputs, {"compiler": "eager"})
 
     compiled = torch.compile(model, backend=counting, fullgraph=True)
@@ -59,7 +59,7 @@ def test_backend_is_declared_as_entry_point():
     eps = {e.name: e.value for e in importlib.metadata.entry_points(group="torch_dynamo_backends")}
     if "fxdp" not in eps:
         pytest.skip("fxdp is not pip-installed in this environment")
-    assert eps["fxdp"] == "fxdp.backend:fxdp_backend"
+    assert eps["fxdp"] == "fxdp.compile.backend:fxdp_backend"
 
 
 def test_unknown_backend_option_is_refused():

@@ -4,7 +4,7 @@ import torch
 import torch.nn as nn
 
 import fxdp
-from fxdp.errors import PrivacyError
+from fxdp.core.errors import PrivacyError
 from tests.compile.models import case
 
 

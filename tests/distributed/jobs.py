@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxdp
 from fxdp.distributed import DistributedDPOptimizer
 from tests import models_zoo as Z
-from tests.runtime.stack_helpers import median_R
+from tests.training.stack_helpers import median_R
 
 
 def make_data(n: int, seed: int = 0, d_in: int = 6, classes: int = 3):

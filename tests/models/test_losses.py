@@ -8,7 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
-from fxdp.losses import reduce_token_losses
+from fxdp.training.losses import reduce_token_losses
 from tests import models_zoo as Z
 from tests.models.helpers import check_against_reference
 

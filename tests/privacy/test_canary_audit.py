@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import fxdp
-from fxdp.audit_stats import (clopper_pearson_epsilon, delta_from_mu, epsilon_from_mu, gdp_mu_from_scores)
+from fxdp.auditing.stats import clopper_pearson_epsilon, delta_from_mu, epsilon_from_mu, gdp_mu_from_scores
 
 
 def double_private_grads(model, optimizer):
@@ -81,7 +81,7 @@ def test_audit_is_reproducible_for_a_fixed_seed():
 def test_audit_is_a_function_of_the_package_even_after_its_module_is_imported():
     import importlib
 
-    module = importlib.import_module("fxdp.auditing")
+    module = importlib.import_module("fxdp.auditing.canary")
     assert fxdp.audit is module.audit
     assert isinstance(fxdp.audit(3.0, runs=200), fxdp.AuditResult)
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from opacus.accountants import create_accountant
+from fxdp.training.accounting import attach_accountant
 
 import fxdp
 from tests import models_zoo as Z
@@ -136,8 +137,8 @@ def test_step_with_nonfinite_examples_keeps_parameters_finite_and_is_charged(all
     model = fxdp.privatize(model, max_grad_norm=0.5)
     accountant = create_accountant("rdp")
     opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=0.5,
-                           expected_batch_size=5, generator=torch.Generator().manual_seed(0),
-                           accountant=accountant, sample_rate=0.05)
+                           expected_batch_size=5, generator=torch.Generator().manual_seed(0))
+    attach_accountant(opt, accountant, 0.05)
     before = copy.deepcopy(model.state_dict())
     for step in range(3):
         x_bad = x.clone()

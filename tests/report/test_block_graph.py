@@ -7,7 +7,7 @@ import torch
 
 import fxdp
 from examples.models import tiny_gpt
-from fxdp.passes.plan_groups import block_labels
+from fxdp.analysis.plan_groups import block_labels
 
 from .dot_check import parse_dot
 from .models import UncoveredParam

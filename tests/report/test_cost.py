@@ -12,11 +12,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxdp
 from examples.models import tiny_gpt
-from fxdp.report.cost import (crossover, evaluate, family_and_dims, family_cost, ghost_condition, runtime_decision,
-                              symbols)
+from fxdp.report.cost import crossover, evaluate, family_and_dims, family_cost, ghost_condition, runtime_decision, symbols
 from fxdp.rules import OpCall, bind
 from fxdp.rules.factors import norm_decision, sq_norm
-from fxdp.runtime.layout import BatchLayout, LayoutKind
+from fxdp.core.layout import BatchLayout, LayoutKind
 
 BATCH0 = BatchLayout(LayoutKind.BATCH, 0)
 

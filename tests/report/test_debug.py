@@ -8,7 +8,7 @@ import pytest
 
 import fxdp
 from examples.models import tiny_gpt
-from fxdp.passes import PIPELINE
+from fxdp.analysis import PIPELINE
 from fxdp.report.debug import dump_hook
 
 from .dot_check import parse_dot

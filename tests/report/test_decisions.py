@@ -17,7 +17,7 @@ import fxdp
 from examples.models import tiny_cnn, tiny_gpt
 from fxdp.rules import OpCall, bind
 from fxdp.rules.factors import sq_norm
-from fxdp.runtime.layout import BatchLayout, LayoutKind
+from fxdp.core.layout import BatchLayout, LayoutKind
 
 
 def runtime_linear_decisions(model, args):

@@ -8,7 +8,7 @@ import torch
 
 import fxdp
 from examples.models import tiny_cnn, tiny_gpt
-from fxdp.errors import SampleMixingError, UncoveredParameterError
+from fxdp.core.errors import SampleMixingError, UncoveredParameterError
 
 from .models import BatchMean, BatchNormTrain, UncoveredParam, WithUnused
 

@@ -1,0 +1,212 @@
+"""Capture: run the model on a few samples and record every parameter use.
+
+The analysis runs the forward several times on selected samples of the
+example batch (original order, rolled, one sample replaced by another, one
+sample fewer). Each run records, per call that uses trainable parameters, the
+bound rule and a copy of the tensor that locates the samples. Dropout is
+disabled, the RNG forked and the module buffers (BatchNorm statistics...)
+restored, so the runs are comparable and leave no trace.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+
+from fxdp.core.inputs import input_batch_dims
+from fxdp.analysis.interceptor import ParameterInterceptor
+from fxdp.analysis.runner import PassResult
+from fxdp.analysis.state import Analysis
+
+DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
+            torch.dropout, torch.Tensor.dropout if hasattr(torch.Tensor, "dropout") else F.dropout,
+            torch.nn.functional.dropout}
+
+
+def _full_like_draw(value):
+    def draw(args, kwargs):
+        kw = {k: v for k, v in kwargs.items() if k in ("dtype", "device", "layout")}
+        if args and isinstance(args[0], torch.Tensor):
+            return torch.full_like(args[0], value, **kw)
+        size = args[0] if len(args) == 1 and isinstance(args[0], (tuple, list, torch.Size)) else args
+        size = kwargs.get("size", size)
+        return torch.full(tuple(size), value, **kw)
+    return draw
+
+
+def _fill_(value_of):
+    def fill(args, kwargs):
+        return args[0].fill_(value_of(args, kwargs))
+    return fill
+
+
+# Value-drawing random ops get deterministic stand-ins in analysis runs, so that a
+# draw made per *position* (label dropout for classifier-free guidance, noise) cannot
+# look like sample mixing. Index-drawing ops (randperm, randint, multinomial) are kept:
+# they can move samples across the batch, which the analysis must see.
+RANDOM_VALUES = {
+    torch.rand: _full_like_draw(0.5), torch.rand_like: _full_like_draw(0.5),
+    torch.randn: _full_like_draw(0.0), torch.randn_like: _full_like_draw(0.0),
+    torch.bernoulli: lambda a, k: (a[0] >= 0.5).to(a[0].dtype),
+    torch.normal: lambda a, k: (torch.as_tensor(a[0]) if a else torch.as_tensor(k["mean"])).clone(),
+    torch.Tensor.uniform_: _fill_(lambda a, k: (a[1] if len(a) > 1 else k.get("from", 0.0)) / 2
+                                  + (a[2] if len(a) > 2 else k.get("to", 1.0)) / 2),
+    torch.Tensor.normal_: _fill_(lambda a, k: a[1] if len(a) > 1 else k.get("mean", 0.0)),
+    torch.Tensor.bernoulli_: _fill_(lambda a, k: 1.0),
+}
+
+
+@dataclass
+class Record:
+    op: str
+    param_names: tuple
+    binding: Any
+    source: torch.Tensor
+    source_shape: tuple
+    output_shape: tuple
+    inputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample fallback: every tensor input
+
+
+@dataclass
+class ProbeRun:
+    samples: List[int]
+    records: List[Record] = field(default_factory=list)
+    outputs: List[torch.Tensor] = field(default_factory=list)
+    # with keep_graph: per record, the tensor whose gradient the tap would capture,
+    # and the model outputs still attached to the autograd graph
+    grad_targets: List[torch.Tensor] = field(default_factory=list)
+    live_outputs: List[torch.Tensor] = field(default_factory=list)
+
+
+class ProbeRecorder:
+    """Recorder of analysis runs: computes each op as is and records it."""
+
+    def __init__(self, run: ProbeRun, analysis: Analysis, lifts: Optional[Dict[int, int]] = None,
+                 keep_graph: bool = False):
+        self.run = run
+        self.analysis = analysis
+        self.lifts = lifts or {}
+        self.keep_graph = keep_graph
+
+    def substitute(self, func, args, kwargs):
+        if func in RANDOM_VALUES:
+            return lambda: RANDOM_VALUES[func](args, kwargs)
+        if func in DROPOUTS:
+            x = args[0] if args else kwargs["input"]
+            return lambda: x
+        if func is F.scaled_dot_product_attention and kwargs.get("dropout_p", 0.0):
+            kw = dict(kwargs, dropout_p=0.0)
+            return lambda: func(*args, **kw)
+        return None
+
+    def handle(self, call, binding):
+        ordinal = len(self.run.records)
+        args, kwargs = call.args, call.kwargs
+        if ordinal in self.lifts and binding.layout_source is not None:
+            src = binding.layout_source
+            lifted = src.expand(self.lifts[ordinal], *src.shape[1:])
+            args = tuple(lifted if a is src else a for a in args)
+            kwargs = {k: (lifted if v is src else v) for k, v in kwargs.items()}
+        target = None
+        if self.keep_graph and binding.broadcast:
+            role, shape = next(iter(binding.broadcast.items()))
+            p = binding.params[role]
+            target = p.expand(shape)
+            args = tuple(target if a is p else a for a in args)
+            kwargs = {k: (target if v is p else v) for k, v in kwargs.items()}
+        out = call.func(*args, **kwargs)
+        if self.keep_graph:
+            self.run.grad_targets.append(target if target is not None else out)
+        src = binding.layout_source if binding.layout_source is not None else out
+        inputs = ({k: v.detach().clone() for k, v in binding.saved.items()}
+                  if "input_layouts" in binding.options else {})
+        self.run.records.append(Record(call.name, binding.param_names, binding, src.detach().clone(),
+                                       tuple(src.shape), tuple(out.shape), inputs))
+        return out
+
+    def refuse(self, exc, func, args, kwargs, out=None):
+        self.analysis.problem(exc)
+        if func is None:
+            return None
+        return out if out is not None else func(*args, **kwargs)
+
+
+def select_samples(args, kwargs, batch_dim, samples: List[int]):
+    """Index the batched tensors of (args, kwargs) (see ``fxdp.core.inputs``)."""
+    from torch.utils._pytree import tree_flatten, tree_unflatten
+
+    _, leaves, dims = input_batch_dims(args, kwargs, batch_dim)
+    _, spec = tree_flatten((args, kwargs))
+    out = []
+    for t, d in zip(leaves, dims):
+        if d is not None:
+            t = t.index_select(d, torch.tensor(samples, device=t.device, dtype=torch.long))
+        out.append(t)
+    return tree_unflatten(out, spec)
+
+
+@contextlib.contextmanager
+def quiet_state(model):
+    """Fork the RNG and restore the model's buffers afterwards."""
+    buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
+    devices = []
+    if torch.cuda.is_available():
+        devices = list(range(torch.cuda.device_count()))
+    with torch.random.fork_rng(devices=devices):
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for n, b in model.named_buffers():
+                    if n in buffers and b.shape == buffers[n].shape:
+                        b.copy_(buffers[n])
+
+
+def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bool = False,
+              on_graph=None) -> ProbeRun:
+    """Run the forward on ``samples`` of the example batch, recording every parameter use
+    (and, with ``keep_graph``, what backward needs to see which samples gradients reach;
+    ``on_graph(run)`` then runs before the model's buffers are restored, while the graph is valid)."""
+    model = analysis.model
+    run = ProbeRun(list(samples))
+    args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_dim, samples)
+    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    recorder = ProbeRecorder(run, analysis, lifts, keep_graph)
+    engine = getattr(model, "_fxdp_engine", None)
+    with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
+        torch.manual_seed(20260)
+        with torch.enable_grad(), ParameterInterceptor(trainable, recorder):
+            out = model(*args, **kwargs)
+        leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
+        live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
+        run.outputs = [t.detach() for t in live]
+        if keep_graph:
+            run.live_outputs = live
+            if on_graph is not None:
+                with torch.enable_grad():
+                    on_graph(run)
+            run.live_outputs, run.grad_targets = [], []
+    return run
+
+
+def probe_plan(batch_size: int) -> Dict[str, List[int]]:
+    """Sample selections of the analysis runs for an example batch of size B >= 2."""
+    n = min(batch_size, 3)
+    base = list(range(n))
+    return {"base": base, "roll": base[1:] + base[:1], "replace": [1] + base[1:], "small": base[:-1]}
+
+
+def capture_runs(analysis: Analysis) -> PassResult:
+    """Run the analysis forwards and record the call sites of the base run as entries."""
+    from fxdp.analysis.state import Entry
+
+    for name, samples in probe_plan(analysis.batch_size).items():
+        analysis.runs[name] = probe_run(analysis, samples)
+    base = analysis.runs["base"]
+    analysis.entries = [Entry(i, r.op, r.binding.rule.name, r.param_names, r.binding, r.source_shape,
+                              r.output_shape) for i, r in enumerate(base.records)]
+    return PassResult(analysis, True)

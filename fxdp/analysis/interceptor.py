@@ -1,0 +1,105 @@
+"""Interception of every torch call made during a privatized forward pass.
+
+:class:`ParameterInterceptor` is a ``TorchFunctionMode``: it sees each torch
+function / Tensor method called while the model's forward runs, with its real
+arguments. A call that touches a trainable parameter is handed to the rule
+registry; the bound call is passed to a *recorder* (the runtime taps or the
+layout analysis). A call no rule covers may still run when its result carries
+no gradient (metadata reads, ``detach``, comparisons); otherwise it is refused
+with an error naming the parameter and the op -- a parameter is never trained
+without clipping and never silently skipped.
+"""
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
+
+from fxdp.core.errors import SampleMixingError, UncoveredParameterError
+from fxdp.rules import OpCall, bind, decomposition, func_name
+from fxdp.rules.functional import PerSampleFallbackRule
+
+FALLBACK = PerSampleFallbackRule()
+
+BATCH_MIXING = {
+    F.batch_norm: "BatchNorm in training mode normalises with statistics of the whole batch",
+    torch.batch_norm: "BatchNorm in training mode normalises with statistics of the whole batch",
+}
+
+SUGGEST = "Replace BatchNorm with GroupNorm or LayerNorm (fxdp.fix_batchnorm(model) does it for you)."
+
+
+class ParameterInterceptor(TorchFunctionMode):
+    """Routes calls that use trainable parameters to ``recorder.handle``.
+
+    ``param_names`` maps ``id(parameter)`` to its name, for trainable
+    parameters only. The recorder decides what happens to a bound call.
+    """
+
+    def __init__(self, param_names: Dict[int, str], recorder):
+        super().__init__()
+        self.param_names = param_names
+        self.recorder = recorder
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        substitute = self.recorder.substitute(func, args, kwargs)
+        if substitute is not None:
+            return substitute()
+        if not torch.is_grad_enabled():
+            return func(*args, **kwargs)
+        if func in BATCH_MIXING:
+            self._refuse_batch_mixing(func, args, kwargs)
+        leaves, _ = tree_flatten((args, kwargs))
+        trainable = {id(t): self.param_names[id(t)] for t in leaves
+                     if isinstance(t, torch.Tensor) and id(t) in self.param_names}
+        if not trainable:
+            return func(*args, **kwargs)
+        call = OpCall(func, tuple(args), dict(kwargs), trainable)
+        decomposed = decomposition(call)
+        if decomposed is not None:
+            with self:
+                return decomposed()
+        try:
+            binding = bind(call)
+        except (UncoveredParameterError, SampleMixingError) as exc:
+            exc.param_names = tuple(sorted(set(trainable.values())))
+            return self.recorder.refuse(exc, func, args, kwargs)
+        if binding is not None:
+            unbound = set(trainable) - {id(p) for p in binding.params.values()}
+            if unbound:
+                names = ", ".join(sorted({trainable[i] for i in unbound}))
+                exc = UncoveredParameterError(
+                    f"fxdp: trainable parameter(s) {names} enter {func_name(func)} in a position the "
+                    f"{binding.rule.name} rule does not cover (e.g. as its input); their gradient would "
+                    "bypass clipping. Freeze them or use them through a supported layer.")
+                exc.param_names = tuple(sorted({trainable[i] for i in unbound}))
+                return self.recorder.refuse(exc, func, args, kwargs)
+            return self.recorder.handle(call, binding)
+        out = func(*args, **kwargs)
+        out_leaves, _ = tree_flatten(out)
+        if isinstance(out, torch.Tensor) and out.requires_grad and out.is_floating_point() \
+                and func not in BATCH_MIXING:
+            return self.recorder.handle(call, FALLBACK.bind(call))
+        if any(isinstance(t, torch.Tensor) and t.requires_grad for t in out_leaves):
+            names = ", ".join(sorted(set(trainable.values())))
+            exc = UncoveredParameterError(
+                f"fxdp: trainable parameter(s) {names} used in {func_name(func)}, which no per-sample rule "
+                "covers; training it would leave its gradient unclipped. Use the parameter through a "
+                "supported layer (Linear, Conv, Embedding, LayerNorm/GroupNorm/RMSNorm, elementwise ops), "
+                "or freeze it (requires_grad=False).")
+            exc.param_names = tuple(sorted(set(trainable.values())))
+            return self.recorder.refuse(exc, func, args, kwargs, out)
+        return out
+
+    def _refuse_batch_mixing(self, func, args, kwargs):
+        training = kwargs.get("training", args[5] if len(args) > 5 else False)
+        if training:
+            exc = SampleMixingError(
+                f"fxdp: {func_name(func)}: {BATCH_MIXING[func]}, so each sample's output depends on the other "
+                f"samples and per-sample clipping bounds nothing. {SUGGEST}")
+            self.recorder.refuse(exc, None, args, kwargs)
+

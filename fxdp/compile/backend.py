@@ -1,0 +1,72 @@
+"""The ``"fxdp"`` backend of ``torch.compile``: DP training compiled end to end.
+
+Usage::
+
+    model = fxdp.privatize(model, style="all-layer", max_grad_norm=1.0)
+    model = torch.compile(model, backend="fxdp")       # options={"compiler": "inductor"}
+
+``torch.compile(model)`` runs the model's forward hooks outside dynamo, so the
+engine opens each forward pass (batch size, the eager analysis of this input
+structure) before the compiled graph runs, and closes it after. Inside, the
+forward is one graph: every covered parameter use is rewritten in place by the
+passes of :mod:`fxdp.compile.region` and :mod:`fxdp.compile.insert_taps`, then
+the graph goes to the inner compiler (inductor by default; "aot_eager" or
+"eager" for debugging). No graph break is caused by fxdp; ``fullgraph=True``
+works (for a root module of your own class: torch.nn containers such as
+``nn.Sequential`` have their hooks traced, which breaks the graph).
+
+Graph breaks of the model's own split the forward into regions; their call
+sites are numbered across regions and every norm is combined at the end of
+backward, so all-layer and block-wise clipping stay exact. A parameter used by
+eager code between regions is refused when the forward ends.
+
+Refusals, never silent non-private training: a region using trainable
+parameters of an unprivatized model; a privatized model compiled with another
+backend (detected when its forward ends); a call no rule covers.
+
+Debugging: with ``FXDP_DEBUG=2`` every region's graph is written after each
+pass, ``$FXDP_DUMP_DIR/compile_<k>/<NN>_<pass>.txt`` (``print_readable``).
+"""
+from __future__ import annotations
+
+import weakref
+from typing import Any, Dict, List, Optional
+
+import torch
+
+from fxdp.compile.graph_ops import release_sites
+
+INNER = ("inductor", "aot_eager", "eager")
+
+
+def _inner_compiler(name: str):
+    if name not in INNER:
+        raise ValueError(f"fxdp backend: unknown inner compiler {name!r}; expected one of {INNER}.")
+    if name == "eager":
+        return lambda gm, inputs: gm.forward
+    from torch._dynamo.backends.registry import lookup_backend
+    return lookup_backend(name)
+
+
+def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: Optional[Dict[str, Any]] = None):
+    """Rewrite one dynamo region's parameter uses into taps, then compile it with the inner compiler."""
+    options = dict(options or {})
+    compiler = options.pop("compiler", "inductor")
+    if options:
+        raise ValueError(f"fxdp backend: unknown options {sorted(options)}; supported: 'compiler'.")
+    inner = _inner_compiler(compiler)
+    from fxdp.compile.region import Region, run_region_passes
+
+    region = run_region_passes(Region(gm, list(example_inputs)))
+    if region.site_uids:
+        weakref.finalize(region.gm, release_sites, list(region.site_uids))
+    return inner(region.gm, example_inputs)
+
+
+def register() -> None:
+    """Register the backend under the name "fxdp" (idempotent)."""
+    from torch._dynamo.backends.registry import _BACKENDS, register_backend
+    if "fxdp" not in _BACKENDS or _BACKENDS.get("fxdp") is not fxdp_backend:
+        if "fxdp" in _BACKENDS:
+            del _BACKENDS["fxdp"]
+        register_backend(name="fxdp")(fxdp_backend)

@@ -1,0 +1,163 @@
+"""In-graph taps: what a region compiled by the ``"fxdp"`` backend hands the engine.
+
+The backend (:mod:`fxdp.compile.region`) rewrites every covered use of a
+trainable parameter in a dynamo graph into
+
+* the op itself with the parameter *detached* -- autograd never computes the
+  plain weight gradient, and ``p.grad`` is never written;
+* :func:`capture` on the op's output (and on each parameter broadcast inside
+  an elementwise op): an identity in the forward whose backward passes the
+  incoming gradient on and hands it, with the tensors the rule needs, to
+  ``fxdp::stash``;
+* one ``fxdp::forward_token`` per region, which at run time ties the region to
+  the engine's open forward pass and numbers its call sites.
+
+Both custom ops are registered as ordered side effects, so aot_autograd and
+inductor keep them and keep their order; everything else -- the op, its input
+gradients -- stays ordinary graph code that inductor fuses. ``fxdp::stash``
+calls the same engine code as the eager taps: the per-layer rules, the norms
+of the whole model and the clip factors are computed once, at the end of
+backward, across every region of the forward pass.
+"""
+from __future__ import annotations
+
+import itertools
+import weakref
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from fxdp.core.errors import PrivacyError
+from fxdp.rules.base import Binding
+
+OUTPUT_SLOT = -1
+
+_ENGINES: Dict[int, "weakref.ref"] = {}
+_SITES: Dict[int, "CompiledSite"] = {}
+_uids = itertools.count(1)
+
+
+def register_engine(engine) -> int:
+    """A process-unique id under which compiled graphs find ``engine`` at run time."""
+    uid = next(_uids)
+    _ENGINES[uid] = weakref.ref(engine, lambda _, u=uid: _ENGINES.pop(u, None))
+    return uid
+
+
+def engine_by_uid(uid: int):
+    ref = _ENGINES.get(uid)
+    engine = ref() if ref is not None else None
+    if engine is None:
+        raise PrivacyError("fxdp: a compiled graph refers to a privatized model that no longer exists; "
+                           "compile the model again.")
+    return engine
+
+
+@dataclass(eq=False)
+class CompiledSite:
+    """One call site of a compiled region: what the rule needs to read its captures.
+
+    ``template`` is the binding found at compile time without its tensors;
+    ``saved_names`` orders the tensors captured with the output gradient;
+    ``source`` names the saved tensor that locates the samples (None: the output).
+    """
+
+    engine_uid: int
+    ordinal: int
+    op: str
+    template: Binding
+    saved_names: Tuple[str, ...]
+    source: Optional[str]
+    broadcast_roles: Tuple[str, ...] = ()
+    uid: int = field(default=0)
+
+    def binding(self, params: Dict[str, torch.Tensor], saved: Dict[str, torch.Tensor]) -> Binding:
+        """A fresh binding for one forward pass, with the model's parameters and this pass's tensors."""
+        b = self.template
+        return replace(b, params={r: params[n] for r, n in b.roles.items()}, saved=saved,
+                       layout_source=saved.get(self.source) if self.source else None,
+                       options=dict(b.options))
+
+
+def register_site(site: CompiledSite) -> int:
+    site.uid = next(_uids)
+    _SITES[site.uid] = site
+    return site.uid
+
+
+def release_sites(uids) -> None:
+    for uid in uids:
+        _SITES.pop(uid, None)
+
+
+# --------------------------------------------------------------------------- custom ops
+@torch.library.custom_op("fxdp::forward_token", mutates_args=())
+def forward_token(engine_uid: int, first_ordinal: int, num_sites: int) -> torch.Tensor:
+    """Run time: the id of the engine's open compiled forward pass, as a 0-d int64 tensor.
+
+    Refuses a region that runs outside a privatized forward pass, or whose call
+    sites do not continue the ones already seen in this pass."""
+    return engine_by_uid(engine_uid).compiled_forwards.enter_region(first_ordinal, num_sites)
+
+
+@forward_token.register_fake
+def _forward_token_fake(engine_uid, first_ordinal, num_sites):
+    return torch.empty((), dtype=torch.int64)
+
+
+@torch.library.custom_op("fxdp::stash", mutates_args=())
+def stash(token: torch.Tensor, site_uid: int, slot: int, grad: torch.Tensor, saved: List[torch.Tensor]) -> None:
+    """Backward: hand one captured gradient (and the rule's tensors) to the engine.
+
+    Everything is copied: a compiled backward may reuse a buffer once this op,
+    its last reader in the graph, has run -- the gradient, and saved tensors
+    the partitioner chose to recompute in the backward."""
+    site = _SITES.get(site_uid)
+    if site is None:
+        raise PrivacyError("fxdp: backward through a compiled graph whose call sites were released; "
+                           "compile the model again.")
+    engine_by_uid(site.engine_uid).compiled_forwards.receive(int(token), site, slot, grad.clone(), [t.clone() for t in saved])
+
+
+@stash.register_fake
+def _stash_fake(token, site_uid, slot, grad, saved):
+    return None
+
+
+for _op in (torch.ops.fxdp.forward_token.default, torch.ops.fxdp.stash.default):
+    torch.library._register_effectful_op(_op, torch._library.effects.EffectType.ORDERED)
+
+
+class Capture(torch.autograd.Function):
+    """Identity on ``value``; its backward stashes the gradient of ``value``.
+
+    The parameters are inputs so that the output requires grad exactly when the
+    original op's did; their gradient is None -- the engine writes private_grad."""
+
+    @staticmethod
+    def forward(ctx, value, token, site_uid, slot, num_params, *rest):
+        ctx.site_uid, ctx.slot, ctx.num_rest = site_uid, slot, len(rest)
+        ctx.save_for_backward(token, *rest[num_params:])
+        return value.view_as(value)
+
+    @staticmethod
+    def backward(ctx, grad):
+        token, *saved = ctx.saved_tensors
+        torch.ops.fxdp.stash(token, ctx.site_uid, ctx.slot, grad, saved)
+        return (grad, None, None, None, None) + (None,) * ctx.num_rest
+
+
+def capture(value, token, site_uid: int, slot: int, num_params: int, *rest):
+    """Graph-level entry point of :class:`Capture` (an fx ``call_function`` target)."""
+    return Capture.apply(value, token, site_uid, slot, num_params, *rest)
+
+
+def expand_for(param: torch.Tensor, *others: torch.Tensor) -> torch.Tensor:
+    """``param`` broadcast to the shape of the elementwise op it enters (symbolic sizes welcome)."""
+    return param.expand(torch.broadcast_shapes(param.shape, *(o.shape for o in others)))
+
+
+def lift_to_batch(source: torch.Tensor, batch_size) -> torch.Tensor:
+    """A (1, ...) tensor expanded to (B, ...) -- position ids shared by the batch."""
+    return source.expand(batch_size, *source.shape[1:])

@@ -1,0 +1,261 @@
+"""Passes over one dynamo region (an fx graph of torch-level calls) for backend "fxdp".
+
+Pipeline, each a small function ``Region -> PassResult(region, modified)``:
+
+1. :func:`find_parameters` -- which graph inputs are trainable parameters of a
+   privatized model, and that model's open forward pass (compiled regions of
+   an unprivatized model are refused: never non-private training).
+2. :func:`bind_call_sites` -- runs the graph once on its example inputs under
+   the same interceptor as eager ``privatize``: every call that uses a
+   trainable parameter is bound by the same rule registry (or refused with the
+   same error), and mapped to its graph node.
+3. :func:`match_analysis` -- call sites are numbered in graph order, after
+   those of earlier regions of the same forward pass, and checked against the
+   eager analysis of the forward (batch layouts, lifts) by parameter names.
+4. :func:`insert_taps` -- the rewrite of :mod:`fxdp.compile.graph_ops`:
+   detached parameters, captures on outputs and broadcast parameters, lifted
+   position ids, one forward token.
+5. :func:`check_no_direct_use` -- no trainable parameter reaches a node that
+   could carry its gradient except through a capture.
+
+All of it runs on the torch-level graph, before aot_autograd decomposes
+anything; the inner compiler (inductor by default) gets the rewritten graph.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from fxdp.core.errors import PrivacyError, UncoveredParameterError
+from fxdp.analysis.interceptor import ParameterInterceptor
+from fxdp.analysis.runner import PassError, PassResult, run_passes
+from fxdp.compile.composite_taps import is_composite, positions_of
+
+
+@dataclass
+class BoundSite:
+    """A graph node whose call uses trainable parameters, as a rule bound it.
+
+    ``inputs`` maps the binding's tensors to the node's input nodes:
+    ("param", role), ("saved", name) and ("source",) keys; ``others`` are the
+    node's other tensor inputs (the shapes a broadcast parameter meets)."""
+
+    node: fx.Node
+    op: str
+    binding: Any
+    inputs: Dict[tuple, fx.Node] = field(default_factory=dict)
+    others: List[fx.Node] = field(default_factory=list)
+    ordinal: int = -1
+    lift: bool = False
+    composite: bool = False  # an inner call of a decomposed node: tensors located by argument position
+    param_positions: tuple = ()
+    saved_positions: tuple = ()
+
+
+@dataclass
+class Region:
+    """One dynamo graph being rewritten, and what the passes learn about it."""
+
+    gm: fx.GraphModule
+    example_inputs: List[Any]
+    engine: Any = None
+    context: Any = None
+    param_nodes: Dict[fx.Node, str] = field(default_factory=dict)  # placeholder -> parameter name
+    values: Dict[fx.Node, Any] = field(default_factory=dict)  # placeholder -> example value
+    sites: List[BoundSite] = field(default_factory=list)
+    benign: set = field(default_factory=set)  # nodes that read trainable parameters without a gradient
+    first_ordinal: int = 0
+    site_uids: List[int] = field(default_factory=list)
+
+
+def _placeholders(gm):
+    return [n for n in gm.graph.nodes if n.op == "placeholder"]
+
+
+def find_parameters(region: Region) -> PassResult:
+    """Map trainable-parameter graph inputs to their privatized model's engine and names."""
+    from fxdp.compile.graph_ops import _ENGINES
+
+    engines = [ref() for ref in list(_ENGINES.values())]
+    owners = {}
+    for engine in engines:
+        if engine is None:
+            continue
+        for name, p in engine.model.named_parameters():
+            if p.requires_grad:
+                owners[id(p)] = (engine, name)
+    found = set()
+    for node, value in zip(_placeholders(region.gm), region.example_inputs):
+        region.values[node] = value
+        if isinstance(value, torch.nn.Parameter) and value.requires_grad:
+            if id(value) not in owners:
+                raise PrivacyError(
+                    f"fxdp backend: a compiled region uses trainable parameter {node.target} of a model that is "
+                    "not privatized; its gradient would not be clipped. Call fxdp.privatize(model) before "
+                    "torch.compile(model, backend=\"fxdp\"), or freeze the parameter.")
+            engine, name = owners[id(value)]
+            found.add(id(engine))
+            region.engine = engine
+            region.param_nodes[node] = name
+    if len(found) > 1:
+        raise PrivacyError("fxdp backend: one compiled region uses parameters of two privatized models; one loss "
+                           "must have one engine. Privatize the module that contains both.")
+    if region.engine is not None:
+        ctx = region.engine.current_forward
+        if ctx is None or not ctx.compiled:
+            raise PrivacyError(
+                "fxdp backend: the privatized model's parameters are traced outside its own forward pass, or the "
+                "model was compiled through an enclosing function. Compile the privatized model itself: "
+                "torch.compile(model, backend=\"fxdp\").")
+        region.context = ctx
+    return PassResult(region, False)
+
+
+class _SiteRecorder:
+    """Recorder for the interceptor: records each bound call with the node being run."""
+
+    def __init__(self, interpreter):
+        self.interpreter = interpreter
+        self.sites: List[BoundSite] = []
+
+    def substitute(self, func, args, kwargs):
+        return None
+
+    def refuse(self, exc, func, args, kwargs, out=None):
+        raise exc
+
+    def handle(self, call, binding):
+        node = self.interpreter.current
+        if node.op == "call_function" and is_composite(node.target):
+            if binding.broadcast or binding.layout_source is not None and \
+                    not any(binding.layout_source is t for t in binding.saved.values()):
+                raise UncoveredParameterError(
+                    f"fxdp backend: {node.target.__name__} uses {', '.join(binding.param_names)} in a form fxdp "
+                    "cannot tap inside a compiled graph (a broadcast parameter); use eager fxdp.privatize.")
+            site = BoundSite(node, call.name, binding, composite=True,
+                             param_positions=positions_of(call, list(binding.params.values())),
+                             saved_positions=positions_of(call, list(binding.saved.values())))
+            self.sites.append(site)
+            return call.func(*call.args, **call.kwargs)
+        if any(s.node is node for s in self.sites):
+            raise UncoveredParameterError(
+                f"fxdp backend: graph node {node.name} ({call.name}) is a composite op using trainable parameters "
+                "several times; fxdp cannot tap it inside a compiled graph.")
+        env = self.interpreter.env
+        by_id = {id(env[a]): a for a in node.all_input_nodes if a in env}
+        site = BoundSite(node, call.name, binding)
+        wanted = [(("param", r), t) for r, t in binding.params.items()]
+        wanted += [(("saved", k), t) for k, t in binding.saved.items()]
+        if binding.layout_source is not None:
+            wanted.append((("source",), binding.layout_source))
+        for key, t in wanted:
+            if id(t) not in by_id:
+                raise UncoveredParameterError(
+                    f"fxdp backend: graph node {node.name} ({call.name}) passes {key[-1]!r} to its rule as a "
+                    "tensor made inside the call; fxdp cannot tap it inside a compiled graph.")
+            site.inputs[key] = by_id[id(t)]
+        params = {id(t) for t in binding.params.values()}
+        site.others = [a for a in node.all_input_nodes
+                       if a in env and isinstance(env[a], torch.Tensor) and id(env[a]) not in params]
+        self.sites.append(site)
+        return call.func(*call.args, **call.kwargs)
+
+
+class _NodeTracking(fx.Interpreter):
+    """Runs the graph, remembering the node being run; records nodes that read a trainable
+    parameter without being a call site (their result must not carry a gradient)."""
+
+    current: Optional[fx.Node] = None
+
+    def __init__(self, gm, param_nodes, recorder_sites):
+        super().__init__(gm)
+        self.param_nodes = set(param_nodes)
+        self.recorder_sites = recorder_sites
+        self.benign = set()
+
+    def run_node(self, n):
+        self.current = n
+        result = super().run_node(n)
+        if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
+                and not any(s.node is n for s in self.recorder_sites()):
+            leaves, _ = tree_flatten(result)
+            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+                raise UncoveredParameterError(
+                    f"fxdp backend: graph node {n.name} ({n.target}) uses a trainable parameter where no rule "
+                    "covers it; its gradient would bypass clipping.")
+            self.benign.add(n)
+        return result
+
+
+def bind_call_sites(region: Region) -> PassResult:
+    """Bind every call that uses a trainable parameter, by running the graph once (RNG forked,
+    inputs other than parameters copied, so the run leaves no trace)."""
+    if region.engine is None:
+        return PassResult(region, False)
+    recorder = None
+    interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites)
+    recorder = _SiteRecorder(interp)
+    ids = {id(region.values[n]): name for n, name in region.param_nodes.items()}
+    inputs = [v.clone() if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) else v
+              for v in region.example_inputs]
+    devices = [v.device for v in inputs if isinstance(v, torch.Tensor) and v.device.type == "cuda"]
+    with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})), torch.enable_grad(), \
+            ParameterInterceptor(ids, recorder):
+        interp.run(*inputs)
+    region.benign = interp.benign
+    region.sites = recorder.sites
+    return PassResult(region, False)
+
+
+def match_analysis(region: Region) -> PassResult:
+    """Number the sites after the forward's earlier regions and check them against its analysis."""
+    ctx = region.context
+    if ctx is None:
+        return PassResult(region, False)
+    region.first_ordinal = ctx.next_ordinal
+    table = ctx.table
+    for i, site in enumerate(region.sites):
+        site.ordinal = region.first_ordinal + i
+        if table is None:
+            continue
+        names = site.binding.param_names
+        rule = site.binding.rule.name
+        if not table.matches(site.ordinal, rule, names):
+            seen = (f"{table.keys[site.ordinal][0]} bound by the {table.rules[site.ordinal]} rule using "
+                    f"{', '.join(table.keys[site.ordinal][1])}" if site.ordinal < len(table.keys) else "nothing")
+            raise PrivacyError(
+                f"fxdp backend: compiled call site {site.ordinal} ({site.op} bound by the {rule} rule using "
+                f"{', '.join(names)}) does not match the eager analysis of the forward pass, which saw {seen} "
+                "there. Either a parameter use ran outside the compiled graph (code dynamo does not trace, where "
+                "fxdp cannot see it), or the graph spells a use differently from the model's Python code (please "
+                "report the model). Eager fxdp.privatize, without torch.compile, covers the model.")
+        site.lift = bool(table.lifts[site.ordinal])
+    return PassResult(region, False)
+
+
+def run_region_passes(region: Region) -> Region:
+    """find_parameters -> bind_call_sites -> match_analysis -> insert_taps -> check_no_direct_use,
+    linting after each rewrite, dumping each pass's graph with FXDP_DEBUG >= 2, naming a failing pass."""
+    from fxdp.analysis.dumps import debug_level, new_dump_folder
+    from fxdp.compile.insert_taps import check_no_direct_use, insert_taps
+
+    folder = new_dump_folder("compile") if debug_level() >= 2 else None
+    if folder is not None:
+        (folder / "00_dynamo_graph.txt").write_text(region.gm.print_readable(print_output=False))
+    passes = (find_parameters, bind_call_sites, match_analysis, insert_taps, check_no_direct_use)
+
+    def recompile(_name, result: PassResult):
+        if result.modified:
+            result.subject.gm.graph.lint()
+            result.subject.gm.recompile()
+
+    def dump(name, index, subject):
+        if folder is not None and index > 0:
+            (folder / f"{index:02d}_{name}.txt").write_text(subject.gm.print_readable(print_output=False))
+
+    region = run_passes(region, passes, label="compile", after_pass=recompile, dump=dump)
+    return region

@@ -1,0 +1,152 @@
+"""``privatize`` / ``unprivatize``: the model object stays the same.
+
+``privatize`` validates the configuration, plans the clip groups from the
+module tree, and attaches an :class:`~fxdp.engine.engine.Engine` with two
+forward hooks on the root module. No wrapper: the class, the Parameter
+objects, ``state_dict()`` keys and ``isinstance`` are unchanged. The hooks are
+module-level functions that look up ``module._fxdp_engine``, so ``copy.deepcopy``
+and pickling carry a working privatized model; ``unprivatize`` removes the
+hooks, the engine and every ``private_grad``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn as nn
+
+from fxdp.core.config import DPConfig, make_config
+from fxdp.analysis.plan_groups import plan_groups
+from fxdp.engine.engine import Engine
+
+ENGINE_ATTR = "_fxdp_engine"
+
+
+# Disabled for dynamo: ``torch.compile(model)`` then runs them outside the compiled frame (no graph break).
+@torch._dynamo.disable
+def _pre_hook(module, args, kwargs):
+    module._fxdp_engine.before_forward(args, kwargs)
+
+
+@torch._dynamo.disable
+def _post_hook(module, args, kwargs, output):
+    module._fxdp_engine.after_forward(args, kwargs, output)
+
+
+def get_engine(model: nn.Module) -> Optional[Engine]:
+    """The engine of a privatized model, or None."""
+    return model.__dict__.get(ENGINE_ATTR)
+
+
+def engine_of(param) -> Optional[Engine]:
+    """The engine that last wrote ``param.private_grad`` (None if none did).
+
+    Lets an optimizer check that it calibrates noise to the bound the model
+    clipped with (a mismatch is how Opacus #664 broke the guarantee)."""
+    from fxdp.engine.engine import WRITERS
+    ref = WRITERS.get(param)
+    return ref() if ref is not None else None
+
+
+def is_privatized(model: nn.Module) -> bool:
+    return get_engine(model) is not None
+
+
+def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, clipping_fn="abadi",
+              numerical_stability_constant: Optional[float] = None, loss_reduction="mean",
+              block_heads: Optional[Sequence[str]] = None, batch_dim=None,
+              config: Optional[DPConfig] = None, grad_scaler=None) -> nn.Module:
+    """Make ``model`` produce per-sample-clipped gradient sums in one backward pass.
+
+    After ``loss.backward()`` every trainable parameter ``p`` has
+    ``p.private_grad = sum_b C_b * grad_p(loss_b)`` (accumulated over several
+    backward calls until cleared), and ``p.grad`` is left untouched.
+
+    Args:
+        model: any ``nn.Module``; it is returned as the same object.
+        style: "all-layer", "layer-wise", "param-wise" or "block-wise".
+        max_grad_norm: R, the bound on each sample's whole clipped gradient.
+        clipping_fn: "abadi", "automatic" or "global".
+        numerical_stability_constant: gamma (1e-6 abadi, 1e-2 automatic by default).
+        loss_reduction: "mean" if the loss averages per-sample losses over the
+            batch, "sum" if it sums them. A token-level mean over the whole
+            batch is *not* a per-sample loss: see ``fxdp.per_sample_loss``.
+        block_heads: module names each starting a block (block-wise).
+        batch_dim: batch dimension of the model's tensor inputs (default 0).
+        config: a ready :class:`DPConfig` instead of the keywords above.
+        grad_scaler: the ``torch.amp.GradScaler`` whose ``scale(loss)`` is
+            backpropagated, if any: its scale is undone before clipping, so the
+            loss scale never changes the clipping threshold (also settable later
+            as ``fxdp.get_engine(model).grad_scaler``).
+
+    Raises:
+        ValueError: bad arguments, already privatized, no trainable parameter.
+        fxdp.core.errors.PrivacyError subclasses at the first forward pass in grad
+        mode when a parameter is used where no rule covers it, samples are
+        mixed, or the batch layout cannot be determined.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"fxdp: privatize expects an nn.Module, got {type(model).__name__}.")
+    if is_privatized(model):
+        raise ValueError("fxdp: this model is already privatized; call fxdp.unprivatize(model) first.")
+    inner = [name for name, m in model.named_modules() if name and is_privatized(m)]
+    if inner:
+        raise ValueError(f"fxdp: submodule(s) {inner[:3]} are already privatized; one loss must have one engine "
+                         "(two would each clip a sample to R). Unprivatize them and privatize the whole model.")
+    if config is None:
+        config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
+                             block_heads, batch_dim)
+    plan = plan_groups(model, config)
+    engine = Engine(model, config, plan)
+    engine.grad_scaler = grad_scaler
+    model.__dict__[ENGINE_ATTR] = engine
+    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+    return model
+
+
+def unprivatize(model: nn.Module) -> nn.Module:
+    """Undo ``privatize``: hooks, engine and every ``private_grad`` are removed."""
+    if not is_privatized(model):
+        raise ValueError("fxdp: this model is not privatized.")
+    for store_name in ("_forward_pre_hooks", "_forward_hooks"):
+        store = getattr(model, store_name)
+        for hid in [k for k, fn in store.items() if fn in (_pre_hook, _post_hook)]:
+            del store[hid]
+            for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
+                          "_forward_hooks_always_called"):
+                getattr(model, extra, {}).pop(hid, None)
+    del model.__dict__[ENGINE_ATTR]
+    for p in model.parameters():
+        if hasattr(p, "private_grad"):
+            del p.private_grad
+    return model
+
+
+def clear_private_grads(model: nn.Module) -> None:
+    """Drop every ``p.private_grad`` (the optimizer does this after each step)."""
+    for p in model.parameters():
+        if hasattr(p, "private_grad"):
+            del p.private_grad
+
+
+def ensure_privatized(module: nn.Module, *, batch_first: bool = True, batch_dim=None, style="all-layer",
+                      max_grad_norm: float = 1.0, clipping_fn="abadi", numerical_stability_constant=None,
+                      loss_reduction="mean", block_heads=None) -> Engine:
+    """Privatize ``module`` for an engine-style entry point (Opacus conventions:
+    ``batch_first=False`` means ``batch_dim=1``), or check that its existing
+    configuration is the requested one. Returns the module's engine."""
+    if not batch_first:
+        if batch_dim not in (None, 1):
+            raise ValueError("fxdp: batch_first=False means batch_dim=1; do not give both.")
+        batch_dim = 1
+    config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
+                         block_heads, batch_dim)
+    engine = get_engine(module)
+    if engine is None:
+        privatize(module, config=config)
+        return get_engine(module)
+    if engine.config != config:
+        raise ValueError(f"fxdp: the module is already privatized with {engine.config}; call "
+                         "fxdp.unprivatize(module) first to change the configuration.")
+    return engine

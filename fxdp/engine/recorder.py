@@ -1,0 +1,126 @@
+"""The recorder of training forwards: routes each bound call through a tap, with
+the batch layout the analysis found for its call site.
+
+A call site is identified by its ordinal in the forward pass and checked by its
+op name and parameter names; a site the analysis has not seen (data-dependent
+control flow) is marked pending and resolved after the forward by the engine.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from fxdp.core.inputs import input_batch_dims
+from fxdp.core.layout import BatchLayout, LayoutKind
+from fxdp.engine.tap import ForwardContext, LayerUse, TapFunction
+
+
+class LayoutTable:
+    """Layouts (and lifts) of the call sites of one input structure, by ordinal."""
+
+    def __init__(self, entries):
+        self.keys = [(e.op, e.param_names) for e in entries]
+        self.rules = [e.rule for e in entries]
+        self.layouts = [e.layout for e in entries]
+        self.lifts = [e.lift for e in entries]
+        self.input_layouts = [dict(e.input_layouts) for e in entries]
+
+    def lookup(self, ordinal: int, op: str, param_names: tuple):
+        if ordinal < len(self.keys) and self.keys[ordinal] == (op, param_names):
+            return self.layouts[ordinal], self.lifts[ordinal]
+        return None, False
+
+    def layout_of(self, ordinal: int, rule: str, param_names: tuple):
+        """The layout at ``ordinal`` if the same rule binds the same parameters there (compiled
+        sites: the op may be spelled differently in a dynamo graph than in eager Python)."""
+        if self.matches(ordinal, rule, param_names):
+            return self.layouts[ordinal]
+        return None
+
+    def matches(self, ordinal: int, rule: str, param_names: tuple) -> bool:
+        return ordinal < len(self.keys) and self.keys[ordinal][1] == param_names and self.rules[ordinal] == rule
+
+    def inputs_of(self, ordinal: int) -> dict:
+        return self.input_layouts[ordinal] if ordinal < len(self.input_layouts) else {}
+
+
+def batch_size_of(args, kwargs, batch_dim) -> int:
+    return input_batch_dims(args, kwargs, batch_dim)[0]
+
+
+def structure_key(model, args, kwargs, batch_size: int, batch_dim):
+    _, leaves, dims = input_batch_dims(args, kwargs, batch_dim)
+    _, spec = tree_flatten((args, kwargs))
+    desc = []
+    for t, d in zip(leaves, dims):
+        if isinstance(t, torch.Tensor):
+            desc.append(("T", t.dim(), str(t.dtype), d, str(t.device)))
+        else:
+            desc.append(("V", repr(t)[:80]))
+    return (str(spec), tuple(desc), model.training)
+
+
+def trivial_layout(t: Optional[torch.Tensor]) -> BatchLayout:
+    """Layout for a batch of one sample when no analysis exists: dim 0 if it has
+    size 1 (what conv and group norm need), else the whole tensor is the sample."""
+    if t is not None and t.dim() > 0 and t.shape[0] == 1:
+        return BatchLayout(LayoutKind.BATCH, 0)
+    return BatchLayout(LayoutKind.WHOLE, 0)
+
+
+def single_sample_layout(binding) -> BatchLayout:
+    """Layout of a call of a batch of at most one sample (no analysis runs then); also gives
+    per-input layouts to rules that take them. Shared by eager taps and compiled sites."""
+    if "input_layouts" in binding.options:
+        binding.options["input_layouts"] = {k: trivial_layout(v) for k, v in binding.saved.items()}
+    return trivial_layout(binding.layout_source)
+
+
+class RuntimeRecorder:
+    """Routes bound calls of a training forward through taps."""
+
+    def __init__(self, context: ForwardContext, table: Optional[LayoutTable]):
+        self.context = context
+        self.table = table
+
+    def substitute(self, func, args, kwargs):
+        return None
+
+    def refuse(self, exc, func, args, kwargs, out=None):
+        raise exc
+
+    @torch._dynamo.disable
+    def handle(self, call, binding):
+        ctx = self.context
+        ordinal = len(ctx.uses)
+        B = ctx.batch_size
+        layout, lift = (self.table.lookup(ordinal, call.name, binding.param_names)
+                        if self.table is not None else (None, False))
+        if layout is None:
+            if B <= 1:
+                layout = single_sample_layout(binding)
+            else:
+                ctx.pending_layouts = True
+        elif "input_layouts" in binding.options:
+            binding.options["input_layouts"] = self.table.inputs_of(ordinal)
+        if lift:
+            src = binding.layout_source
+            lifted = src.expand(B, *src.shape[1:])
+            call.args = tuple(lifted if a is src else a for a in call.args)
+            call.kwargs = {k: (lifted if v is src else v) for k, v in call.kwargs.items()}
+            binding.saved = {k: (lifted if v is src else v) for k, v in binding.saved.items()}
+            binding.layout_source = lifted
+        use = LayerUse(ordinal, call.name, binding, layout, ctx)
+        ctx.uses.append(use)
+        tensors, seen = [], set()
+        for t in tree_flatten((call.args, call.kwargs))[0]:
+            if isinstance(t, torch.Tensor) and id(t) not in seen:
+                seen.add(id(t))
+                tensors.append(t)
+        out = TapFunction.apply(use, call, *tensors)
+        # The use keeps detached copies only: a reference to a tensor with a grad_fn
+        # would close a cycle through the autograd graph that Python cannot collect.
+        binding.layout_source, binding.saved = None, {}
+        return out

@@ -1,0 +1,408 @@
+"""DPOptimizer: noise, scaling and the inner step, once per logical batch.
+
+For every trainable parameter p in the wrapped optimizer, a (non-skipped) ``step()`` sets
+
+    p.grad = (p.private_grad + N(0, σ²R²·I)) / expected_batch_size     (loss_reduction="mean")
+    p.grad =  p.private_grad + N(0, σ²R²·I)                            (loss_reduction="sum")
+
+then runs the inner optimizer's step, then the step hooks (the accountant
+records the step), then clears the private gradients.
+
+Guarantees and edge cases:
+
+- ``p.private_grad`` is the clipped sum written by a privatized model
+  (``fxdp.privatize``); it accumulates over any number of backward calls, and
+  the noise is drawn once per step however many there were. The division is
+  by the *expected* batch size, never by the realised (data-dependent) one.
+- Noise is drawn in float32 whatever the parameter dtype (float64 parameters
+  keep float64 arithmetic), then cast to the parameter dtype. With a
+  block/layer/param-wise style it is the same σ·R: the groups' thresholds
+  already add up to R in quadrature.
+- An empty Poisson batch (B = 0) works: its forward/backward writes zero
+  private gradients, and the step releases noise only.
+- Refused with an error, never skipped silently: a trainable parameter without
+  ``private_grad`` while others have one; a step with no private gradient at
+  all since the last one (e.g. a second step without a new backward); more
+  than one Poisson batch consumed for one step (gradient accumulation across
+  Poisson batches: an example drawn twice would count 2R -- use
+  ``fxdp.BatchMemoryManager``); LBFGS-like optimizers whose step re-evaluates
+  the closure (that would replace the noised gradient).
+- Closures: ``step(closure)`` runs the closure once (it does zero_grad,
+  forward, backward), then noises and steps the inner optimizer *without*
+  the closure, so no recomputed gradient can erase the noise.
+- ``p.grad`` set by the user (a parameter used outside the privatized forward,
+  e.g. a weight-decay term added to the loss): ``public_grads="refuse"``
+  (default) raises, because such a gradient is released without clipping or
+  noise; ``public_grads="add"`` adds it unclipped and un-noised to the private
+  gradient -- valid ONLY for terms that do not depend on the data (a
+  regularizer of the weights). An all-zero ``p.grad`` (from
+  ``zero_grad(set_to_none=False)``) is not a public gradient.
+- ``max_grad_norm`` and ``loss_reduction`` must be those the model clips
+  with: ``step()`` checks them against the engine that wrote each private
+  gradient (``fxdp.engine.install.engine_of``) and raises on a mismatch; R is fixed;
+  ``noise_multiplier`` may be changed between steps (noise schedulers), and
+  the accountant records the σ actually used.
+- ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's: LR
+  schedulers work on either object.
+- fp16 with ``torch.amp.GradScaler``: privatize with ``grad_scaler=scaler`` (the
+  engine divides by the loss scale before clipping, so private gradients are
+  in true units) and call ``scaler.step(optimizer); scaler.update()``. The
+  optimizer never skips a step on inf/NaN: an example whose scaled gradient
+  overflows already contributes zero (and is counted), while skipping the whole
+  step would reveal that some example overflowed. Prefer bf16, or a fixed scale.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Dict, List, Optional
+
+import torch
+from torch.optim import Optimizer
+
+from fxdp.core.config import LossReduction, nonnegative_number, positive_number
+from fxdp.core.errors import PrivacyError
+from fxdp.training.noise import NoiseSource
+
+PUBLIC_GRAD_POLICIES = ("refuse", "add")
+
+
+class DPOptimizer(Optimizer):
+    """Wrap ``optimizer`` so that each step releases a noised, clipped gradient (module docstring).
+
+    Args:
+        optimizer: any ``torch.optim.Optimizer`` except LBFGS-like ones.
+        noise_multiplier: σ >= 0 (noise std is σ·R).
+        max_grad_norm: R > 0, the model's clipping bound.
+        expected_batch_size: the expected logical batch size (q·N under Poisson
+            sampling); required for loss_reduction="mean".
+        loss_reduction: "mean" or "sum", as the loss combines per-sample losses.
+        generator: a ``torch.Generator`` for the noise (None: dedicated generators
+            seeded from torch's global RNG, see :mod:`fxdp.training.noise`).
+        secure_mode: OS-seeded noise and the floating-point attack mitigation
+            (see :mod:`fxdp.training.noise` for what this does and does not protect).
+        public_grads: "refuse" or "add" (see the module docstring).
+    """
+
+    def __init__(self, optimizer: Optimizer, noise_multiplier: float, max_grad_norm: float,
+                 expected_batch_size: Optional[float] = None, loss_reduction="mean",
+                 generator: Optional[torch.Generator] = None, secure_mode: bool = False, *,
+                 public_grads: str = "refuse"):
+        if isinstance(optimizer, DPOptimizer):
+            raise ValueError("fxdp: this optimizer is already a DPOptimizer; wrap the plain optimizer once.")
+        if not isinstance(optimizer, Optimizer):
+            raise ValueError(f"fxdp: DPOptimizer wraps a torch.optim.Optimizer, got {type(optimizer).__name__}.")
+        if isinstance(optimizer, torch.optim.LBFGS):
+            raise ValueError("fxdp: LBFGS re-evaluates the closure inside step(), which would replace the noised "
+                             "gradient with a non-private one; it cannot be used for DP-SGD.")
+        self.original_optimizer = optimizer
+        self.noise_multiplier = nonnegative_number("noise_multiplier", noise_multiplier)
+        self._max_grad_norm = positive_number("max_grad_norm", max_grad_norm)
+        try:
+            self.loss_reduction = LossReduction(loss_reduction) if not isinstance(loss_reduction, LossReduction) \
+                else loss_reduction
+        except ValueError:
+            raise ValueError(f"fxdp: loss_reduction must be 'mean' or 'sum', got {loss_reduction!r}.") from None
+        if expected_batch_size is None and self.loss_reduction is LossReduction.MEAN:
+            raise ValueError("fxdp: loss_reduction='mean' needs expected_batch_size (q·N under Poisson sampling): "
+                             "the realised batch size depends on the data and must not be used.")
+        self.expected_batch_size = None if expected_batch_size is None else positive_number(
+            "expected_batch_size", expected_batch_size)
+        if public_grads not in PUBLIC_GRAD_POLICIES:
+            raise ValueError(f"fxdp: public_grads must be one of {PUBLIC_GRAD_POLICIES}, got {public_grads!r}.")
+        self.public_grads = public_grads
+        self.secure_mode = bool(secure_mode)
+        self.noise = NoiseSource(generator, secure=self.secure_mode)
+        self.step_hooks: List[Callable] = []
+        self.steps_taken = 0
+        self.param_names: Dict[int, str] = {}
+        self._skip_next = False
+        self._last_step_skipped = False
+        self._batches_since_step = 0
+        self._zeroed_since_step = True
+        # True: call the inner optimizer's class-level step/zero_grad, ignoring instance attributes -- needed when
+        # the inner optimizer's own ``step`` is redirected to this DPOptimizer (fxdp.compat.fastdp's attach).
+        self.inner_class_methods = False
+
+    # --------------------------------------------------------------- plumbing
+    @property
+    def max_grad_norm(self) -> float:
+        return self._max_grad_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value):
+        raise AttributeError("fxdp: max_grad_norm is fixed: it must equal the clipping bound of the privatized "
+                             "model. Privatize again with the new bound and build a new optimizer.")
+
+    @property
+    def param_groups(self):
+        return self.original_optimizer.param_groups
+
+    @param_groups.setter
+    def param_groups(self, value):
+        self.original_optimizer.param_groups = value
+
+    @property
+    def state(self):
+        return self.original_optimizer.state
+
+    @state.setter
+    def state(self, value):
+        self.original_optimizer.state = value
+
+    @property
+    def defaults(self):
+        return self.original_optimizer.defaults
+
+    @defaults.setter
+    def defaults(self, value):
+        self.original_optimizer.defaults = value
+
+    @property
+    def params(self) -> List[torch.nn.Parameter]:
+        """Trainable parameters of the inner optimizer, in param_groups order."""
+        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
+
+    def add_param_group(self, param_group: dict) -> None:
+        self.original_optimizer.add_param_group(param_group)
+
+    def __getstate__(self):
+        return dict(self.__dict__)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+
+    def __repr__(self):
+        return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
+                f"expected_batch_size={self.expected_batch_size}, loss_reduction={self.loss_reduction.value!r}, "
+                f"secure_mode={self.secure_mode},\n  {self.original_optimizer!r})")
+
+    def attach_step_hook(self, fn: Callable) -> None:
+        """Call ``fn(self)`` after every real step (Opacus convention; several hooks allowed)."""
+        self.step_hooks.append(fn)
+
+    def set_param_names(self, module: torch.nn.Module) -> None:
+        """Use ``module``'s parameter names in error messages."""
+        self.param_names = {id(p): n for n, p in module.named_parameters()}
+
+    def _name(self, p) -> str:
+        if id(p) in self.param_names:
+            return self.param_names[id(p)]
+        for gi, group in enumerate(self.param_groups):
+            for pi, q in enumerate(group["params"]):
+                if q is p:
+                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
+        return f"parameter of shape {tuple(p.shape)}"
+
+    # ----------------------------------------------------- logical batches
+    def signal_skip_step(self, do_skip: bool = True) -> None:
+        """Opacus convention: the next ``step()`` only accumulates (a micro-batch, not the end of a logical batch)."""
+        self._skip_next = bool(do_skip)
+
+    def notify_batch(self, ends_logical_batch: bool) -> None:
+        """Called by fxdp's data loaders for every batch they hand out (see fxdp.training.loaders)."""
+        if ends_logical_batch:
+            self._batches_since_step += 1
+        self._skip_next = not ends_logical_batch
+
+    def reset_logical_batch(self) -> None:
+        """Forget micro-batch bookkeeping (a loop left mid logical batch); the next zero_grad() clears."""
+        self._skip_next = False
+        self._last_step_skipped = False
+
+    # ------------------------------------------------------------------ step
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Clear ``p.grad`` and the private gradients -- except after a skipped (micro-batch)
+        step, where everything accumulated for the logical batch is kept."""
+        if self._last_step_skipped:
+            return
+        for p in self.params:
+            if hasattr(p, "private_grad"):
+                del p.private_grad
+        self._call_inner("zero_grad", set_to_none=set_to_none)
+        self._zeroed_since_step = True
+
+    def _call_inner(self, name: str, **kwargs):
+        inner = self.original_optimizer
+        if self.inner_class_methods:
+            return getattr(type(inner), name)(inner, **kwargs)
+        return getattr(inner, name)(**kwargs)
+
+    # GradScaler protocol: scaler.step(optimizer) calls step() directly (it never skips a DP step:
+    # whether an example overflowed is data-dependent, and such examples already contribute zero).
+    _step_supports_amp_scaling = True
+
+    def _check_loss_scaling(self):
+        """Under ``scaler.step(optimizer)`` the model must undo the loss scale before clipping.
+        Returns the engine's GradScaler."""
+        from fxdp.engine.install import engine_of
+
+        scaler = None
+        for p in self.params:
+            engine = engine_of(p) if getattr(p, "private_grad", None) is not None else None
+            if engine is not None:
+                scaler = scaler or engine.grad_scaler
+            if engine is not None and engine.grad_scaler is None:
+                raise ValueError(
+                    "fxdp: scaler.step(optimizer) with a model that does not know the GradScaler: its per-sample "
+                    "gradients were clipped in loss-scaled units (threshold R/S on the true gradients). Privatize "
+                    "with fxdp.privatize(model, ..., grad_scaler=scaler).")
+        return scaler
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable] = None):
+        """Noise, scale and step once per logical batch (module docstring). Returns the closure's loss."""
+        scaler = self._check_loss_scaling() if getattr(self, "grad_scale", None) is not None else None
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        if self._skip_next:
+            self._skip_next = False
+            self._last_step_skipped = True
+            return loss
+        self._last_step_skipped = False
+        if self._batches_since_step > 1:
+            n, self._batches_since_step = self._batches_since_step, 0
+            raise PrivacyError(
+                f"fxdp: {n} Poisson batches were drawn from the private data loader for one optimizer step. "
+                "Accumulating gradients across Poisson batches lets an example drawn twice contribute 2R and "
+                "breaks the accountant's sampling rate; step once per batch, and use fxdp.BatchMemoryManager to "
+                "split a large logical batch into micro-batches. (Skipping a batch, e.g. an empty one, is refused "
+                "for the same reason: an empty Poisson batch must still step.)")
+        self._batches_since_step = 0
+        self._write_noised_grads()
+        if scaler is not None:
+            # records found_inf (zero: noised true-unit gradients) so that scaler.update() can run
+            scaler._check_inf_per_device(self)
+        self._call_inner("step")
+        for hook in self.step_hooks:
+            hook(self)
+        self.steps_taken += 1
+        for p in self.params:
+            if hasattr(p, "private_grad"):
+                del p.private_grad
+        self._zeroed_since_step = False
+        return loss
+
+    def _write_noised_grads(self) -> None:
+        params = self.params
+        have = [p for p in params if getattr(p, "private_grad", None) is not None]
+        if not have:
+            raise PrivacyError(
+                "fxdp: step() without any private gradient since the last step. Run a forward and backward pass "
+                "of the privatized model on a batch (an empty Poisson batch too) before each step; a second step "
+                "without a new backward is refused.")
+        if len(have) != len(params):
+            missing = [self._name(p) for p in params if getattr(p, "private_grad", None) is None]
+            raise PrivacyError(
+                f"fxdp: {len(missing)} trainable parameter(s) of the optimizer have no private gradient while "
+                f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
+                "optimizer part of the privatized model, and was it trainable when the model was privatized?")
+        self._check_writers(have)
+        public = self._public_grads(params)
+        std = self.noise_multiplier * self.max_grad_norm
+        scale = self.expected_batch_size if self.loss_reduction is LossReduction.MEAN else None
+        self.noise.begin_step()
+        for p in params:
+            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
+            g = p.private_grad.to(acc)
+            noise = self.noise.draw(p.shape, std, p.device)
+            if noise is not None:
+                g = g + noise.to(acc)
+            if scale is not None:
+                g = g / scale
+            if id(p) in public:
+                g = g + public[id(p)].to(acc)
+            p.grad = g.to(p.dtype)
+
+    def _check_writers(self, params) -> None:
+        """The engines that wrote the private gradients must clip with this R and loss reduction
+        (Opacus #664: clipping at one bound while the noise is calibrated to another).
+        Private gradients set by hand (no engine) cannot be checked."""
+        from fxdp.engine.install import engine_of
+
+        engines = {}
+        for p in params:
+            engine = engine_of(p)
+            if engine is not None:
+                engines[id(engine)] = engine
+        for engine in engines.values():
+            config = engine.config
+            if not math.isclose(config.max_grad_norm, self.max_grad_norm, rel_tol=1e-12):
+                raise PrivacyError(
+                    f"fxdp: the model clips with max_grad_norm={config.max_grad_norm} but this optimizer calibrates "
+                    f"its noise to max_grad_norm={self.max_grad_norm}; the real noise multiplier would differ from "
+                    "the one accounted. Use the same R for fxdp.privatize and DPOptimizer.")
+            if config.loss_reduction is not self.loss_reduction:
+                raise PrivacyError(
+                    f"fxdp: the model undoes a loss_reduction={config.loss_reduction.value!r} loss but this optimizer "
+                    f"was built with loss_reduction={self.loss_reduction.value!r}; use the same for both.")
+
+    def _public_grads(self, params) -> Dict[int, torch.Tensor]:
+        """Gradients written outside the privatized forward, checked against the policy."""
+        set_grads = [p for p in params if p.grad is not None]
+        if not set_grads:
+            return {}
+        if not self._zeroed_since_step:
+            raise PrivacyError(
+                "fxdp: p.grad is set but optimizer.zero_grad() was not called since the last step: it holds the last "
+                "step's noised gradient (maybe plus new terms), which cannot be told apart from a public gradient. "
+                "Call optimizer.zero_grad() after each step.")
+        nonzero = [p for p in set_grads if bool(p.grad.count_nonzero() > 0)]
+        if not nonzero:
+            return {}
+        if self.public_grads == "refuse":
+            names = ", ".join(self._name(p) for p in nonzero[:5])
+            raise PrivacyError(
+                f"fxdp: p.grad is set for {names}: these parameters received a gradient outside the privatized "
+                "forward pass (e.g. a regularizer added to the loss, or a backward run before privatization: call "
+                "optimizer.zero_grad() first), which would be released without clipping or noise. Compute such "
+                "terms inside the model's forward, or, ONLY if the term does not depend on the data (e.g. weight "
+                "decay), pass public_grads='add' to add it unclipped and un-noised.")
+        return {id(p): p.grad.detach() for p in nonzero}
+
+    # ----------------------------------------------------------------- state
+    def dp_state_dict(self) -> dict:
+        """The DP part of the state: noise generator states, step count, configuration."""
+        return {
+            "noise": self.noise.state_dict(), "steps_taken": self.steps_taken,
+            "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
+            "expected_batch_size": self.expected_batch_size, "loss_reduction": self.loss_reduction.value,
+            "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in self.step_hooks],
+        }
+
+    def load_dp_state_dict(self, state: dict) -> None:
+        """Restore :meth:`dp_state_dict`; refuses a different R, loss reduction or expected batch size."""
+        for key in ("max_grad_norm", "expected_batch_size"):
+            saved, now = state[key], getattr(self, key)
+            if (saved is None) != (now is None) or (saved is not None and not math.isclose(saved, now)):
+                raise ValueError(f"fxdp: the checkpoint has {key}={saved}, this optimizer {now}; resuming would "
+                                 "change what the noise is calibrated to.")
+        if state["loss_reduction"] != self.loss_reduction.value:
+            raise ValueError(f"fxdp: the checkpoint has loss_reduction={state['loss_reduction']!r}, this optimizer "
+                             f"{self.loss_reduction.value!r}.")
+        self.noise.load_state_dict(state["noise"])
+        self.steps_taken = int(state["steps_taken"])
+        for hook, hook_state in zip(self.step_hooks, state.get("hooks", [])):
+            if hook_state is not None and hasattr(hook, "load_state_dict"):
+                hook.load_state_dict(hook_state)
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's state dict plus the DP state under the key ``"fxdp"``."""
+        sd = self.original_optimizer.state_dict()
+        sd["fxdp"] = self.dp_state_dict()
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load :meth:`state_dict`. A plain optimizer state dict loads too, but then the noise
+        stream is NOT restored and a PrivacyError is raised unless in secure mode."""
+        state_dict = dict(state_dict)
+        dp_state = state_dict.pop("fxdp", None)
+        if dp_state is None and not self.secure_mode:
+            raise PrivacyError("fxdp: this state dict has no DP state (noise generator); resuming from it would "
+                               "restart the noise stream and replay earlier noise. Save DPOptimizer.state_dict(), "
+                               "or load a non-private state into .original_optimizer deliberately.")
+        self.original_optimizer.load_state_dict(state_dict)
+        if dp_state is not None:
+            self.load_dp_state_dict(dp_state)
+

@@ -1,0 +1,233 @@
+"""PrivacyEngine: Opacus's calling conventions over fxdp's bookkeeping engine.
+
+``make_private`` privatizes the model in place (the returned module IS the
+module passed in: same class, same parameters, no wrapper), wraps the
+optimizer in :class:`fxdp.DPOptimizer`, and replaces the data loader with a
+Poisson-sampling one (Opacus's ``DPDataLoader``). The accountant
+(``opacus.accountants``) records every step at the sampler's own rate.
+
+Switching from Opacus: change the import. Differences, all deliberate:
+
+- no ``GradSampleModule`` wrapper; ``grad_sample_mode`` is accepted ("hooks",
+  "functorch", "ew", "ghost": the last returns the criterion unchanged as the
+  4th element) but fxdp always uses bookkeeping clipping in one backward pass;
+- ``clipping="flat"`` only; other groupings are fxdp styles (``style=``);
+- ``poisson_sampling=False`` keeps a shuffled/sequential loader but is
+  accounted honestly (one full-batch Gaussian mechanism per epoch, see
+  :mod:`fxdp.training.accounting`), not as if it were Poisson sampling;
+- a step after more than one Poisson batch, a parameter used outside the
+  privatized forward, or a plain-optimizer checkpoint without the noise state
+  are refused (see :mod:`fxdp.training.optimizer`);
+- checkpoints load with ``torch.load(weights_only=True)`` and carry the noise
+  generator, the sampler's generator and torch's global RNG state, so a
+  resumed run continues exactly as the uninterrupted one (module
+  ``fxdp.training.checkpoint``).
+
+Each optimizer step must consume exactly one batch of the returned loader
+(use :class:`fxdp.BatchMemoryManager` for micro-batches). Resumption is bit-exact
+for checkpoints taken at an epoch boundary (the loader's iterator finished);
+after a mid-epoch checkpoint the resumed run draws fresh Poisson batches from
+the saved sampler state (sound for privacy and accounting, but not the
+uninterrupted run's batches).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from opacus.data_loader import switch_generator
+from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
+from torch.utils.data import DataLoader
+
+from fxdp.engine import install as api
+from fxdp.core.errors import PrivacyError
+from fxdp.training import checkpoint as ckpt
+from fxdp.training.accounting import EpochCharge, PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier, mark_epochs, sampling_of
+from fxdp.training.noise import generator_from_global_rng, generator_from_os_entropy
+from fxdp.training.optimizer import DPOptimizer
+from fxdp.training.loaders import PoissonDataLoader, make_poisson_loader
+
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
+
+
+class PrivacyEngine:
+    """Differentially private training with Opacus's API (module docstring).
+
+    Args:
+        accountant: "prv" (default, tight), "rdp" or "gdp" (an approximation that can
+            under-estimate ε) -- accountants from ``opacus.accountants``.
+        secure_mode: noise and sampling from generators seeded with OS entropy, noise
+            re-seeded every step, and the floating-point attack mitigation; see
+            :mod:`fxdp.training.noise` for what it does and does not protect against.
+            Checkpoints then carry no generator state (resumption is not bit-exact,
+            and noise is never replayed).
+    """
+
+    def __init__(self, accountant: str = "prv", secure_mode: bool = False):
+        self.accountant = create_accountant(accountant)
+        self.secure_mode = bool(secure_mode)
+        self.dataset = None
+        self.sampling = None
+        self.sampler_generator: Optional[torch.Generator] = None
+        self.module = None
+        self.optimizer: Optional[DPOptimizer] = None
+        self.data_loader = None
+
+    # ------------------------------------------------------------------ setup
+    def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
+                     noise_multiplier: float, max_grad_norm: float, poisson_sampling: bool = True,
+                     batch_first: bool = True, rand_on_empty: bool = False, **kwargs):
+        """Privatize ``module`` and return ``(module, optimizer, data_loader)``.
+
+        Args (besides Opacus's): ``style``, ``clipping_fn``,
+        ``numerical_stability_constant``, ``block_heads``, ``batch_dim`` as in
+        :func:`fxdp.privatize`; ``public_grads`` as in :class:`fxdp.DPOptimizer`.
+        Opacus's ``criterion``, ``clipping``, ``grad_sample_mode``, ``wrap_model``,
+        ``noise_generator`` are accepted (see the module docstring).
+
+        Raises:
+            ValueError: bad arguments; optimizer parameters not in ``module``; a
+                ``noise_generator`` in secure mode; a model already privatized
+                with a different configuration.
+            PrivacyError: a sampler fxdp cannot account for.
+        """
+        loader = self._prepare_loader(data_loader, poisson_sampling, batch_first, rand_on_empty)
+        return self._make_private(module=module, optimizer=optimizer, data_loader=loader,
+                                  noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+                                  batch_first=batch_first, **kwargs)
+
+    def make_private_with_epsilon(self, *, module: nn.Module, optimizer: torch.optim.Optimizer,
+                                  data_loader: DataLoader, target_epsilon: float, target_delta: float,
+                                  epochs: float, max_grad_norm: float, epsilon_tolerance: float = 0.01,
+                                  poisson_sampling: bool = True, batch_first: bool = True,
+                                  rand_on_empty: bool = False, **kwargs):
+        """Like :meth:`make_private`, with σ chosen by the accountant so that
+        ``epochs`` epochs of the returned loader spend at most ``target_epsilon``
+        at ``target_delta`` (the rate is read from the loader's actual sampler)."""
+        if len(self.accountant) > 0:
+            warnings.warn("fxdp: this PrivacyEngine has already spent privacy budget; the noise multiplier is "
+                          "computed from zero, so the total ε will exceed target_epsilon.", UserWarning)
+        loader = self._prepare_loader(data_loader, poisson_sampling, batch_first, rand_on_empty)
+        sampling = sampling_of(loader)
+        mech = self.accountant.mechanism()
+        if sampling.poisson:
+            sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                         sample_rate=sampling.sample_rate, epochs=epochs, accountant=mech,
+                                         epsilon_tolerance=epsilon_tolerance)
+        else:
+            sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
+                                         steps=int(math.ceil(epochs - 1e-9)), accountant=mech,
+                                         epsilon_tolerance=epsilon_tolerance)
+        return self._make_private(module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
+                                  max_grad_norm=max_grad_norm, batch_first=batch_first, **kwargs)
+
+    def _make_private(self, *, module, optimizer, data_loader, noise_multiplier, max_grad_norm, batch_first,
+                      criterion=None, style="all-layer", clipping_fn="abadi", numerical_stability_constant=None,
+                      block_heads=None, batch_dim=None, loss_reduction="mean", clipping="flat",
+                      noise_generator=None, grad_sample_mode="hooks", wrap_model=True, public_grads="refuse"):
+        if not isinstance(module, nn.Module):
+            raise ValueError(f"fxdp: module must be an nn.Module, got {type(module).__name__}.")
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            raise ValueError("fxdp: PrivacyEngine runs in one process; for DistributedDataParallel use "
+                             "fxdp.DPDistributed.")
+        if isinstance(optimizer, DPOptimizer):
+            optimizer = optimizer.original_optimizer
+        owned = {id(p) for p in module.parameters()}
+        if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
+            raise ValueError("fxdp: the optimizer has parameters that are not the module's parameters.")
+        if clipping != "flat":
+            raise ValueError(f"fxdp: clipping={clipping!r} is not supported; fxdp groups parameters with style= "
+                             "('all-layer', 'layer-wise', 'param-wise', 'block-wise'), thresholds R/sqrt(groups).")
+        if grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise ValueError(f"fxdp: grad_sample_mode={grad_sample_mode!r} is not supported; expected one of "
+                             f"{GRAD_SAMPLE_MODES} (fxdp always computes bookkeeping clipped sums).")
+        if noise_generator is not None and self.secure_mode:
+            raise ValueError("fxdp: secure_mode draws OS-seeded noise; passing noise_generator (a seed) is refused.")
+        if not isinstance(wrap_model, bool):
+            raise ValueError(f"fxdp: wrap_model must be a bool, got {wrap_model!r}.")
+        config = api.ensure_privatized(
+            module, batch_first=batch_first, batch_dim=batch_dim, style=style, max_grad_norm=max_grad_norm,
+            clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
+            loss_reduction=loss_reduction, block_heads=block_heads).config
+        sampling = sampling_of(data_loader)
+        dp_optimizer = DPOptimizer(optimizer, noise_multiplier, config.max_grad_norm, sampling.expected_batch_size,
+                                   config.loss_reduction, generator=noise_generator, secure_mode=self.secure_mode,
+                                   public_grads=public_grads)
+        if sampling.poisson:
+            dp_optimizer.attach_step_hook(PoissonCharge(self.accountant, sampling.sample_rate))
+        else:
+            charge = EpochCharge(self.accountant)
+            data_loader = mark_epochs(data_loader, charge)
+            dp_optimizer.attach_step_hook(charge)
+        dp_optimizer.set_param_names(module)
+        if isinstance(data_loader, PoissonDataLoader):
+            data_loader.dp_optimizer = dp_optimizer
+        self.module, self.optimizer, self.data_loader, self.sampling = module, dp_optimizer, data_loader, sampling
+        if "ghost" in grad_sample_mode:
+            return module, dp_optimizer, (criterion if criterion is not None else nn.CrossEntropyLoss()), data_loader
+        return module, dp_optimizer, data_loader
+
+    def _prepare_loader(self, data_loader, poisson_sampling, batch_first, rand_on_empty):
+        if not isinstance(data_loader, DataLoader):
+            raise ValueError(f"fxdp: data_loader must be a torch DataLoader, got {type(data_loader).__name__}.")
+        if self.dataset is None:
+            self.dataset = data_loader.dataset
+        elif self.dataset is not data_loader.dataset:
+            warnings.warn("fxdp: PrivacyEngine got a different dataset object; privacy is accounted per dataset: "
+                          "use a new PrivacyEngine for a different dataset.", UserWarning)
+        sampler = data_loader.batch_sampler
+        if isinstance(sampler, DistributedUniformWithReplacementSampler):
+            raise ValueError("fxdp: distributed Poisson sampling belongs to fxdp.DPDistributed.")
+        if poisson_sampling:
+            generator = generator_from_os_entropy() if self.secure_mode else (
+                data_loader.generator if data_loader.generator is not None else generator_from_global_rng())
+            rate = sampler.sample_rate if isinstance(sampler, UniformWithReplacementSampler) else None
+            loader = make_poisson_loader(data_loader, sample_rate=rate, generator=generator, batch_first=batch_first,
+                                         rand_on_empty=rand_on_empty)
+            self.sampler_generator = generator
+            return loader
+        sampling = sampling_of(data_loader)
+        if not sampling.poisson:
+            warnings.warn(
+                "fxdp: poisson_sampling=False with fixed-size batches: there is no amplification by subsampling to "
+                "claim, so each epoch is accounted as one full-batch Gaussian mechanism (a valid bound, much larger "
+                "than the Poisson figure). Use poisson_sampling=True for the amplified ε.", UserWarning)
+        inner = getattr(sampler, "sampler", sampler)
+        if self.secure_mode and getattr(inner, "generator", "absent") != "absent":
+            data_loader = switch_generator(data_loader=data_loader, generator=generator_from_os_entropy())
+            inner = getattr(data_loader.batch_sampler, "sampler", data_loader.batch_sampler)
+        self.sampler_generator = getattr(inner, "generator", None)
+        return data_loader
+
+    # -------------------------------------------------------------- accounting
+    def get_epsilon(self, delta: float) -> float:
+        """ε spent so far at ``delta`` (0 before the first step; inf after a step with σ = 0)."""
+        return epsilon_spent(self.accountant, delta)
+
+    # ------------------------------------------------------------- checkpoints
+    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
+                        checkpoint_dict: Optional[dict] = None, module_state_dict_kwargs: Optional[dict] = None,
+                        torch_save_kwargs: Optional[dict] = None) -> None:
+        """Save model, optimizer (with the noise state), accountant, sampler generator
+        and torch's RNG state to ``path``; loadable with ``torch.load(weights_only=True)``.
+        ``checkpoint_dict`` adds your own entries (they must be weights_only-loadable)."""
+        ckpt.save(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
+                  checkpoint_dict=checkpoint_dict, module_state_dict_kwargs=module_state_dict_kwargs,
+                  torch_save_kwargs=torch_save_kwargs)
+
+    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
+                        module_load_dict_kwargs: Optional[dict] = None, torch_load_kwargs: Optional[dict] = None,
+                        restore_rng_state: bool = True) -> dict:
+        """Restore what :meth:`save_checkpoint` saved (with ``weights_only=True``) and
+        return the remaining entries (your ``checkpoint_dict``). Call it after
+        ``make_private`` with the same configuration; the run then continues exactly as
+        the uninterrupted one (except in secure mode) and never replays earlier noise."""
+        return ckpt.load(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
+                         module_load_dict_kwargs=module_load_dict_kwargs, torch_load_kwargs=torch_load_kwargs,
+                         restore_rng_state=restore_rng_state)
+
+
+__all__ = ["PrivacyEngine", "PrivacyError"]
