@@ -7,13 +7,16 @@ hold); at each real (non-skipped) step, before the noise and the scaling, it
    gradient layout, the same σ and the same optimizer hyperparameters (a
    scheduler stepped on one rank only) (:func:`fxdp.distributed.agreement.agree`):
    one rank's failure raises on every rank instead of leaving the others waiting;
-2. sums the private gradients over the ranks in flat buckets, with the noise
-   of std σ·R injected once, by rank 0 of the group, into its own share
+2. has rank 0 of the group add the noise of std σ·R to its own share, then
+   sums the shares over the ranks in flat buckets
    (:func:`fxdp.distributed.buckets.reduce_private_grads`);
 3. lets :class:`DPOptimizer` divide by ``expected_batch_size`` -- which must be
    the GLOBAL expected batch size q·N -- add public gradients, and step the
-   inner optimizer; its own noise draw is switched off for this step, so the
-   noise is never added twice.
+   inner optimizer.
+
+It does so by overriding the named steps of :meth:`DPOptimizer.release`
+(``check``, ``add_noise``, ``reduce``), nothing private: the noise is drawn
+by rank 0 only, before the reduction, so it is never added twice.
 
 Every rank therefore applies the same update; only rank 0's noise generator
 is ever used (in secure mode it is re-seeded from OS entropy every step), and
@@ -36,16 +39,6 @@ from fxdp.core.errors import PrivacyError
 from fxdp.training.optimizer import DPOptimizer
 from fxdp.distributed.agreement import PeerRankError, agree, digest
 from fxdp.distributed.buckets import layout_digest, reduce_private_grads
-
-
-class _NoNoise:
-    """Stands in for the noise source while DPOptimizer writes p.grad: the noise is already in the sum."""
-
-    def begin_step(self) -> None:
-        return None
-
-    def draw(self, shape, std, device):
-        return None
 
 
 class DistributedDPOptimizer(DPOptimizer):
@@ -87,31 +80,28 @@ class DistributedDPOptimizer(DPOptimizer):
                 agree(exc, "optimizer.step()", group=self.process_group)
             raise
 
-    def _write_noised_grads(self) -> None:
+    def check(self, params):
+        """Every rank's own checks, then one collective agreement: a refusal on any rank raises on all,
+        and the ranks must share the gradient layout, σ and the optimizer's hyperparameters."""
         self._in_reduction = True
-        params = self.params
-        error = None
+        error, public = None, {}
         try:
             self._check_local(params)
+            public = super().check(params)
         except PrivacyError as exc:
             error = exc
         agree(error, "optimizer.step()", self._step_digest(params), self.process_group)
-        std = self.noise_multiplier * self.max_grad_norm
-        noise_fn = None
-        if self.rank == 0 and std > 0:
-            self.noise.begin_step()
-            noise_fn = lambda p: self.noise.draw(p.shape, std, p.device)  # noqa: E731 (local, never stored)
-        self.last_num_buckets = reduce_private_grads(params, group=self.process_group, noise=noise_fn,
+        return public
+
+    def add_noise(self, params, grads) -> None:
+        """Rank 0 of the group adds the whole noise to its share; the sum then carries it exactly once."""
+        if self.rank == 0:
+            super().add_noise(params, grads)
+
+    def reduce(self, params, grads) -> None:
+        """Sum the (noised) shares over the ranks in flat buckets; every rank receives the same sum."""
+        self.last_num_buckets = reduce_private_grads(params, grads, group=self.process_group,
                                                      bucket_cap_bytes=self.bucket_cap_bytes)
-        error = None
-        noise, self.noise = self.noise, _NoNoise()
-        try:
-            super()._write_noised_grads()
-        except Exception as exc:
-            error = exc
-        finally:
-            self.noise = noise
-        agree(error, "optimizer.step()", group=self.process_group)
 
     def _step_digest(self, params) -> int:
         """What every rank must share at each step: the gradient layout, σ and the optimizer's

@@ -66,6 +66,12 @@ from fxdp.training.noise import NoiseSource
 PUBLIC_GRAD_POLICIES = ("refuse", "add")
 
 
+def accumulation_dtype(p: torch.Tensor) -> torch.dtype:
+    """The dtype private gradients are noised, summed and scaled in: float64 for float64 parameters,
+    float32 otherwise (never half precision)."""
+    return torch.float64 if p.dtype == torch.float64 else torch.float32
+
+
 class DPOptimizer(Optimizer):
     """Wrap ``optimizer`` so that each step releases a noised, clipped gradient (module docstring).
 
@@ -270,7 +276,7 @@ class DPOptimizer(Optimizer):
                 "split a large logical batch into micro-batches. (Skipping a batch, e.g. an empty one, is refused "
                 "for the same reason: an empty Poisson batch must still step.)")
         self._batches_since_step = 0
-        self._write_noised_grads()
+        self.release(self.params)
         if scaler is not None:
             # records found_inf (zero: noised true-unit gradients) so that scaler.update() can run
             scaler._check_inf_per_device(self)
@@ -284,8 +290,25 @@ class DPOptimizer(Optimizer):
         self._zeroed_since_step = False
         return loss
 
-    def _write_noised_grads(self) -> None:
-        params = self.params
+    # ------------------------------------------------- the release, step by step
+    def release(self, params: List[torch.nn.Parameter]) -> None:
+        """Write ``p.grad`` for one logical batch: check -> add noise -> reduce -> scale -> write.
+
+        Each step is a method a subclass may override (the distributed optimizers do); the
+        gradients travel between them as ``grads``: ``id(p) -> tensor`` in the accumulation dtype
+        (float32, float64 for float64 parameters), never in half precision before the noise.
+        The noise is added before the reduction, so that with several ranks exactly one share of
+        each coordinate carries it (in one process the reduction is the identity)."""
+        public = self.check(params)
+        grads = {id(p): p.private_grad.detach().to(accumulation_dtype(p)) for p in params}
+        self.add_noise(params, grads)
+        self.reduce(params, grads)
+        self.scale(params, grads)
+        self.write(params, grads, public)
+
+    def check(self, params) -> Dict[int, torch.Tensor]:
+        """Refuse a step that would release something unclipped or un-noised; returns the public
+        gradients allowed by ``public_grads`` (``id(p) -> p.grad``)."""
         have = [p for p in params if getattr(p, "private_grad", None) is not None]
         if not have:
             raise PrivacyError(
@@ -299,20 +322,32 @@ class DPOptimizer(Optimizer):
                 f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
                 "optimizer part of the privatized model, and was it trainable when the model was privatized?")
         self._check_writers(have)
-        public = self._public_grads(params)
+        return self._public_grads(params)
+
+    def add_noise(self, params, grads: Dict[int, torch.Tensor]) -> None:
+        """Add N(0, σ²R²) to every coordinate, drawn in float32 (float64 parameters: float64 arithmetic)."""
         std = self.noise_multiplier * self.max_grad_norm
-        scale = self.expected_batch_size if self.loss_reduction is LossReduction.MEAN else None
         self.noise.begin_step()
         for p in params:
-            acc = torch.float64 if p.dtype == torch.float64 else torch.float32
-            g = p.private_grad.to(acc)
             noise = self.noise.draw(p.shape, std, p.device)
             if noise is not None:
-                g = g + noise.to(acc)
-            if scale is not None:
-                g = g / scale
+                grads[id(p)] = grads[id(p)] + noise.to(grads[id(p)].dtype)
+
+    def reduce(self, params, grads: Dict[int, torch.Tensor]) -> None:
+        """Combine the shares of several processes (one process: nothing to do)."""
+
+    def scale(self, params, grads: Dict[int, torch.Tensor]) -> None:
+        """Divide by the expected batch size (loss_reduction="mean"), never by the realised one."""
+        if self.loss_reduction is LossReduction.MEAN:
+            for p in params:
+                grads[id(p)] = grads[id(p)] / self.expected_batch_size
+
+    def write(self, params, grads: Dict[int, torch.Tensor], public: Dict[int, torch.Tensor]) -> None:
+        """``p.grad`` = the released gradient (plus an allowed public gradient), in the parameter dtype."""
+        for p in params:
+            g = grads[id(p)]
             if id(p) in public:
-                g = g + public[id(p)].to(acc)
+                g = g + public[id(p)].to(g.dtype)
             p.grad = g.to(p.dtype)
 
     def _check_writers(self, params) -> None:
