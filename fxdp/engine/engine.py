@@ -29,37 +29,14 @@ from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
 from fxdp.analysis.plan_groups import GroupPlan
-from fxdp.rules import factors as F
+from fxdp.engine import finalize
 from fxdp.engine.clipping import clip_groups
+from fxdp.engine.writers import WRITERS
 from fxdp.engine.compiled_hook import in_compiled_module, new_compiled_forwards
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.engine.recorder import LayoutTable, RuntimeRecorder, structure_key
 from fxdp.engine.tap import ForwardContext, LayerUse
-
-class _WriterRegistry:
-    """Parameter -> engine that last wrote its private_grad, by identity, weakly on both
-    sides (tensors cannot be WeakKeyDictionary keys: their ``==`` is elementwise)."""
-
-    def __init__(self):
-        self._refs: Dict[int, tuple] = {}
-
-    def __setitem__(self, param, engine_ref):
-        key = id(param)
-        entry = self._refs.get(key)
-        if entry is not None and entry[0]() is param:
-            self._refs[key] = (entry[0], engine_ref)
-            return
-        self._refs[key] = (weakref.ref(param, lambda _, k=key: self._refs.pop(k, None)), engine_ref)
-
-    def get(self, param):
-        entry = self._refs.get(id(param))
-        if entry is None or entry[0]() is not param:
-            return None
-        return entry[1]
-
-
-WRITERS = _WriterRegistry()
 
 # (autograd graph task id, engine) whose taps receive gradients in the running backward
 # pass: two privatized models in one loss would each clip a sample to R (sqrt(2) R in all).
@@ -251,6 +228,7 @@ class Engine:
         return float(scaler.get_scale())
 
     def _finalize_context(self, ctx: ForwardContext):
+        """The pipeline of :mod:`fxdp.engine.finalize` for one forward pass."""
         ctx.finalized = True
         if ctx.compiled:
             self.compiled_forwards.release(ctx)
@@ -259,57 +237,16 @@ class Engine:
         ctx.uses = []
         params = dict(self.model.named_parameters())
         trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
-        per_param: Dict[str, list] = {}
-        labelled = []
-        if B > 0:
-            for u in uses:
-                if u.layout is None:
-                    raise BatchLayoutError(f"fxdp: no batch layout for {u.op}; this is a bug in fxdp.")
-                changed = [k for k, t in u.saved.items() if t._version != u.versions.get(k, t._version)]
-                if changed:
-                    raise PrivacyError(
-                        f"fxdp: the input of {u.op} ({', '.join(u.binding.param_names)}) was modified in place "
-                        "after the op used it; its per-sample norms would be computed from other values than "
-                        "the gradient. Avoid in-place operations on tensors a layer has consumed.")
-                for role, factor in u.rule.factors(u.binding, u.saved, u.grad_output, u.extra_grads,
-                                                   u.layout, B).items():
-                    per_param.setdefault(u.binding.roles[role], []).append(factor)
-                    labelled.append((f"{u.ordinal}:{role}", factor))
-                u.saved, u.grad_output, u.extra_grads = {}, None, {}
+        per_param, decisions = finalize.collect(uses, B)
         loss_scale = self._loss_scale()
         scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale
-        group_sq: Dict[int, torch.Tensor] = {}
-        for name, factors in per_param.items():
-            sq = sum(F.sq_norm(f) for f in factors)
-            for i in range(len(factors)):
-                for j in range(i + 1, len(factors)):
-                    sq = sq + 2 * F.inner(factors[i], factors[j])
-            g = self.plan.group_of[name]
-            group_sq[g] = group_sq[g] + sq if g in group_sq else sq
-        decisions = {key: f.decision for key, f in labelled}
-        del labelled
+        group_sq = finalize.group_norms(per_param, self.plan.group_of, scale)
         device = next(iter(params.values())).device if params else None
-        result = clip_groups({g: sq * scale * scale for g, sq in group_sq.items()}, self.plan.num_groups,
-                             self.config, B, device)
-        keep = None if result.num_nonfinite == 0 else result.keep
-        for name in trainable:
-            p = params[name]
-            factors = per_param.pop(name, [])
-            if factors:
-                coef = result.factors[self.plan.group_of[name]] * scale
-                total = sum(F.clipped_sum(f, coef, keep) for f in factors)
-                total = total.to(p.dtype)
-            else:
-                total = torch.zeros_like(p)
-            existing = getattr(p, "private_grad", None)
-            p.private_grad = total if existing is None else existing + total
-            WRITERS[p] = self._weakself
+        result = clip_groups(group_sq, self.plan.num_groups, self.config, B, device)
+        writer = self._weakself
+        finalize.write_private_grads(params, trainable, per_param, result, self.plan.group_of, scale,
+                                     on_write=lambda p: WRITERS.record(p, writer))
         if result.num_nonfinite:
             warnings.warn(f"fxdp: {result.num_nonfinite} of {B} examples had a non-finite loss or gradient; "
                           "they contribute nothing to this step (the step is still charged).", RuntimeWarning)
-        self.last_stats = {
-            "batch_size": B, "num_nonfinite": result.num_nonfinite, "decisions": decisions,
-            "loss_scale": loss_scale,
-            "group_norms": {self.plan.labels[g]: n.detach() for g, n in result.norms.items()},
-            "clip_factors": {self.plan.labels[g]: c.detach() for g, c in result.factors.items()},
-        }
+        self.last_stats = finalize.step_stats(B, result, decisions, loss_scale, self.plan.labels)

@@ -18,6 +18,7 @@ import torch.nn as nn
 from fxdp.core.config import DPConfig, make_config
 from fxdp.analysis.plan_groups import plan_groups
 from fxdp.engine.engine import Engine
+from fxdp.engine.writers import WRITERS
 
 ENGINE_ATTR = "_fxdp_engine"
 
@@ -43,7 +44,6 @@ def engine_of(param) -> Optional[Engine]:
 
     Lets an optimizer check that it calibrates noise to the bound the model
     clipped with (a mismatch is how Opacus #664 broke the guarantee)."""
-    from fxdp.engine.engine import WRITERS
     ref = WRITERS.get(param)
     return ref() if ref is not None else None
 

@@ -1,0 +1,97 @@
+"""Finalize: what the engine does once, at the end of a backward pass, for one forward pass.
+
+A pipeline of small steps, each a function of the previous one's result:
+
+1. :func:`collect` -- every tapped use that received its output gradient gives, through its rule,
+   one *factor* per parameter role (:mod:`fxdp.rules.factors`: the per-sample gradient in a form
+   whose norms, inner products and clipped sums are cheap); uses whose saved inputs were modified
+   in place after the op are refused.
+2. :func:`group_norms` -- per clip group, every sample's squared norm of the SUM of its gradients:
+   for a parameter used several times, the squared norms of the parts plus twice every cross
+   term (never the sum of norms, never one part only).
+3. clip factors -- :func:`fxdp.engine.clipping.clip_groups` (pure; one factor per group and sample,
+   zero for samples with a non-finite norm).
+4. :func:`write_private_grads` -- per trainable parameter, the clipped sum of its factors as one
+   matmul / index_add, added to ``p.private_grad`` (zeros for a trainable parameter this pass did
+   not use: it is never left out), and the writer recorded.
+5. :func:`step_stats` -- what ``engine.last_stats`` reports.
+
+Scale: with ``loss_reduction="mean"`` the output gradients carry 1/B (this forward's B) and a
+GradScaler's loss scale; both are undone before the norms (``scale``), so R bounds each sample's
+true gradient.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+
+from fxdp.core.errors import BatchLayoutError, PrivacyError
+from fxdp.engine.clipping import ClipResult
+from fxdp.rules import factors as F
+
+PerParam = Dict[str, List[object]]
+
+
+def collect(uses, batch_size: int) -> Tuple[PerParam, Dict[str, str]]:
+    """Factors of every parameter from the uses of one forward pass, and each factor's ghost /
+    instantiate decision (``"ordinal:role" -> decision``). Releases the uses' tensors."""
+    per_param: PerParam = {}
+    decisions: Dict[str, str] = {}
+    if batch_size <= 0:
+        return per_param, decisions
+    for u in uses:
+        if u.layout is None:
+            raise BatchLayoutError(f"fxdp: no batch layout for {u.op}; this is a bug in fxdp.")
+        changed = [k for k, t in u.saved.items() if t._version != u.versions.get(k, t._version)]
+        if changed:
+            raise PrivacyError(
+                f"fxdp: the input of {u.op} ({', '.join(u.binding.param_names)}) was modified in place "
+                "after the op used it; its per-sample norms would be computed from other values than "
+                "the gradient. Avoid in-place operations on tensors a layer has consumed.")
+        for role, factor in u.rule.factors(u.binding, u.saved, u.grad_output, u.extra_grads,
+                                           u.layout, batch_size).items():
+            per_param.setdefault(u.binding.roles[role], []).append(factor)
+            decisions[f"{u.ordinal}:{role}"] = factor.decision
+        u.saved, u.grad_output, u.extra_grads = {}, None, {}
+    return per_param, decisions
+
+
+def group_norms(per_param: PerParam, group_of: Dict[str, int], scale: float) -> Dict[int, torch.Tensor]:
+    """Per group, each sample's squared norm of its (scaled) summed gradient, cross terms included."""
+    group_sq: Dict[int, torch.Tensor] = {}
+    for name, factors in per_param.items():
+        sq = sum(F.sq_norm(f) for f in factors)
+        for i in range(len(factors)):
+            for j in range(i + 1, len(factors)):
+                sq = sq + 2 * F.inner(factors[i], factors[j])
+        g = group_of[name]
+        group_sq[g] = group_sq[g] + sq if g in group_sq else sq
+    return {g: sq * scale * scale for g, sq in group_sq.items()}
+
+
+def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[str], per_param: PerParam,
+                        result: ClipResult, group_of: Dict[str, int], scale: float, on_write) -> None:
+    """``p.private_grad += Σ_b C_b(group(p)) · scale · g_b(p)`` for every trainable parameter."""
+    keep = None if result.num_nonfinite == 0 else result.keep
+    for name in trainable:
+        p = params[name]
+        factors = per_param.pop(name, [])
+        if factors:
+            coef = result.factors[group_of[name]] * scale
+            total = sum(F.clipped_sum(f, coef, keep) for f in factors)
+            total = total.to(p.dtype)
+        else:
+            total = torch.zeros_like(p)
+        existing = getattr(p, "private_grad", None)
+        p.private_grad = total if existing is None else existing + total
+        on_write(p)
+
+
+def step_stats(batch_size: int, result: ClipResult, decisions, loss_scale: float, labels) -> dict:
+    return {
+        "batch_size": batch_size, "num_nonfinite": result.num_nonfinite, "decisions": decisions,
+        "loss_scale": loss_scale,
+        "group_norms": {labels[g]: n.detach() for g, n in result.norms.items()},
+        "clip_factors": {labels[g]: c.detach() for g, c in result.factors.items()},
+    }
