@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional
 
 import torch
@@ -12,8 +11,9 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from fxdp.core.version import VERSION
 from fxdp.engine import install as api
-from fxdp.training.accounting import PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier
-from fxdp.distributed import checkpoint as dckpt
+from fxdp.training.accounting import PoissonCharge, get_noise_multiplier
+from fxdp.distributed import checkpoint as distributed_checkpoint
+from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.distributed.agreement import agree, broadcast_state, check_same_setup, verify_replicas
 from fxdp.distributed.optimizer import DistributedDPOptimizer
 from fxdp.distributed.sampler import make_distributed_loader, rank_generator
@@ -43,8 +43,13 @@ def refuse_unsupported(module: nn.Module) -> None:
                          "data parallelism with a full replica of the model on every rank.")
 
 
-class DPDistributed:
+class DPDistributed(PrivateTrainingEngine):
     """Differentially private data-parallel training over torch.distributed (see :mod:`fxdp.distributed`).
+
+    Checkpoints (:meth:`save_checkpoint` / :meth:`load_checkpoint`, collective: rank 0 writes model,
+    optimizer with the noise stream, accountant, and every rank's sampler and RNG states; see
+    :mod:`fxdp.distributed.checkpoint`) and :meth:`get_epsilon` (for the global data set, the same on
+    every rank, no communication) come from :class:`~fxdp.training.entry_point.PrivateTrainingEngine`.
 
     Args:
         accountant: "prv" (default), "rdp" or "gdp" (``opacus.accountants``).
@@ -56,19 +61,17 @@ class DPDistributed:
         ValueError: torch.distributed is not initialised.
     """
 
+    checkpoint_io = distributed_checkpoint
+
     def __init__(self, accountant: str = "prv", secure_mode: bool = False, process_group=None):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("fxdp: DPDistributed needs torch.distributed.init_process_group() first (launch with "
                              "torchrun); in a single process use fxdp.PrivacyEngine.")
-        self.accountant_name = str(accountant).strip().lower()
-        self.accountant = create_accountant(accountant)
-        self.secure_mode = bool(secure_mode)
+        super().__init__(accountant, secure_mode)
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
         self.root = dist.get_global_rank(process_group, 0) if process_group is not None else 0
-        self.module = self.optimizer = self.data_loader = None
-        self.sampler_generator: Optional[torch.Generator] = None
         self.sample_rate: Optional[float] = None
         self.expected_batch_size: Optional[float] = None
 
@@ -116,9 +119,7 @@ class DPDistributed:
                                   epsilon_tolerance: float = 0.01, **kwargs):
         """Like :meth:`make_private`, with σ chosen so that ``epochs`` passes over the global
         data set at the global sampling rate spend at most ``target_epsilon`` at ``target_delta``."""
-        if len(self.accountant) > 0:
-            warnings.warn("fxdp: this DPDistributed has already spent privacy budget; σ is computed from zero, so "
-                          "the total ε will exceed target_epsilon.", UserWarning)
+        self.warn_if_budget_spent()
         q = float(sample_rate) if sample_rate is not None else 1.0 / len(data_loader)
         sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=q,
                                      epochs=epochs, accountant=self.accountant_name,
@@ -196,32 +197,8 @@ class DPDistributed:
             "accountant": f"{self.accountant_name} steps_recorded={len(self.accountant)}",
         }
 
-    # ------------------------------------------------------------- accounting
-    def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at ``delta`` for the global data set (the same on every rank; no communication)."""
-        return epsilon_spent(self.accountant, delta)
-
     def verify_replicas(self) -> None:
         """Collective: raise RankMismatchError unless every rank holds rank 0's parameters and
         buffers bit for bit (costs one broadcast of the model)."""
         inner = unwrap_compiled(self.module)
         verify_replicas(list(inner.parameters()) + list(inner.buffers()), src=self.root, group=self.process_group)
-
-    # ------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
-                        checkpoint_dict: Optional[dict] = None, module_state_dict_kwargs: Optional[dict] = None,
-                        torch_save_kwargs: Optional[dict] = None) -> None:
-        """Collective: rank 0 writes model, optimizer (noise stream), accountant and every rank's
-        sampler and RNG states to ``path`` (see :mod:`fxdp.distributed.checkpoint`)."""
-        dckpt.save(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
-                   checkpoint_dict=checkpoint_dict, module_state_dict_kwargs=module_state_dict_kwargs,
-                   torch_save_kwargs=torch_save_kwargs)
-
-    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
-                        module_load_dict_kwargs: Optional[dict] = None, torch_load_kwargs: Optional[dict] = None,
-                        restore_rng_state: bool = True) -> dict:
-        """Collective: rank 0 reads ``path`` and every rank restores its state; call it after
-        :meth:`make_private` with the same configuration. Returns your ``checkpoint_dict``."""
-        return dckpt.load(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
-                          module_load_dict_kwargs=module_load_dict_kwargs, torch_load_kwargs=torch_load_kwargs,
-                          restore_rng_state=restore_rng_state)

@@ -40,10 +40,6 @@ from fxdp.rules.factors import DenseGrad, EmbeddingGrad, norm_decision, use_ghos
 
 SYMBOL_NAMES = ("B", "T", "m", "n", "p", "G", "V")
 
-#: rule name -> cost family
-FAMILY_OF_RULE = {"linear": "lowrank", "addmm": "lowrank", "matmul": "lowrank", "conv": "conv",
-                  "embedding": "embedding", "layer_norm": "norm", "rms_norm": "norm", "group_norm": "norm"}
-
 METHODS = ("ghost", "instantiate", "outer")
 
 

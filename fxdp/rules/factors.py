@@ -82,9 +82,6 @@ class DenseGrad:
         return self.grad.to(compute_dtype(self.grad))
 
 
-Factor = object  # LowRankGrad | EmbeddingGrad | DenseGrad
-
-
 def use_ghost(T: int, m: int, n: int) -> bool:
     """Ghost (Gram) norm iff it is cheaper than instantiation: 2T^2 < m*n."""
     return 2 * T * T < m * n

@@ -34,57 +34,55 @@ def _reduce_to(t, shape, tail):
     return t.reshape(B, -1, *t.shape[t.dim() - tail:]).sum(1).reshape(B, *shape)
 
 
-class LayerNormRule(Rule):
+class _TrailingDimsNormRule(Rule):
+    """A norm over the trailing ``normalized_shape`` dims with an affine weight (and bias) of that
+    shape: LayerNorm and RMSNorm share binding and factors, and differ only in ``xhat``."""
+
+    affine_args = ()   # ((role, position), ...) of the affine parameters
+    eps_position = 0
+
+    def bind(self, call: OpCall):
+        x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
+        roles, params = trainable_roles(call, tuple((role, call.arg(i, role)) for role, i in self.affine_args))
+        if not roles:
+            return None
+        shape = tuple([shape] if isinstance(shape, int) else shape)
+        return Binding(self, roles, params, saved={"x": x}, layout_source=x,
+                       options={"normalized_shape": shape, "eps": call.arg(self.eps_position, "eps", self.default_eps)})
+
+    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
+        shape = binding.options["normalized_shape"]
+        x = layout.to_batch_first(saved["x"], batch_size)
+        g = layout.to_batch_first(grad_output, batch_size)
+        dt = compute_dtype(x, g)
+        xhat = self.normalize(x.to(dt), shape, binding.options["eps"], saved["x"].dtype)
+        return _affine_factors(binding, xhat, g.to(dt), len(shape))
+
+    def shape_summary(self, binding):
+        return {"n": int(torch.Size(binding.options["normalized_shape"]).numel())}
+
+
+class LayerNormRule(_TrailingDimsNormRule):
     name = "layer_norm"
     funcs = (F.layer_norm, torch.layer_norm)  # dynamo graphs may hold the torch.* spelling
+    affine_args = (("weight", 2), ("bias", 3))
+    eps_position, default_eps = 4, 1e-5
 
-    def bind(self, call: OpCall):
-        x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
-        roles, params = trainable_roles(call, (("weight", call.arg(2, "weight")), ("bias", call.arg(3, "bias"))))
-        if not roles:
-            return None
-        shape = tuple([shape] if isinstance(shape, int) else shape)
-        return Binding(self, roles, params, saved={"x": x}, layout_source=x,
-                       options={"normalized_shape": shape, "eps": call.arg(4, "eps", 1e-5)})
-
-    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
-        shape = binding.options["normalized_shape"]
-        x = layout.to_batch_first(saved["x"], batch_size)
-        g = layout.to_batch_first(grad_output, batch_size)
-        dt = compute_dtype(x, g)
-        xhat = F.layer_norm(x.to(dt), shape, eps=binding.options["eps"])
-        return _affine_factors(binding, xhat, g.to(dt), len(shape))
-
-    def shape_summary(self, binding):
-        return {"n": int(torch.Size(binding.options["normalized_shape"]).numel())}
+    @staticmethod
+    def normalize(x, shape, eps, input_dtype):
+        return F.layer_norm(x, shape, eps=eps)
 
 
-class RMSNormRule(Rule):
+class RMSNormRule(_TrailingDimsNormRule):
     name = "rms_norm"
     funcs = (F.rms_norm, torch.rms_norm)
+    affine_args = (("weight", 2),)
+    eps_position, default_eps = 3, None
 
-    def bind(self, call: OpCall):
-        x, shape = call.arg(0, "input"), call.arg(1, "normalized_shape")
-        roles, params = trainable_roles(call, (("weight", call.arg(2, "weight")),))
-        if not roles:
-            return None
-        shape = tuple([shape] if isinstance(shape, int) else shape)
-        return Binding(self, roles, params, saved={"x": x}, layout_source=x,
-                       options={"normalized_shape": shape, "eps": call.arg(3, "eps")})
-
-    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
-        shape = binding.options["normalized_shape"]
-        x = layout.to_batch_first(saved["x"], batch_size)
-        g = layout.to_batch_first(grad_output, batch_size)
-        dt = compute_dtype(x, g)
-        eps = binding.options["eps"]
-        if eps is None:
-            eps = torch.finfo(saved["x"].dtype).eps
-        xhat = F.rms_norm(x.to(dt), shape, eps=eps)
-        return _affine_factors(binding, xhat, g.to(dt), len(shape))
-
-    def shape_summary(self, binding):
-        return {"n": int(torch.Size(binding.options["normalized_shape"]).numel())}
+    @staticmethod
+    def normalize(x, shape, eps, input_dtype):
+        """eps=None means the input dtype's machine epsilon, as torch's rms_norm does."""
+        return F.rms_norm(x, shape, eps=torch.finfo(input_dtype).eps if eps is None else eps)
 
 
 class GroupNormRule(Rule):

@@ -44,8 +44,8 @@ from torch.utils.data import DataLoader
 
 from fxdp.engine import install as api
 from fxdp.core.errors import PrivacyError
-from fxdp.training import checkpoint as ckpt
-from fxdp.training.accounting import EpochCharge, PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier, mark_epochs, sampling_of
+from fxdp.training.entry_point import PrivateTrainingEngine
+from fxdp.training.accounting import EpochCharge, PoissonCharge, get_noise_multiplier, mark_epochs, sampling_of
 from fxdp.training.noise import generator_from_global_rng, generator_from_os_entropy
 from fxdp.training.optimizer import DPOptimizer
 from fxdp.training.loaders import PoissonDataLoader, make_poisson_loader
@@ -53,7 +53,7 @@ from fxdp.training.loaders import PoissonDataLoader, make_poisson_loader
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
 
-class PrivacyEngine:
+class PrivacyEngine(PrivateTrainingEngine):
     """Differentially private training with Opacus's API (module docstring).
 
     Args:
@@ -67,14 +67,9 @@ class PrivacyEngine:
     """
 
     def __init__(self, accountant: str = "prv", secure_mode: bool = False):
-        self.accountant = create_accountant(accountant)
-        self.secure_mode = bool(secure_mode)
+        super().__init__(accountant, secure_mode)
         self.dataset = None
         self.sampling = None
-        self.sampler_generator: Optional[torch.Generator] = None
-        self.module = None
-        self.optimizer: Optional[DPOptimizer] = None
-        self.data_loader = None
 
     # ------------------------------------------------------------------ setup
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
@@ -107,9 +102,7 @@ class PrivacyEngine:
         """Like :meth:`make_private`, with σ chosen by the accountant so that
         ``epochs`` epochs of the returned loader spend at most ``target_epsilon``
         at ``target_delta`` (the rate is read from the loader's actual sampler)."""
-        if len(self.accountant) > 0:
-            warnings.warn("fxdp: this PrivacyEngine has already spent privacy budget; the noise multiplier is "
-                          "computed from zero, so the total ε will exceed target_epsilon.", UserWarning)
+        self.warn_if_budget_spent()
         loader = self._prepare_loader(data_loader, poisson_sampling, batch_first, rand_on_empty)
         sampling = sampling_of(loader)
         mech = self.accountant.mechanism()
@@ -201,33 +194,6 @@ class PrivacyEngine:
             inner = getattr(data_loader.batch_sampler, "sampler", data_loader.batch_sampler)
         self.sampler_generator = getattr(inner, "generator", None)
         return data_loader
-
-    # -------------------------------------------------------------- accounting
-    def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at ``delta`` (0 before the first step; inf after a step with σ = 0)."""
-        return epsilon_spent(self.accountant, delta)
-
-    # ------------------------------------------------------------- checkpoints
-    def save_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
-                        checkpoint_dict: Optional[dict] = None, module_state_dict_kwargs: Optional[dict] = None,
-                        torch_save_kwargs: Optional[dict] = None) -> None:
-        """Save model, optimizer (with the noise state), accountant, sampler generator
-        and torch's RNG state to ``path``; loadable with ``torch.load(weights_only=True)``.
-        ``checkpoint_dict`` adds your own entries (they must be weights_only-loadable)."""
-        ckpt.save(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
-                  checkpoint_dict=checkpoint_dict, module_state_dict_kwargs=module_state_dict_kwargs,
-                  torch_save_kwargs=torch_save_kwargs)
-
-    def load_checkpoint(self, *, path, module: nn.Module, optimizer=None, noise_scheduler=None,
-                        module_load_dict_kwargs: Optional[dict] = None, torch_load_kwargs: Optional[dict] = None,
-                        restore_rng_state: bool = True) -> dict:
-        """Restore what :meth:`save_checkpoint` saved (with ``weights_only=True``) and
-        return the remaining entries (your ``checkpoint_dict``). Call it after
-        ``make_private`` with the same configuration; the run then continues exactly as
-        the uninterrupted one (except in secure mode) and never replays earlier noise."""
-        return ckpt.load(self, path=path, module=module, optimizer=optimizer, noise_scheduler=noise_scheduler,
-                         module_load_dict_kwargs=module_load_dict_kwargs, torch_load_kwargs=torch_load_kwargs,
-                         restore_rng_state=restore_rng_state)
 
 
 __all__ = ["PrivacyEngine", "PrivacyError"]
