@@ -131,3 +131,67 @@ def check_against_reference(model, args, kwargs, target, sample_loss, style="all
     thr = R / math.sqrt(len(groups))
     clipped = sum(1 for gn in norms for n in gn if n > thr) / max(1, sum(len(gn) for gn in norms))
     return worst, R, clipped
+
+
+def rule_case(func, args: tuple, params: dict, batch_dim: int = 0, kwargs=None, seed: int = 0):
+    """One op call, checked at the level of its rule (no engine, no model).
+
+    ``params``: name -> the trainable tensors among ``args`` / ``kwargs``. The output gradient is
+    random; the reference per-sample gradient of sample b is autograd's gradient with the output
+    gradient of every other sample zeroed (exact for ops that do not mix samples). Returns
+    ``(factors_by_name, reference_by_name)``: the rule's factor per parameter name, and the
+    (B, *param.shape) float64 per-sample gradients.
+    """
+    from fxdp.core.layout import BatchLayout, LayoutKind
+    from fxdp.rules import OpCall, bind
+
+    kwargs = dict(kwargs or {})
+    trainable = {id(p): n for n, p in params.items()}
+    call = OpCall(func, tuple(args), kwargs, trainable)
+    binding = bind(call)
+    assert binding is not None, f"no rule binds {func}"
+    out = func(*args, **kwargs)
+    B = out.shape[batch_dim]
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(seed))
+    reference = {n: torch.zeros((B,) + tuple(p.shape), dtype=torch.float64) for n, p in params.items()}
+    names = list(params)
+    for b in range(B):
+        mask = torch.zeros_like(g)
+        mask.select(batch_dim, b).fill_(1)
+        grads = torch.autograd.grad(out, [params[n] for n in names], g * mask, retain_graph=True, allow_unused=True)
+        for n, gr in zip(names, grads):
+            if gr is not None:
+                reference[n][b] = gr.double()
+    layout = BatchLayout(LayoutKind.BATCH, batch_dim)
+    saved = {k: v.detach() for k, v in binding.saved.items()}
+    factors = binding.rule.factors(binding, saved, g, {}, layout, B)
+    return {binding.roles[r]: f for r, f in factors.items()}, reference
+
+
+def assert_factor_matches(factor, per_sample: torch.Tensor, rtol: float = 1e-10, seed: int = 1):
+    """The rule's factor gives the reference's per-sample squared norms and clipped sums."""
+    from fxdp.rules import factors as F
+
+    B = per_sample.shape[0]
+    want_sq = per_sample.flatten(1).square().sum(1)
+    got_sq = F.sq_norm(factor).double()
+    assert torch.allclose(got_sq, want_sq, rtol=rtol, atol=1e-12 * float(want_sq.max())), (got_sq, want_sq)
+    coef = torch.rand(B, dtype=torch.float64, generator=torch.Generator().manual_seed(seed))
+    want = torch.tensordot(coef, per_sample, dims=1)
+    got = F.clipped_sum(factor, coef).double()
+    assert got.shape == want.shape
+    assert torch.allclose(got, want, rtol=rtol, atol=1e-12 * float(want.abs().max())), float((got - want).abs().max())
+    keep = torch.ones(B, dtype=torch.bool)
+    keep[0] = False
+    masked = F.clipped_sum(factor, coef, keep).double()
+    assert torch.allclose(masked, want - coef[0] * per_sample[0], rtol=rtol, atol=1e-12 * float(want.abs().max()))
+
+
+def assert_inner_matches(factor_a, factor_b, per_sample_a: torch.Tensor, per_sample_b: torch.Tensor,
+                         rtol: float = 1e-10):
+    """The cross term of two uses of one parameter is the per-sample inner product of their gradients."""
+    from fxdp.rules import factors as F
+
+    want = (per_sample_a.flatten(1) * per_sample_b.flatten(1)).sum(1)
+    got = F.inner(factor_a, factor_b).double()
+    assert torch.allclose(got, want, rtol=rtol, atol=1e-12 * float(want.abs().max()) + 1e-300), (got, want)
