@@ -333,12 +333,11 @@ class DPOptimizer(Optimizer):
         (float32, float64 for float64 parameters), never in half precision before the noise.
         The noise is added before the reduction, so that with several ranks exactly one share of
         each coordinate carries it (in one process the reduction is the identity). Under adaptive
-        clipping the centred unclipped count travels the same way (``self.unclipped_count``: noised
-        in ``add_noise``, summed in ``reduce``), and R is updated last, for the next step."""
+        clipping the centred unclipped count travels the same way (``self.unclipped_count``: taken in
+        ``check``, noised in ``add_noise``, summed in ``reduce``), and R is updated last, for the next step."""
         public = self.check(params)
         grads = {id(p): p.private_grad.detach().to(accumulation_dtype(p)) for p in params}
         adaptive, R, sigma_g = self.adaptive_clipping, self.max_grad_norm, self.gradient_noise_multiplier
-        self.unclipped_count = adaptive.count_share() if adaptive is not None else None
         self.add_noise(params, grads)
         self.reduce(params, grads)
         self.scale(params, grads)
@@ -353,7 +352,8 @@ class DPOptimizer(Optimizer):
 
     def check(self, params) -> Dict[int, torch.Tensor]:
         """Refuse a step that would release something unclipped or un-noised; returns the public
-        gradients allowed by ``public_grads`` (``id(p) -> p.grad``)."""
+        gradients allowed by ``public_grads`` (``id(p) -> p.grad``). Under adaptive clipping it also
+        takes this step's unclipped-count share (refusing passes clipped with another R)."""
         have = [p for p in params if getattr(p, "private_grad", None) is not None]
         if not have:
             raise PrivacyError(
@@ -367,7 +367,9 @@ class DPOptimizer(Optimizer):
                 f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
                 "optimizer part of the privatized model, and was it trainable when the model was privatized?")
         self._check_writers(have)
-        return self._public_grads(params)
+        public = self._public_grads(params)
+        self.unclipped_count = self.adaptive_clipping.count_share() if self.adaptive_clipping is not None else None
+        return public
 
     def add_noise(self, params, grads: Dict[int, torch.Tensor]) -> None:
         """Add N(0, σ_g²R²) to every coordinate, drawn in float32 (float64 parameters: float64 arithmetic);
