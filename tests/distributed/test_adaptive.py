@@ -43,3 +43,13 @@ def test_two_ranks_learn_the_R_of_one_process_with_the_count_noise_added_once(cl
             torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     assert ranks[0]["bounds"] == ranks[1]["bounds"] and ranks[0]["eps"] == ranks[1]["eps"]
     assert len(set(bounds)) > 3, "R was meant to change"
+
+
+def test_resume_restores_the_learned_R_on_every_rank_and_continues_exactly(cluster, tmp_path):
+    for r in cluster.values("tests.distributed.adaptive_jobs:resume_adaptive", timeout=60,
+                            path=str(tmp_path / "ck.pt")):
+        assert r["loaded_R"] == r["saved_R"] != 0.3
+        params, bounds = r["uninterrupted"]
+        params2, bounds2 = r["resumed"]
+        assert bounds2 == bounds and len(set(bounds)) > 1
+        assert torch.equal(params2, params)
