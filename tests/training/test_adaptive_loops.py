@@ -108,3 +108,15 @@ def test_compiled_path_learns_the_same_R_as_eager():
     (R_eager, p_eager), (R_compiled, p_compiled) = runs
     assert R_compiled == pytest.approx(R_eager, rel=1e-12) and len(set(R_eager)) == 4
     assert_close_dicts(p_compiled, p_eager, rtol=1e-12, atol=1e-14)
+
+
+def test_digits_example_with_adaptive_clipping_learns_R_at_the_stated_epsilon():
+    pytest.importorskip("sklearn")
+    from examples.dp_digits import main
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        out = main(["--epochs", "1", "--epsilon", "2", "--adaptive"])
+    finally:
+        torch.set_num_threads(threads)
+    assert out["epsilon"] <= 2.0 and out["max_grad_norm"] != 1.0 and 0.0 <= out["acc_dp"] <= 1.0
