@@ -9,8 +9,10 @@ Training uses Opacus's conventions through fxdp: ``make_private_with_epsilon``
 picks σ so that the run spends at most ``--epsilon`` at ``--delta`` (PRV
 accountant, Poisson sampling), and the progress bar shows the loss and the ε
 spent so far. ``--physical-batch-size`` processes each logical batch as
-micro-batches (fxdp.BatchMemoryManager); the result is the same. Runs in well
-under a minute on a laptop CPU.
+micro-batches (fxdp.BatchMemoryManager); the result is the same. ``--adaptive``
+learns R during training (adaptive clipping, target: the median per-sample norm);
+the progress bar then also shows the current R and the noised unclipped fraction.
+Runs in well under a minute on a laptop CPU.
 """
 from __future__ import annotations
 
@@ -72,12 +74,19 @@ def train(model, optimizer, loader, epochs, desc, engine=None, delta=None, physi
                 if taken is not None and optimizer.steps_taken == taken:
                     continue  # a micro-batch: the logical step happens at its last micro-batch
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.2f}" if engine else "n/a")
+                bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.2f}" if engine else "n/a", **clip_progress(optimizer))
         if engine is not None:
             eps = engine.get_epsilon(delta)  # PRV accounting takes ~0.1 s: once per epoch
-            bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", eps=f"{eps:.2f}", **clip_progress(optimizer))
     bar.close()
     return eps
+
+
+def clip_progress(optimizer) -> dict:
+    """Under adaptive clipping: the current R and the last step's noised unclipped fraction."""
+    if getattr(optimizer, "adaptive_clipping", None) is None or not optimizer.last_release:
+        return {}
+    return {"R": f"{optimizer.max_grad_norm:.3f}", "unclipped": f"{optimizer.last_release['unclipped_fraction']:.2f}"}
 
 
 def main(argv=None):
@@ -88,9 +97,14 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=64, help="expected logical batch size")
     ap.add_argument("--physical-batch-size", type=int, default=None)
     ap.add_argument("--max-grad-norm", type=float, default=1.0)
-    ap.add_argument("--lr", type=float, default=2.0)
+    ap.add_argument("--lr", type=float, default=None, help="default 2.0 (0.5 with --adaptive)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--adaptive", action="store_true",
+                    help="learn R as the median per-sample norm (adaptive clipping, starting at --max-grad-norm); "
+                         "the update scales with R, so the learning rate needs retuning")
     args = ap.parse_args(argv)
+    if args.lr is None:
+        args.lr = 0.5 if args.adaptive else 2.0
     train_set, test_set = load_digits_split(args.seed)
     t0 = time.time()
 
@@ -109,16 +123,19 @@ def main(argv=None):
     engine = fxdp.PrivacyEngine(accountant="prv")
     model, opt, loader = engine.make_private_with_epsilon(
         module=model, optimizer=torch.optim.SGD(model.parameters(), lr=args.lr), data_loader=loader,
-        target_epsilon=args.epsilon, target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm)
+        target_epsilon=args.epsilon, target_delta=args.delta, epochs=args.epochs, max_grad_norm=args.max_grad_norm,
+        **(dict(clipping="adaptive", target_unclipped_quantile=0.5, clipbound_learning_rate=0.2)
+           if args.adaptive else {}))
     eps = train(model, opt, loader, args.epochs, f"DP (target ε={args.epsilon:g})", engine, args.delta,
                 args.physical_batch_size)
     acc_dp = accuracy(model, test_set)
 
     print(f"\nnoise multiplier σ = {opt.noise_multiplier:.3f}, sample rate q = {loader.sample_rate:.4f}, "
-          f"R = {args.max_grad_norm}, {args.epochs} epochs")
+          f"R = {args.max_grad_norm}" + (f" -> {opt.max_grad_norm:.3f} (adaptive)" if args.adaptive else "")
+          + f", {args.epochs} epochs")
     print(f"test accuracy: non-private {acc_plain:.3f} | DP {acc_dp:.3f} at ε = {eps:.2f}, δ = {args.delta:g} "
           f"({time.time() - t0:.1f} s)")
-    return {"acc_plain": acc_plain, "acc_dp": acc_dp, "epsilon": eps}
+    return {"acc_plain": acc_plain, "acc_dp": acc_dp, "epsilon": eps, "max_grad_norm": opt.max_grad_norm}
 
 
 if __name__ == "__main__":

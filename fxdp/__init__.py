@@ -20,6 +20,7 @@ _LAZY = {
     "DPOptimizer": "fxdp.training.optimizer",
     "PrivacyEngine": "fxdp.training.privacy_engine",
     "BatchMemoryManager": "fxdp.training.loaders",
+    "AdaptiveClipping": "fxdp.training.adaptive",
     "audit": "fxdp.auditing.canary",
     "AuditResult": "fxdp.auditing.canary",
     "fix_batchnorm": "fxdp.fix",

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from fxdp.core.version import VERSION
 from fxdp.engine import install as api
 from fxdp.training.accounting import PoissonCharge, get_noise_multiplier
+from fxdp.training.adaptive import check_clipping_option, from_clipping_option
 from fxdp.distributed import checkpoint as distributed_checkpoint
 from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.distributed.agreement import agree, broadcast_state, check_same_setup, verify_replicas
@@ -131,12 +132,14 @@ class DPDistributed(PrivateTrainingEngine):
                  style="all-layer", clipping_fn="abadi", numerical_stability_constant=None, block_heads=None,
                  batch_dim=None, loss_reduction="mean", noise_generator=None, public_grads="refuse",
                  shuffle_seed: int = 0, bucket_cap_mb: float = 25.0, batch_first: bool = True,
-                 rand_on_empty: bool = False, poisson_sampling: bool = True):
+                 rand_on_empty: bool = False, poisson_sampling: bool = True, clipping: str = "flat",
+                 **adaptive_options):
         if not isinstance(module, nn.Module):
             raise ValueError(f"fxdp: module must be an nn.Module, got {type(module).__name__}.")
         refuse_unsupported(module)
         inner = unwrap_compiled(module)
         refuse_unsupported(inner)
+        check_clipping_option(clipping, adaptive_options)
         if not poisson_sampling:
             raise ValueError("fxdp: DPDistributed samples global batches with Poisson sampling only "
                              "(poisson_sampling=False is not supported across ranks).")
@@ -154,6 +157,7 @@ class DPDistributed(PrivateTrainingEngine):
             clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
             loss_reduction=loss_reduction, block_heads=block_heads)
         config = engine.config
+        adaptive = from_clipping_option(clipping, inner, adaptive_options)
         n = len(data_loader.dataset)
         q = float(sample_rate) if sample_rate is not None else 1.0 / len(data_loader)
         if not (0 < q <= 1) or not math.isfinite(q):
@@ -167,7 +171,7 @@ class DPDistributed(PrivateTrainingEngine):
         dp_optimizer = DistributedDPOptimizer(
             optimizer, noise_multiplier, config.max_grad_norm, q * n, config.loss_reduction,
             generator=noise_generator, secure_mode=self.secure_mode, public_grads=public_grads,
-            process_group=self.process_group, bucket_cap_mb=bucket_cap_mb)
+            process_group=self.process_group, bucket_cap_mb=bucket_cap_mb, adaptive_clipping=adaptive)
         dp_optimizer.attach_step_hook(PoissonCharge(self.accountant, q))
         dp_optimizer.set_param_names(inner)
         loader.dp_optimizer = dp_optimizer
@@ -191,7 +195,8 @@ class DPDistributed(PrivateTrainingEngine):
             "noise and clipping": (f"noise_multiplier={dp_optimizer.noise_multiplier!r} "
                                    f"max_grad_norm={dp_optimizer.max_grad_norm!r} "
                                    f"loss_reduction={dp_optimizer.loss_reduction.value} "
-                                   f"secure_mode={self.secure_mode} public_grads={dp_optimizer.public_grads}"),
+                                   f"secure_mode={self.secure_mode} public_grads={dp_optimizer.public_grads} "
+                                   f"adaptive_clipping={dp_optimizer.adaptive_clipping!r}"),
             "sampling": (f"sample_rate={sampler.sample_rate!r} dataset_size={sampler.total_size} "
                          f"steps={sampler.num_batches} shuffle_seed={shuffle_seed!r}"),
             "accountant": f"{self.accountant_name} steps_recorded={len(self.accountant)}",

@@ -51,14 +51,15 @@ class DistributedDPOptimizer(DPOptimizer):
 
     def __init__(self, optimizer, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: Optional[float] = None, loss_reduction="mean", generator=None,
-                 secure_mode: bool = False, *, public_grads: str = "refuse", process_group=None, bucket_cap_mb: float = 25.0):
+                 secure_mode: bool = False, *, public_grads: str = "refuse", process_group=None, bucket_cap_mb: float = 25.0,
+                 adaptive_clipping=None):
         if not (dist.is_available() and dist.is_initialized()):
             raise ValueError("fxdp: DistributedDPOptimizer needs an initialised torch.distributed process group "
                              "(torch.distributed.init_process_group); in one process use fxdp.DPOptimizer.")
         if not float(bucket_cap_mb) > 0:
             raise ValueError(f"fxdp: bucket_cap_mb must be positive, got {bucket_cap_mb!r}.")
         super().__init__(optimizer, noise_multiplier, max_grad_norm, expected_batch_size, loss_reduction,
-                         generator, secure_mode, public_grads=public_grads)
+                         generator, secure_mode, public_grads=public_grads, adaptive_clipping=adaptive_clipping)
         self.process_group = process_group
         self.rank = dist.get_rank(process_group)
         self.world_size = dist.get_world_size(process_group)
@@ -99,15 +100,18 @@ class DistributedDPOptimizer(DPOptimizer):
             super().add_noise(params, grads)
 
     def reduce(self, params, grads) -> None:
-        """Sum the (noised) shares over the ranks in flat buckets; every rank receives the same sum."""
+        """Sum the (noised) shares over the ranks in flat buckets; every rank receives the same sum (and,
+        under adaptive clipping, the same centred unclipped count, so every rank learns the same R)."""
         self.last_num_buckets = reduce_private_grads(params, grads, group=self.process_group,
                                                      bucket_cap_bytes=self.bucket_cap_bytes)
+        if self.unclipped_count is not None:
+            dist.all_reduce(self.unclipped_count, group=self.process_group)
 
     def _step_digest(self, params) -> int:
         """What every rank must share at each step: the gradient layout, σ and the optimizer's
         hyperparameters (a noise or LR scheduler stepped on one rank only is caught here)."""
         hyper = [sorted((k, repr(v)) for k, v in g.items() if k != "params") for g in self.param_groups]
-        return digest(f"{layout_digest(params)} {self.noise_multiplier!r} {hyper!r}")
+        return digest(f"{layout_digest(params)} {self.noise_multiplier!r} {self.max_grad_norm!r} {hyper!r}")
 
     def _check_local(self, params) -> None:
         missing = [self._name(p) for p in params if getattr(p, "private_grad", None) is None]

@@ -12,11 +12,15 @@ bounded by R, which is the sensitivity the noise is calibrated to.
 
 A sample whose norm in any group is NaN or inf gets C = 0 in every group (it
 contributes nothing, as in jax_privacy) and is counted.
+
+``unclipped`` marks the samples whose norm is finite and ``<= R_g`` in every group
+(what adaptive clipping counts; :mod:`fxdp.engine.clip_bound`).
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Dict
+from typing import Dict, Optional
 
 import torch
 
@@ -37,18 +41,24 @@ class ClipResult:
     keep: torch.Tensor                 # (B,) bool: samples with finite norms
     norms: Dict[int, torch.Tensor]     # group -> (B,) true per-sample norms
     num_nonfinite: int
+    unclipped: Optional[torch.Tensor] = None   # (B,) bool: finite and norm <= R_g in every group
+    max_grad_norm: Optional[float] = None      # the R these factors were computed with
 
 
 def clip_groups(group_sq_norms: Dict[int, torch.Tensor], num_groups: int, config: DPConfig,
-                batch_size: int, device=None) -> ClipResult:
-    """Per-group clip factors for one batch from per-group squared norms."""
-    threshold = config.group_threshold(num_groups)
+                batch_size: int, device=None, max_grad_norm: Optional[float] = None) -> ClipResult:
+    """Per-group clip factors for one batch from per-group squared norms, with R = ``max_grad_norm``
+    (the engine's current :class:`~fxdp.engine.clip_bound.ClipBound`; default ``config.max_grad_norm``)."""
+    R = config.max_grad_norm if max_grad_norm is None else float(max_grad_norm)
+    threshold = R / math.sqrt(max(num_groups, 1))
     norms = {g: sq.clamp(min=0).sqrt() for g, sq in group_sq_norms.items()}
     keep = torch.ones(batch_size, dtype=torch.bool, device=device)
     for n in norms.values():
         keep = keep & torch.isfinite(n).to(keep.device)
     factors = {}
+    unclipped = keep.clone()
     for g, n in norms.items():
+        unclipped = unclipped & (n <= threshold).to(keep.device)
         c = clip_factor(n, threshold, config.clipping_fn, config.numerical_stability_constant)
         factors[g] = torch.where(keep.to(c.device), c, torch.zeros((), dtype=c.dtype, device=c.device))
-    return ClipResult(factors, keep, norms, int((~keep).sum()))
+    return ClipResult(factors, keep, norms, int((~keep).sum()), unclipped, R)

@@ -30,6 +30,7 @@ from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
 from fxdp.analysis.plan_groups import GroupPlan
 from fxdp.engine import finalize
+from fxdp.engine.clip_bound import ClipBound
 from fxdp.engine.clipping import clip_groups
 from fxdp.engine.writers import WRITERS
 from fxdp.engine.compiled_hook import in_compiled_module, new_compiled_forwards
@@ -57,6 +58,8 @@ class Engine:
         self.tables: Dict[tuple, LayoutTable] = {}
         self.last_stats: dict = {}
         self.grad_scaler = None
+        # the one source of the current R: these clip factors and the optimizer's noise both read it
+        self.clip_bound = ClipBound(config.max_grad_norm)
         self._reset_transient()
 
     def _reset_transient(self):
@@ -242,7 +245,9 @@ class Engine:
         scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale
         group_sq = finalize.group_norms(per_param, self.plan.group_of, scale)
         device = next(iter(params.values())).device if params else None
-        result = clip_groups(group_sq, self.plan.num_groups, self.config, B, device)
+        R = self.clip_bound.value
+        result = clip_groups(group_sq, self.plan.num_groups, self.config, B, device, max_grad_norm=R)
+        self.clip_bound.record(result.unclipped, R)
         writer = self._weakself
         finalize.write_private_grads(params, trainable, per_param, result, self.plan.group_of, scale,
                                      on_write=lambda p: WRITERS.record(p, writer))

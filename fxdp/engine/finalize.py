@@ -94,4 +94,5 @@ def step_stats(batch_size: int, result: ClipResult, decisions, loss_scale: float
         "loss_scale": loss_scale,
         "group_norms": {labels[g]: n.detach() for g, n in result.norms.items()},
         "clip_factors": {labels[g]: c.detach() for g, c in result.factors.items()},
+        "max_grad_norm": result.max_grad_norm, "unclipped": result.unclipped,
     }

@@ -124,7 +124,11 @@ def unprivatize(model: nn.Module) -> nn.Module:
 
 
 def clear_private_grads(model: nn.Module) -> None:
-    """Drop every ``p.private_grad`` (the optimizer does this after each step)."""
+    """Drop every ``p.private_grad`` and the unclipped count recorded with them (the optimizer does
+    this after each step)."""
+    engine = get_engine(getattr(model, "_orig_mod", model))
+    if engine is not None:
+        engine.clip_bound.clear_pending()
     for p in model.parameters():
         if hasattr(p, "private_grad"):
             del p.private_grad

@@ -89,6 +89,8 @@ def explain(model, *example_args, **kwargs) -> Report:
             notes.append(f"the traced forward pass on the example batch failed: {type(exc).__name__}: {exc}")
     if analysis is not None:
         problems = list(analysis.problems) + problems
+    if engine is not None and config is engine.config and engine.clip_bound.owner is not None:
+        notes.append("clipping bound " + engine.clip_bound.describe())
     return build_report(model, config, plan, analysis, tracker, trace, B, problems, notes)
 
 

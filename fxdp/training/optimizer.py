@@ -39,7 +39,12 @@ Guarantees and edge cases:
   ``zero_grad(set_to_none=False)``) is not a public gradient.
 - ``max_grad_norm`` and ``loss_reduction`` must be those the model clips
   with: ``step()`` checks them against the engine that wrote each private
-  gradient (``fxdp.engine.install.engine_of``) and raises on a mismatch; R is fixed;
+  gradient (``fxdp.engine.install.engine_of``: the R of its ``clip_bound``, and
+  the R every backward pass since the last step clipped with) and raises on a
+  mismatch; R is fixed, unless ``adaptive_clipping=`` learns it
+  (:mod:`fxdp.training.adaptive`: then ``max_grad_norm`` is the model's current
+  bound, ``noise_multiplier`` the total σ charged, and the gradient noise uses
+  ``gradient_noise_multiplier``);
   ``noise_multiplier`` may be changed between steps (noise schedulers), and
   the accountant records the σ actually used.
 - ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's: LR
@@ -87,12 +92,14 @@ class DPOptimizer(Optimizer):
         secure_mode: OS-seeded noise and the floating-point attack mitigation
             (see :mod:`fxdp.training.noise` for what this does and does not protect).
         public_grads: "refuse" or "add" (see the module docstring).
+        adaptive_clipping: a :class:`fxdp.training.adaptive.AdaptiveClipping` of the model, to learn R
+            (needs ``expected_batch_size``); None keeps R fixed.
     """
 
     def __init__(self, optimizer: Optimizer, noise_multiplier: float, max_grad_norm: float,
                  expected_batch_size: Optional[float] = None, loss_reduction="mean",
                  generator: Optional[torch.Generator] = None, secure_mode: bool = False, *,
-                 public_grads: str = "refuse"):
+                 public_grads: str = "refuse", adaptive_clipping=None):
         if isinstance(optimizer, DPOptimizer):
             raise ValueError("fxdp: this optimizer is already a DPOptimizer; wrap the plain optimizer once.")
         if not isinstance(optimizer, Optimizer):
@@ -128,11 +135,34 @@ class DPOptimizer(Optimizer):
         # True: call the inner optimizer's class-level step/zero_grad, ignoring instance attributes -- needed when
         # the inner optimizer's own ``step`` is redirected to this DPOptimizer (fxdp.compat.fastdp's attach).
         self.inner_class_methods = False
+        self.adaptive_clipping = adaptive_clipping
+        self.unclipped_count: Optional[torch.Tensor] = None  # the count share travelling through release()
+        self.last_release: dict = {}
+        if adaptive_clipping is not None:
+            from fxdp.training.adaptive import AdaptiveClipping
+
+            if not isinstance(adaptive_clipping, AdaptiveClipping):
+                raise ValueError("fxdp: adaptive_clipping must be a fxdp.training.adaptive.AdaptiveClipping.")
+            adaptive_clipping.attach(self.expected_batch_size, self.noise_multiplier)
+            if not math.isclose(adaptive_clipping.bound.value, self._max_grad_norm, rel_tol=1e-12):
+                raise ValueError(f"fxdp: max_grad_norm={self._max_grad_norm} but the model's current bound is "
+                                 f"R = {adaptive_clipping.bound.value}; they must agree.")
 
     # --------------------------------------------------------------- plumbing
     @property
     def max_grad_norm(self) -> float:
+        """R: fixed, or the model's current learned bound under adaptive clipping."""
+        if self.adaptive_clipping is not None:
+            return self.adaptive_clipping.bound.value
         return self._max_grad_norm
+
+    @property
+    def gradient_noise_multiplier(self) -> float:
+        """σ_g, the gradient noise std / R: ``noise_multiplier`` itself, or under adaptive clipping
+        (σ⁻² − (2σ_b)⁻²)^(−1/2) (the total σ is what the accountant charges)."""
+        if self.adaptive_clipping is not None:
+            return self.adaptive_clipping.gradient_noise_multiplier(self.noise_multiplier)
+        return self.noise_multiplier
 
     @max_grad_norm.setter
     def max_grad_norm(self, value):
@@ -180,7 +210,9 @@ class DPOptimizer(Optimizer):
     def __repr__(self):
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
                 f"expected_batch_size={self.expected_batch_size}, loss_reduction={self.loss_reduction.value!r}, "
-                f"secure_mode={self.secure_mode},\n  {self.original_optimizer!r})")
+                f"secure_mode={self.secure_mode}"
+                + ("" if self.adaptive_clipping is None else f", adaptive_clipping={self.adaptive_clipping!r}")
+                + f",\n  {self.original_optimizer!r})")
 
     def attach_step_hook(self, fn: Callable) -> None:
         """Call ``fn(self)`` after every real step (Opacus convention; several hooks allowed)."""
@@ -224,6 +256,8 @@ class DPOptimizer(Optimizer):
         for p in self.params:
             if hasattr(p, "private_grad"):
                 del p.private_grad
+        if self.adaptive_clipping is not None:
+            self.adaptive_clipping.bound.clear_pending()  # the count lives and dies with the private gradients
         self._call_inner("zero_grad", set_to_none=set_to_none)
         self._zeroed_since_step = True
 
@@ -298,17 +332,28 @@ class DPOptimizer(Optimizer):
         gradients travel between them as ``grads``: ``id(p) -> tensor`` in the accumulation dtype
         (float32, float64 for float64 parameters), never in half precision before the noise.
         The noise is added before the reduction, so that with several ranks exactly one share of
-        each coordinate carries it (in one process the reduction is the identity)."""
+        each coordinate carries it (in one process the reduction is the identity). Under adaptive
+        clipping the centred unclipped count travels the same way (``self.unclipped_count``: taken in
+        ``check``, noised in ``add_noise``, summed in ``reduce``), and R is updated last, for the next step."""
         public = self.check(params)
         grads = {id(p): p.private_grad.detach().to(accumulation_dtype(p)) for p in params}
+        adaptive, R, sigma_g = self.adaptive_clipping, self.max_grad_norm, self.gradient_noise_multiplier
         self.add_noise(params, grads)
         self.reduce(params, grads)
         self.scale(params, grads)
         self.write(params, grads, public)
+        self.last_release = {"max_grad_norm": R, "noise_multiplier": self.noise_multiplier,
+                             "gradient_noise_multiplier": sigma_g}
+        if adaptive is not None:
+            self.last_release["next_max_grad_norm"] = adaptive.update(self.unclipped_count)
+            self.last_release["unclipped_fraction"] = adaptive.bound.last_unclipped_fraction
+            self.last_release["count_noise_multiplier"] = adaptive.count_noise_multiplier
+            self.unclipped_count = None
 
     def check(self, params) -> Dict[int, torch.Tensor]:
         """Refuse a step that would release something unclipped or un-noised; returns the public
-        gradients allowed by ``public_grads`` (``id(p) -> p.grad``)."""
+        gradients allowed by ``public_grads`` (``id(p) -> p.grad``). Under adaptive clipping it also
+        takes this step's unclipped-count share (refusing passes clipped with another R)."""
         have = [p for p in params if getattr(p, "private_grad", None) is not None]
         if not have:
             raise PrivacyError(
@@ -322,16 +367,21 @@ class DPOptimizer(Optimizer):
                 f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
                 "optimizer part of the privatized model, and was it trainable when the model was privatized?")
         self._check_writers(have)
-        return self._public_grads(params)
+        public = self._public_grads(params)
+        self.unclipped_count = self.adaptive_clipping.count_share() if self.adaptive_clipping is not None else None
+        return public
 
     def add_noise(self, params, grads: Dict[int, torch.Tensor]) -> None:
-        """Add N(0, σ²R²) to every coordinate, drawn in float32 (float64 parameters: float64 arithmetic)."""
-        std = self.noise_multiplier * self.max_grad_norm
+        """Add N(0, σ_g²R²) to every coordinate, drawn in float32 (float64 parameters: float64 arithmetic);
+        σ_g = σ unless adaptive clipping, which also adds N(0, σ_b²) to the unclipped count."""
+        std = self.gradient_noise_multiplier * self.max_grad_norm
         self.noise.begin_step()
         for p in params:
             noise = self.noise.draw(p.shape, std, p.device)
             if noise is not None:
                 grads[id(p)] = grads[id(p)] + noise.to(grads[id(p)].dtype)
+        if self.unclipped_count is not None:
+            self.unclipped_count = self.adaptive_clipping.add_count_noise(self.unclipped_count, self.noise)
 
     def reduce(self, params, grads: Dict[int, torch.Tensor]) -> None:
         """Combine the shares of several processes (one process: nothing to do)."""
@@ -362,12 +412,16 @@ class DPOptimizer(Optimizer):
             if engine is not None:
                 engines[id(engine)] = engine
         for engine in engines.values():
-            config = engine.config
-            if not math.isclose(config.max_grad_norm, self.max_grad_norm, rel_tol=1e-12):
+            config, bound = engine.config, engine.clip_bound
+            used = sorted(bound.pending.values | {bound.value})
+            if any(not math.isclose(r, self.max_grad_norm, rel_tol=1e-12) for r in used):
                 raise PrivacyError(
-                    f"fxdp: the model clips with max_grad_norm={config.max_grad_norm} but this optimizer calibrates "
-                    f"its noise to max_grad_norm={self.max_grad_norm}; the real noise multiplier would differ from "
-                    "the one accounted. Use the same R for fxdp.privatize and DPOptimizer.")
+                    f"fxdp: the model clips with max_grad_norm={used[0] if len(used) == 1 else used} but this "
+                    f"optimizer calibrates its noise to max_grad_norm={self.max_grad_norm}; the real noise multiplier "
+                    "would differ from the one accounted. Use the same R for fxdp.privatize and DPOptimizer.")
+            if self.adaptive_clipping is not None and bound is not self.adaptive_clipping.bound:
+                raise PrivacyError("fxdp: private gradients were written by a model whose clipping bound this "
+                                   "optimizer's adaptive clipping does not learn; build AdaptiveClipping on that model.")
             if config.loss_reduction is not self.loss_reduction:
                 raise PrivacyError(
                     f"fxdp: the model undoes a loss_reduction={config.loss_reduction.value!r} loss but this optimizer "
@@ -404,10 +458,19 @@ class DPOptimizer(Optimizer):
             "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
             "expected_batch_size": self.expected_batch_size, "loss_reduction": self.loss_reduction.value,
             "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in self.step_hooks],
+            "adaptive_clipping": None if self.adaptive_clipping is None else self.adaptive_clipping.state_dict(),
         }
 
     def load_dp_state_dict(self, state: dict) -> None:
-        """Restore :meth:`dp_state_dict`; refuses a different R, loss reduction or expected batch size."""
+        """Restore :meth:`dp_state_dict`; refuses a different R, loss reduction or expected batch size.
+        Under adaptive clipping the learned R is restored first (into the model's bound)."""
+        adaptive = state.get("adaptive_clipping")
+        if (adaptive is None) != (self.adaptive_clipping is None):
+            raise ValueError("fxdp: the checkpoint was written " + ("with" if adaptive is not None else "without")
+                             + " adaptive clipping and this optimizer " + ("does not" if adaptive is not None else
+                             "does") + " use it; resume with the same clipping.")
+        if adaptive is not None:
+            self.adaptive_clipping.load_state_dict(adaptive)
         for key in ("max_grad_norm", "expected_batch_size"):
             saved, now = state[key], getattr(self, key)
             if (saved is None) != (now is None) or (saved is not None and not math.isclose(saved, now)):

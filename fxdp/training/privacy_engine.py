@@ -11,7 +11,9 @@ Switching from Opacus: change the import. Differences, all deliberate:
 - no ``GradSampleModule`` wrapper; ``grad_sample_mode`` is accepted ("hooks",
   "functorch", "ew", "ghost": the last returns the criterion unchanged as the
   4th element) but fxdp always uses bookkeeping clipping in one backward pass;
-- ``clipping="flat"`` only; other groupings are fxdp styles (``style=``);
+- ``clipping="flat"`` or ``"adaptive"`` (R learned privately, :mod:`fxdp.training.adaptive`, with
+  Opacus's ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``unclipped_num_std`` (or
+  ``count_noise_multiplier``), ``max_clipbound``, ``min_clipbound``); other groupings are fxdp styles (``style=``);
 - ``poisson_sampling=False`` keeps a shuffled/sequential loader but is
   accounted honestly (one full-batch Gaussian mechanism per epoch, see
   :mod:`fxdp.training.accounting`), not as if it were Poisson sampling;
@@ -47,6 +49,7 @@ from fxdp.core.errors import PrivacyError
 from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.training.accounting import EpochCharge, PoissonCharge, get_noise_multiplier, mark_epochs, sampling_of
 from fxdp.training.noise import generator_from_global_rng, generator_from_os_entropy
+from fxdp.training.adaptive import check_clipping_option, from_clipping_option
 from fxdp.training.optimizer import DPOptimizer
 from fxdp.training.loaders import PoissonDataLoader, make_poisson_loader
 
@@ -120,7 +123,8 @@ class PrivacyEngine(PrivateTrainingEngine):
     def _make_private(self, *, module, optimizer, data_loader, noise_multiplier, max_grad_norm, batch_first,
                       criterion=None, style="all-layer", clipping_fn="abadi", numerical_stability_constant=None,
                       block_heads=None, batch_dim=None, loss_reduction="mean", clipping="flat",
-                      noise_generator=None, grad_sample_mode="hooks", wrap_model=True, public_grads="refuse"):
+                      noise_generator=None, grad_sample_mode="hooks", wrap_model=True, public_grads="refuse",
+                      **adaptive_options):
         if not isinstance(module, nn.Module):
             raise ValueError(f"fxdp: module must be an nn.Module, got {type(module).__name__}.")
         if isinstance(module, nn.parallel.DistributedDataParallel):
@@ -131,9 +135,7 @@ class PrivacyEngine(PrivateTrainingEngine):
         owned = {id(p) for p in module.parameters()}
         if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("fxdp: the optimizer has parameters that are not the module's parameters.")
-        if clipping != "flat":
-            raise ValueError(f"fxdp: clipping={clipping!r} is not supported; fxdp groups parameters with style= "
-                             "('all-layer', 'layer-wise', 'param-wise', 'block-wise'), thresholds R/sqrt(groups).")
+        check_clipping_option(clipping, adaptive_options)
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"fxdp: grad_sample_mode={grad_sample_mode!r} is not supported; expected one of "
                              f"{GRAD_SAMPLE_MODES} (fxdp always computes bookkeeping clipped sums).")
@@ -145,10 +147,11 @@ class PrivacyEngine(PrivateTrainingEngine):
             module, batch_first=batch_first, batch_dim=batch_dim, style=style, max_grad_norm=max_grad_norm,
             clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
             loss_reduction=loss_reduction, block_heads=block_heads).config
+        adaptive = from_clipping_option(clipping, module, adaptive_options)
         sampling = sampling_of(data_loader)
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier, config.max_grad_norm, sampling.expected_batch_size,
                                    config.loss_reduction, generator=noise_generator, secure_mode=self.secure_mode,
-                                   public_grads=public_grads)
+                                   public_grads=public_grads, adaptive_clipping=adaptive)
         if sampling.poisson:
             dp_optimizer.attach_step_hook(PoissonCharge(self.accountant, sampling.sample_rate))
         else:
