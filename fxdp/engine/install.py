@@ -124,10 +124,14 @@ def unprivatize(model: nn.Module) -> nn.Module:
 
 
 def clear_private_grads(model: nn.Module) -> None:
-    """Drop every ``p.private_grad`` (the optimizer does this after each step)."""
+    """Drop every ``p.private_grad`` (the optimizer does this after each step) and the engine's
+    record of the samples behind them."""
     for p in model.parameters():
         if hasattr(p, "private_grad"):
             del p.private_grad
+    engine = get_engine(model)
+    if engine is not None:
+        engine.ledger.reset()
 
 
 def ensure_privatized(module: nn.Module, *, batch_first: bool = True, batch_dim=None, style="all-layer",
