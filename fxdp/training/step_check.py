@@ -128,16 +128,19 @@ class DrawnBatchCheck:
 
 def _diagnosis(sizes: List[int], drawn: int) -> str:
     clipped = sum(sizes)
-    if len(sizes) > 1 and drawn > 0 and all(s == drawn for s in sizes):
-        return (f"Each example went through {len(sizes)} backward passes (several views or augmentations of one "
-                "batch, each with its own forward and backward?): one example would contribute "
-                f"{len(sizes)}·R. Run the views in one forward pass and clip each example's summed gradient once "
-                "(declare the rows of one example as one privacy unit), or step after each backward pass.")
-    if len(sizes) == 1 and drawn > 0 and clipped % drawn == 0:
-        return (f"The model's batch dimension holds {clipped // drawn} rows per example: were tokens or views "
-                "flattened into the batch dimension (e.g. (B·T, d)) before the model, or does batch_first / "
-                "batch_dim not match the data? One example would be clipped as several samples, each up to R. "
-                "Keep one row per example in the batch dimension.")
+    if drawn > 0 and clipped > drawn and clipped % drawn == 0:
+        k = clipped // drawn
+        if len(sizes) == 1:
+            return (f"The model's batch dimension holds {k} rows per example: were tokens or views flattened into "
+                    "the batch dimension (e.g. (B·T, d)) before the model, or does batch_first / batch_dim not "
+                    "match the data? One example would be clipped as several samples, each up to R. Keep one row "
+                    "per example in the batch dimension.")
+        return (f"Each example went through {k} backward passes (several views or augmentations of one batch, each "
+                "with its own forward and backward; or a backward pass on other data, such as a validation batch, "
+                f"left in the private gradients): one example would contribute up to {k}·R. Run the views in one "
+                "forward pass and clip each example's summed gradient once (declare the rows of one example as "
+                "one privacy unit), call optimizer.zero_grad() after backward passes that must not be released, "
+                "or step after each backward pass.")
     if clipped > drawn:
         return ("A backward pass on other data (a validation or test batch, a batch of another loader) is still "
                 "in the private gradients, or the batch dimension does not match the data (batch_first / "
