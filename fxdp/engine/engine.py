@@ -136,7 +136,7 @@ class Engine:
         try:
             B, leaves, dims = input_batch_dims(args, kwargs, self.config.batch_dim_spec)
             trainable = self.trainable()
-            self._targets.prepare(p for p in self.model.parameters() if id(p) in trainable)
+            self._targets.prepare(self.model, trainable)
             key = structure_key(self.model, args, kwargs, B, self.config.batch_dim_spec)
             table = self.tables.get(key)
             if table is None and B >= 2:

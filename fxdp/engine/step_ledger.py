@@ -49,12 +49,16 @@ class BackwardTargets:
     def __init__(self):
         self._nodes: Dict[int, object] = {}
 
-    def prepare(self, params: Iterable[torch.nn.Parameter]) -> None:
-        """Forward pass, grad mode: remember each trainable parameter's gradient accumulator."""
-        for p in params:
-            node = self._nodes.get(id(p))
-            if node is None or getattr(node, "variable", None) is not p:
-                self._nodes[id(p)] = torch.autograd.graph.get_gradient_edge(p).node
+    def prepare(self, model: torch.nn.Module, trainable: Dict[int, str]) -> None:
+        """Forward pass, grad mode: hold the gradient accumulator of each trainable parameter (ids as
+        keys: a held node keeps its parameter alive, so an id cannot be reused while cached)."""
+        if self._nodes.keys() == trainable.keys():
+            return
+        nodes = {}
+        for p in model.parameters():
+            if id(p) in trainable:
+                nodes[id(p)] = self._nodes.get(id(p)) or torch.autograd.graph.get_gradient_edge(p).node
+        self._nodes = nodes
 
     def accumulates(self, params: Iterable[torch.nn.Parameter]) -> bool:
         """In backward: True if this pass accumulates into (or captures the gradient of) any of
