@@ -4,6 +4,10 @@ printed as ratios to non-private eager.
 
     python examples/benchmark.py [--steps 10] [--warmup 3] [--device cpu|cuda]
 
+Mode ``fxdp-dpopt`` is ``fxdp`` stepped through ``fxdp.DPOptimizer`` (noise off) with the
+step invariants of a loader fxdp owns (drawn = clipped, parameter ownership, clearing; see
+fxdp/training/step_check.py): its ratio to ``fxdp`` is the cost of the optimizer and its checks.
+
 Median step time over ``--steps`` steps after ``--warmup`` steps, and peak
 memory (CUDA: max allocated; CPU: peak RSS growth of the step, measured by a
 fresh process per configuration).
@@ -52,13 +56,19 @@ def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257):
         fwd = torch.compile(model, backend="fxdp" if mode.startswith("fxdp") else "inductor")
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.SGD(params, lr=1e-3)
+    if mode == "fxdp-dpopt":
+        from fxdp.training.step_check import DrawnBatchCheck
+        opt = fxdp.DPOptimizer(opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=B)
+        opt.batch_check = DrawnBatchCheck("the benchmark's batches")
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g).to(device)
 
     def step():
+        if mode == "fxdp-dpopt":
+            opt.notify_batch(ends_logical_batch=True, num_examples=B)  # what fxdp's loaders report
         loss = lm_loss(fwd(ids).logits, ids)
         loss.backward()
-        if mode.startswith("fxdp"):
+        if mode in ("fxdp", "fxdp-compiled"):
             for p in params:
                 p.grad = p.private_grad / B
                 del p.private_grad
@@ -96,7 +106,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default="plain,plain-compiled,fxdp,fxdp-compiled",
-                    help="comma-separated: plain, plain-compiled (inductor), fxdp, fxdp-compiled (backend 'fxdp')")
+                    help="comma-separated: plain, plain-compiled (inductor), fxdp, fxdp-compiled (backend 'fxdp'), "
+                         "fxdp-dpopt (fxdp + DPOptimizer with its step checks)")
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()

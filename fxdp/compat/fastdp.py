@@ -13,7 +13,14 @@ logical batch size. Accounting: every step is one Poisson-subsampled Gaussian
 mechanism at ``sample_rate = batch_size / sample_size``, as in fastDP -- valid
 only when batches really are Poisson samples (e.g.
 ``opacus.data_loader.DPDataLoader(dataset, sample_rate=batch_size/sample_size)``);
-``attach`` warns about this.
+``attach`` warns about this. Better: ``loader = engine.attach(optimizer, data_loader=loader)``
+returns fxdp's Poisson loader over the examples ``loader`` visits (there must be
+``sample_size`` of them) at that rate, and every step then checks that the samples clipped
+since the last step are exactly the examples drawn from it for this step
+(:mod:`fxdp.training.step_check`).
+
+Every trainable parameter of the module must be in the optimizer (or be frozen):
+one the optimizer does not own would accumulate clipped, un-noised sums.
 
 Differences from fastDP, all deliberate:
 
@@ -50,7 +57,9 @@ from fxdp.engine import install as api
 from fxdp.core.config import make_config
 from fxdp.training.accounting import (attach_accountant, create_accountant, epsilon_spent, get_noise_multiplier,
                                       steps_for_epochs)
+from fxdp.training.loaders import make_poisson_loader
 from fxdp.training.optimizer import DPOptimizer
+from fxdp.training.step_check import bind_loader_check, refuse_unowned
 
 CLIPPING_MODES = ("ghost", "MixGhostClip", "MixOpt")
 ACCOUNTING_MODES = ("rdp", "prv", "gdp")
@@ -153,8 +162,12 @@ class PrivacyEngine:
         """Optimizer steps taken since attach."""
         return 0 if self.dp_optimizer is None else self.dp_optimizer.steps_taken
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Make ``optimizer`` (the same object) take DP steps and privatize the module."""
+    def attach(self, optimizer: torch.optim.Optimizer, data_loader=None):
+        """Make ``optimizer`` (the same object) take DP steps and privatize the module.
+
+        With ``data_loader`` (fxdp's extension), returns a Poisson loader over the examples it visits
+        at rate ``batch_size / sample_size``, bound to the optimizer's step checks; without, returns
+        None and the caller must feed Poisson batches (a warning says so)."""
         if self.optimizer is not None:
             raise ValueError("fxdp: this engine is already attached; detach() first.")
         if any(k in optimizer.__dict__ for k in _ATTACHED):
@@ -162,6 +175,14 @@ class PrivacyEngine:
         owned = {id(p) for p in self.module.parameters()}
         if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("fxdp: the optimizer has parameters that are not the module's parameters.")
+        refuse_unowned(self.module, optimizer)
+        loader = None
+        if data_loader is not None:
+            loader = make_poisson_loader(data_loader, sample_rate=self.sample_rate)
+            if loader.batch_sampler.num_samples != self.sample_size:
+                raise ValueError(f"fxdp: the data loader visits {loader.batch_sampler.num_samples} examples but "
+                                 f"sample_size={self.sample_size}; the accountant's rate batch_size/sample_size "
+                                 "would not be the sampling rate.")
         engine = api.get_engine(self.module)
         if engine is None:
             api.privatize(self.module, config=self.config)
@@ -179,6 +200,9 @@ class PrivacyEngine:
         optimizer.step = types.MethodType(_attached_step, optimizer)
         optimizer.zero_grad = types.MethodType(_attached_zero_grad, optimizer)
         optimizer.get_privacy_spent = types.MethodType(_attached_get_privacy_spent, optimizer)
+        if loader is not None:
+            bind_loader_check(dp, loader, "the data loader attach returned")
+            return loader
         warnings.warn(f"fxdp: privacy is accounted as Poisson sampling at rate batch_size/sample_size = "
                       f"{self.sample_rate:.4g} (as fastDP does); this holds only if each logical batch is a Poisson "
                       "sample (opacus.data_loader.DPDataLoader). Shuffled fixed-size batches do not have this "

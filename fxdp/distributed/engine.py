@@ -13,11 +13,13 @@ from fxdp.core.version import VERSION
 from fxdp.engine import install as api
 from fxdp.training.accounting import PoissonCharge, get_noise_multiplier
 from fxdp.training.adaptive import check_clipping_option, from_clipping_option
+from fxdp.training.samplers import visited_indices
 from fxdp.distributed import checkpoint as distributed_checkpoint
 from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.distributed.agreement import agree, broadcast_state, check_same_setup, verify_replicas
 from fxdp.distributed.optimizer import DistributedDPOptimizer
 from fxdp.distributed.sampler import make_distributed_loader, rank_generator
+from fxdp.training.step_check import bind_loader_check, refuse_unowned
 
 
 def unwrap_compiled(module: nn.Module) -> nn.Module:
@@ -150,6 +152,7 @@ class DPDistributed(PrivateTrainingEngine):
         owned = {id(p) for p in inner.parameters()}
         if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("fxdp: the optimizer has parameters that are not the module's parameters.")
+        refuse_unowned(inner, optimizer)
         if noise_generator is not None and self.secure_mode:
             raise ValueError("fxdp: secure_mode draws OS-seeded noise; passing noise_generator (a seed) is refused.")
         engine = api.ensure_privatized(
@@ -158,7 +161,8 @@ class DPDistributed(PrivateTrainingEngine):
             loss_reduction=loss_reduction, block_heads=block_heads)
         config = engine.config
         adaptive = from_clipping_option(clipping, inner, adaptive_options)
-        n = len(data_loader.dataset)
+        indices = visited_indices(data_loader)  # the sampled set: the examples data_loader visits
+        n = len(data_loader.dataset) if indices is None else len(indices)
         q = float(sample_rate) if sample_rate is not None else 1.0 / len(data_loader)
         if not (0 < q <= 1) or not math.isfinite(q):
             raise ValueError(f"fxdp: sample_rate must be in (0, 1], got {sample_rate!r}.")
@@ -174,7 +178,7 @@ class DPDistributed(PrivateTrainingEngine):
             process_group=self.process_group, bucket_cap_mb=bucket_cap_mb, adaptive_clipping=adaptive)
         dp_optimizer.attach_step_hook(PoissonCharge(self.accountant, q))
         dp_optimizer.set_param_names(inner)
-        loader.dp_optimizer = dp_optimizer
+        bind_loader_check(dp_optimizer, loader, "this rank's share of the distributed Poisson loader")
         self.sampler_generator, self.sample_rate, self.expected_batch_size = generator, q, q * n
         fields = self._setup_fields(inner, engine, optimizer, dp_optimizer, loader, shuffle_seed)
         return module, dp_optimizer, loader, inner, fields

@@ -42,6 +42,7 @@ from torch.utils.data import DataLoader, IterableDataset
 from torch.utils.data._utils.collate import default_collate
 
 from fxdp.training.noise import generator_from_os_entropy, seed_from_global_rng
+from fxdp.training.samplers import DrawnSizes, rows_of_empty_batch, visited_indices
 
 
 def mix_seed(seed: int, rank: int) -> int:
@@ -75,11 +76,15 @@ class DistributedPoissonSampler(DistributedUniformWithReplacementSampler):
         shuffle, shuffle_seed: the public permutation that assigns examples to ranks.
         steps: batches per pass (default ``int(1 / q)``, Opacus's convention).
         num_replicas, rank: default to the default process group's.
+        indices: the dataset indices sampled from (None: ``range(total_size)``); ``total_size``
+            is then their number (a train split given as a ``SubsetRandomSampler``).
     """
 
     def __init__(self, *, total_size: int, sample_rate: float, generator: Optional[torch.Generator] = None,
                  shuffle: bool = True, shuffle_seed: int = 0, steps: Optional[int] = None, num_replicas=None,
-                 rank=None):
+                 rank=None, indices=None):
+        if indices is not None:
+            total_size = len(indices)
         if not (0 < float(sample_rate) <= 1):
             raise ValueError(f"fxdp: sample_rate must be in (0, 1], got {sample_rate!r}.")
         super().__init__(total_size=total_size, sample_rate=float(sample_rate), shuffle=shuffle,
@@ -90,6 +95,8 @@ class DistributedPoissonSampler(DistributedUniformWithReplacementSampler):
                 self.rank < self.total_size % self.num_replicas)
         if self.num_batches <= 0:
             raise ValueError(f"fxdp: steps must be positive, got {self.num_batches!r}.")
+        self.indices = None if indices is None else torch.as_tensor(list(indices), dtype=torch.long)
+        self.drawn = DrawnSizes()
 
     def shard(self) -> torch.Tensor:
         """The data set indices this rank draws from in the current epoch."""
@@ -99,13 +106,18 @@ class DistributedPoissonSampler(DistributedUniformWithReplacementSampler):
             indices = torch.randperm(self.total_size, generator=g)
         else:
             indices = torch.arange(self.total_size)
+        if self.indices is not None:
+            indices = self.indices[indices]
         return indices[self.rank: self.total_size: self.num_replicas]
 
     def __iter__(self):
+        self.drawn.clear()
         indices = self.shard()
         for _ in range(self.num_batches):
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            yield indices[mask.nonzero(as_tuple=False).reshape(-1)].tolist()
+            batch = indices[mask.nonzero(as_tuple=False).reshape(-1)].tolist()
+            self.drawn.push(len(batch))
+            yield batch
 
 
 class DistributedPoissonDataLoader(DataLoader):
@@ -130,21 +142,24 @@ class DistributedPoissonDataLoader(DataLoader):
 
     def __iter__(self):
         for batch in super().__iter__():
+            n, _ = self.batch_sampler.drawn.pop()
             if self.dp_optimizer is not None:
-                self.dp_optimizer.notify_batch(ends_logical_batch=True)
+                self.dp_optimizer.notify_batch(ends_logical_batch=True,
+                                               num_examples=n or rows_of_empty_batch(self.collate_fn))
             yield batch
 
 
 def make_distributed_loader(data_loader: DataLoader, *, sample_rate: float, generator: torch.Generator,
                             shuffle_seed: int, num_replicas: int, rank: int, batch_first: bool = True,
                             rand_on_empty: bool = False) -> DistributedPoissonDataLoader:
-    """A :class:`DistributedPoissonDataLoader` over ``data_loader``'s dataset, with its collate
-    function, workers and options (its own sampler and batch size are replaced)."""
+    """A :class:`DistributedPoissonDataLoader` over the examples ``data_loader`` visits (its dataset,
+    or the indices of its ``SubsetRandomSampler``), with its collate function, workers and options
+    (its own sampler and batch size are replaced)."""
     if isinstance(data_loader.dataset, IterableDataset):
         raise ValueError("fxdp: Poisson sampling needs a map-style dataset, not an IterableDataset.")
     sampler = DistributedPoissonSampler(total_size=len(data_loader.dataset), sample_rate=sample_rate,
                                         generator=generator, shuffle_seed=shuffle_seed, num_replicas=num_replicas,
-                                        rank=rank)
+                                        rank=rank, indices=visited_indices(data_loader))
     return DistributedPoissonDataLoader(
         data_loader.dataset, batch_sampler=sampler, collate_fn=data_loader.collate_fn, batch_first=batch_first,
         rand_on_empty=rand_on_empty, num_workers=data_loader.num_workers, pin_memory=data_loader.pin_memory,

@@ -14,6 +14,13 @@ Guarantee: after ``loss.backward()``, for every trainable parameter p,
 sample b's term of the loss (the 1/B of a "mean" reduction undone with this
 forward's batch size) and the clip factors bound each sample's whole clipped
 contribution by R.
+
+A backward pass that accumulates into no trainable parameter (``torch.autograd.grad`` with
+respect to inputs, ``backward(inputs=[x])``: PGD / FGSM adversarial examples) contributes
+nothing. Double backward (``create_graph=True``, input-gradient penalties) is refused: the taps
+give first-order gradients only, so the penalty's parameter gradient would be missing. Every finalized pass records its batch size in
+``engine.ledger`` (:mod:`fxdp.engine.step_ledger`), which the optimizer checks against the
+examples drawn for the step.
 """
 from __future__ import annotations
 
@@ -37,6 +44,7 @@ from fxdp.engine.compiled_hook import in_compiled_module, new_compiled_forwards
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.engine.recorder import LayoutTable, RuntimeRecorder, structure_key
+from fxdp.engine.step_ledger import BackwardTargets, StepLedger
 from fxdp.engine.tap import ForwardContext, LayerUse
 
 # (autograd graph task id, engine) whose taps receive gradients in the running backward
@@ -60,6 +68,7 @@ class Engine:
         self.grad_scaler = None
         # the one source of the current R: these clip factors and the optimizer's noise both read it
         self.clip_bound = ClipBound(config.max_grad_norm)
+        self.ledger = StepLedger()
         self._reset_transient()
 
     def _reset_transient(self):
@@ -70,7 +79,9 @@ class Engine:
         self._pending: List[ForwardContext] = []
         self._callback_queued = False
         self._task = None
+        self._accumulates = False
         self._compiled_forwards = None
+        self._targets = BackwardTargets()
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -78,6 +89,7 @@ class Engine:
             state[k] = None if k != "_pending" else []
         state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
         state["_compiled_forwards"] = None  # a copy is a different engine to compiled graphs
+        state["_accumulates"], state["_targets"] = False, BackwardTargets()  # autograd nodes of these parameters
         return state
 
     @property
@@ -127,6 +139,7 @@ class Engine:
         try:
             B, leaves, dims = input_batch_dims(args, kwargs, self.config.batch_dim_spec)
             trainable = self.trainable()
+            self._targets.prepare(self.model, trainable)
             key = structure_key(self.model, args, kwargs, B, self.config.batch_dim_spec)
             table = self.tables.get(key)
             if table is None and B >= 2:
@@ -182,10 +195,17 @@ class Engine:
         if ctx.finalized:
             raise PrivacyError("fxdp: backward ran twice through the same privatized forward pass; "
                                "run a new forward pass for each backward.")
+        if torch.is_grad_enabled():
+            raise PrivacyError(
+                "fxdp: a backward pass with create_graph=True (double backward, e.g. an input-gradient penalty) "
+                "reached the privatized model. fxdp's taps give first-order gradients only: the penalty's gradient "
+                "with respect to the parameters would be silently missing. Compute input gradients with "
+                "torch.autograd.grad(loss, x) without create_graph (adversarial examples), or train without "
+                "the penalty.")
         task = _graph_task()
         if task != self._task:
             # a new backward pass; state left by one that failed midway is dropped
-            self._task, self._pending, self._callback_queued = task, [], False
+            self._task, self._pending, self._callback_queued, self._accumulates = task, [], False, False
         if _BACKWARD_OWNER[0] is not None and _BACKWARD_OWNER[0][0] == task:
             owner = _BACKWARD_OWNER[0][1]()
             if owner is not None and owner is not self:
@@ -196,6 +216,8 @@ class Engine:
         _BACKWARD_OWNER[0] = (task, weakref.ref(self))
         use.grad_output = grad_output
         use.extra_grads = extra
+        if not self._accumulates:
+            self._accumulates = self._targets.accumulates(use.binding.params.values())
         if not any(c is ctx for c in self._pending):
             self._pending.append(ctx)
         if not self._callback_queued:
@@ -207,6 +229,11 @@ class Engine:
         self._task = None
         _BACKWARD_OWNER[0] = None
         pending, self._pending = self._pending, []
+        accumulates, self._accumulates = self._accumulates, False
+        if not accumulates:
+            for ctx in pending:
+                self._discard_received(ctx)
+            return
         if len(pending) > 1:
             for ctx in pending:
                 ctx.finalized = True
@@ -218,6 +245,14 @@ class Engine:
         with torch.no_grad():
             for ctx in pending:
                 self._finalize_context(ctx)
+
+    def _discard_received(self, ctx: ForwardContext) -> None:
+        """A backward pass that wanted no parameter gradient: what it handed to the taps is dropped
+        (and the forward pass closed, as after any backward: one backward per forward)."""
+        ctx.finalized = True
+        ctx.uses = []
+        if ctx.compiled:
+            self.compiled_forwards.release(ctx)
 
     @property
     def _weakself(self):
@@ -255,3 +290,4 @@ class Engine:
             warnings.warn(f"fxdp: {result.num_nonfinite} of {B} examples had a non-finite loss or gradient; "
                           "they contribute nothing to this step (the step is still charged).", RuntimeWarning)
         self.last_stats = finalize.step_stats(B, result, decisions, loss_scale, self.plan.labels)
+        self.ledger.record(B)

@@ -124,14 +124,15 @@ def unprivatize(model: nn.Module) -> nn.Module:
 
 
 def clear_private_grads(model: nn.Module) -> None:
-    """Drop every ``p.private_grad`` and the unclipped count recorded with them (the optimizer does
-    this after each step)."""
-    engine = get_engine(getattr(model, "_orig_mod", model))
-    if engine is not None:
-        engine.clip_bound.clear_pending()
+    """Drop every ``p.private_grad`` (the optimizer does this after each step), the unclipped count
+    recorded with them and the engine's record of the samples behind them."""
     for p in model.parameters():
         if hasattr(p, "private_grad"):
             del p.private_grad
+    engine = get_engine(getattr(model, "_orig_mod", model))
+    if engine is not None:
+        engine.clip_bound.clear_pending()
+        engine.ledger.reset()
 
 
 def ensure_privatized(module: nn.Module, *, batch_first: bool = True, batch_dim=None, style="all-layer",

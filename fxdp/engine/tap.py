@@ -17,6 +17,7 @@ import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxdp.rules.base import Binding, OpCall
+from fxdp.core.errors import PrivacyError
 from fxdp.core.layout import BatchLayout
 
 
@@ -113,6 +114,9 @@ class TapFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         use = ctx.use
+        if ctx.out is None:
+            raise PrivacyError("fxdp: backward ran twice through the same privatized forward pass (retain_graph=True); "
+                               "run a new forward pass for each backward.")
         wanted = ctx.targets + ctx.broadcast_targets
         grads = ()
         if wanted and ctx.out.requires_grad:

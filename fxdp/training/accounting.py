@@ -9,14 +9,18 @@ what one optimizer step costs:
   Poisson-subsampled Gaussian mechanism with the sampler's own ``sample_rate``
   (:class:`PoissonCharge`).
 - Fixed-size batches that use every example at most once per epoch (a
-  ``BatchSampler`` over a ``SequentialSampler`` or a ``RandomSampler`` without
-  replacement): there is no amplification by subsampling to claim. Each
-  example enters at most one step per epoch, so an epoch costs at most one
-  full-batch Gaussian mechanism (``sample_rate = 1``); :class:`EpochCharge`
-  charges that at the first step of each epoch (a partial epoch counts as a
-  whole one). This is a valid bound, and much larger than the Poisson figure
-  that Opacus reports for such loaders -- use Poisson sampling to get the
-  amplified ε.
+  ``BatchSampler`` over a ``SequentialSampler``, a ``SubsetRandomSampler`` or a
+  ``RandomSampler`` without replacement): there is no amplification by subsampling
+  to claim, and the adjacency is **replace-one** (substitute one example, the data
+  set size fixed). Under add/remove, removing an example shifts every later batch of
+  the epoch (measured: the epoch's releases moved by 3.65 R); replacing one keeps the
+  (data-independent) batch positions, so exactly one step of the epoch sees a
+  different example, and its clipped sum moves by at most 2 R (one contribution out,
+  one in). An epoch is therefore one full-batch Gaussian mechanism (``sample_rate = 1``)
+  with sensitivity 2 R, i.e. noise multiplier σ/2; :class:`EpochCharge` charges that at
+  the first step of each epoch (a partial epoch counts as a whole one). The ε reported
+  is for replace-one adjacency; use Poisson sampling (add/remove, amplified) for the
+  usual figure.
 - Any other sampler (with replacement, weighted, a custom one, an
   ``IterableDataset``): refused, since an example may appear several times in
   one batch or the rate cannot be known.
@@ -33,12 +37,14 @@ from opacus.accountants import create_accountant as _opacus_create_accountant
 from opacus.accountants.utils import get_noise_multiplier as _opacus_get_noise_multiplier
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
-from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler
+from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, SequentialSampler, SubsetRandomSampler
 
 from fxdp.core.config import positive_number
 from fxdp.core.errors import PrivacyError
 
 MECHANISMS = ("prv", "rdp", "gdp")
+# replace-one adjacency: one example out, one in -- the clipped sum of one step moves by at most 2R
+REPLACE_ONE_SENSITIVITY = 2.0
 
 
 def create_accountant(mechanism: str = "prv") -> IAccountant:
@@ -100,6 +106,7 @@ class Sampling:
         poisson: True for Poisson sampling (each example independently with ``sample_rate``).
         sample_rate: q (Poisson), or batch_size / dataset size otherwise (informative only).
         expected_batch_size: q * (examples this process samples from), or the fixed batch size.
+        adjacency: "add/remove" (Poisson) or "replace-one" (fixed-size batches).
         steps_per_epoch: the loader's length (batches per pass).
     """
 
@@ -107,6 +114,10 @@ class Sampling:
     sample_rate: float
     expected_batch_size: float
     steps_per_epoch: int
+
+    @property
+    def adjacency(self) -> str:
+        return "add/remove" if self.poisson else "replace-one"
 
 
 def sampling_of(data_loader) -> Sampling:
@@ -126,12 +137,12 @@ def sampling_of(data_loader) -> Sampling:
         q = float(sampler.sample_rate)
         _check_rate(q)
         return Sampling(True, q, q * sampler.num_samples, len(sampler))
-    if isinstance(sampler, EpochMarkingBatchSampler):
-        sampler = sampler.inner
+    sampler = getattr(sampler, "inner", sampler)  # fxdp's recording / epoch-marking wrappers
+    sampler = getattr(sampler, "inner", sampler)
     if isinstance(sampler, BatchSampler):
         inner = sampler.sampler
-        n = len(data_loader.dataset)
-        uses_each_once = isinstance(inner, SequentialSampler) or (
+        n = len(inner.indices) if isinstance(inner, SubsetRandomSampler) else len(data_loader.dataset)
+        uses_each_once = isinstance(inner, (SequentialSampler, SubsetRandomSampler)) or (
             isinstance(inner, RandomSampler) and not inner.replacement and inner.num_samples <= n)
         if uses_each_once:
             return Sampling(False, min(1.0, sampler.batch_size / n), float(sampler.batch_size), len(sampler))
@@ -183,7 +194,8 @@ class EpochMarkingBatchSampler(BatchSampler):
 
 class EpochCharge:
     """Step hook for samplers that use each example at most once per pass over the
-    data: one full-batch Gaussian mechanism (q = 1) at the first step after each
+    data: one full-batch Gaussian mechanism (q = 1) of sensitivity 2R (replace-one
+    adjacency, module docstring), i.e. noise multiplier σ/2, at the first step after each
     new pass starts (signalled by :class:`EpochMarkingBatchSampler`), however many
     steps or accumulated batches the pass has, and however early it is cut short.
 
@@ -202,7 +214,7 @@ class EpochCharge:
     def __call__(self, optimizer) -> None:
         sigma = float(optimizer.noise_multiplier)
         if self.pending or self.epoch_sigma is None:
-            self.accountant.step(noise_multiplier=sigma, sample_rate=1.0)
+            self.accountant.step(noise_multiplier=sigma / REPLACE_ONE_SENSITIVITY, sample_rate=1.0)
             self.epoch_sigma, self.pending = sigma, False
         elif sigma < self.epoch_sigma:
             raise PrivacyError("fxdp: the noise multiplier dropped inside an epoch of non-Poisson batches; the epoch "
@@ -218,13 +230,13 @@ class EpochCharge:
 
 def mark_epochs(data_loader, charge: EpochCharge):
     """The same loader (dataset, collate, workers, ...) with its batch sampler
-    wrapped so that each new pass over it signals ``charge``."""
-    from torch.utils.data import DataLoader
+    wrapped so that each new pass over it signals ``charge`` (a
+    :class:`~fxdp.training.loaders.FixedBatchLoader`, which also reports its batch sizes)."""
+    from fxdp.training.loaders import FixedBatchLoader, loader_options
 
-    from fxdp.training.loaders import loader_options
-
-    return DataLoader(data_loader.dataset, batch_sampler=EpochMarkingBatchSampler(data_loader.batch_sampler, charge),
-                      **loader_options(data_loader))
+    return FixedBatchLoader(data_loader.dataset,
+                            batch_sampler=EpochMarkingBatchSampler(data_loader.batch_sampler, charge),
+                            **loader_options(data_loader))
 
 
 def _check_rate(q):

@@ -33,7 +33,9 @@ class PrivateTrainingEngine:
         self.sampler_generator: Optional[torch.Generator] = None
 
     def get_epsilon(self, delta: float) -> float:
-        """ε spent so far at ``delta`` (0 before the first step; inf after a step with σ = 0)."""
+        """ε spent so far at ``delta`` (0 before the first step; inf after a step with σ = 0), for the
+        adjacency of the sampling used: add/remove one example under Poisson sampling, replace-one
+        under fixed-size batches (``poisson_sampling=False``; see :mod:`fxdp.training.accounting`)."""
         return epsilon_spent(self.accountant, delta)
 
     def warn_if_budget_spent(self) -> None:

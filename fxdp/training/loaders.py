@@ -12,51 +12,83 @@ prefetching cannot shift the boundaries. This lets the optimizer
   across Poisson batches, or a skipped batch), which would break the
   sensitivity bound and the accountant's sampling rate.
 
+With every batch the loaders also report how many examples it holds, so that the
+optimizer can check that the samples clipped for a step are exactly the examples drawn
+for it (:mod:`fxdp.training.step_check`). The Poisson loader samples only the examples the
+user's loader would visit (a ``Subset``, a ``SubsetRandomSampler``: see
+:mod:`fxdp.training.samplers`).
+
 Sampling and splitting are Opacus's: ``opacus.data_loader.DPDataLoader``
 (Poisson sampling, empty batches) and
 ``opacus.utils.batch_memory_manager.BatchSplittingSampler`` (splitting).
 """
 from __future__ import annotations
 
-import collections
-from typing import Optional
+import math
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
-from opacus.data_loader import CollateFnWithEmpty, DPDataLoader
+from opacus.data_loader import CollateFnWithEmpty, DPDataLoader, dtype_safe, shape_safe, wrap_collate_with_empty
 from opacus.utils.batch_memory_manager import BatchSplittingSampler
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import BatchSampler, DataLoader, IterableDataset
+from torch.utils.data._utils.collate import default_collate
+
+from fxdp.training.samplers import DrawnSizes, IndexedPoissonSampler, rows_of_empty_batch, visited_indices
 
 
 class PoissonDataLoader(DPDataLoader):
-    """Opacus's ``DPDataLoader`` (Poisson sampling, empty batches supported) that
-    notifies ``dp_optimizer`` of every batch it hands out: one batch = one logical batch."""
+    """Opacus's ``DPDataLoader`` (Poisson sampling, empty batches supported) over ``indices``
+    (None: the whole dataset), which notifies ``dp_optimizer`` of every batch it hands out and of
+    its number of examples: one batch = one logical batch."""
 
     dp_optimizer = None
 
+    def __init__(self, dataset, *, sample_rate: float, indices: Optional[Sequence[int]] = None, collate_fn=None,
+                 generator=None, batch_first: bool = True, rand_on_empty: bool = False, **kwargs):
+        kwargs.pop("drop_last", None)
+        sampler = IndexedPoissonSampler(num_samples=len(dataset), sample_rate=sample_rate, indices=indices,
+                                        generator=generator)
+        first = dataset[sampler.indices[0] if sampler.indices else 0]
+        shapes = [(0, *shape_safe(x)) for x in first] if isinstance(first, (tuple, list)) else None
+        dtypes = [dtype_safe(x) for x in first] if isinstance(first, (tuple, list)) else None
+        DataLoader.__init__(self, dataset=dataset, batch_sampler=sampler, generator=generator, collate_fn=(
+            wrap_collate_with_empty(collate_fn=collate_fn if collate_fn is not None else default_collate,
+                                    batch_first=batch_first, rand_on_empty=rand_on_empty,
+                                    sample_empty_shapes=shapes, dtypes=dtypes)), **kwargs)
+        self.sample_rate = sample_rate
+        self.distributed = False
+
     def __iter__(self):
         for batch in super().__iter__():
+            n, _ = self.batch_sampler.drawn.pop()
             if self.dp_optimizer is not None:
-                self.dp_optimizer.notify_batch(ends_logical_batch=True)
+                self.dp_optimizer.notify_batch(ends_logical_batch=True,
+                                               num_examples=n or rows_of_empty_batch(self.collate_fn))
             yield batch
 
 
 def make_poisson_loader(data_loader: DataLoader, *, sample_rate: Optional[float] = None,
                         generator: Optional[torch.Generator] = None, batch_first: bool = True,
                         rand_on_empty: bool = False) -> PoissonDataLoader:
-    """A :class:`PoissonDataLoader` over ``data_loader``'s dataset, with its collate
-    function, workers and options.
+    """A :class:`PoissonDataLoader` over the examples ``data_loader`` visits (its whole dataset,
+    or the indices of its ``SubsetRandomSampler``), with its collate function, workers and options.
 
     ``sample_rate`` defaults to ``1 / len(data_loader)`` (Opacus's convention: the
     expected batch size stays the loader's batch size). ``generator`` drives the
     sampling (default: the loader's own generator, else torch's global RNG).
+
+    Raises:
+        PrivacyError: a sampler whose visited examples fxdp cannot tell (weighted, custom).
     """
     if isinstance(data_loader.dataset, IterableDataset):
         raise ValueError("fxdp: Poisson sampling needs a map-style dataset, not an IterableDataset.")
+    indices = visited_indices(data_loader)
     collate = data_loader.collate_fn
     if isinstance(collate, CollateFnWithEmpty):
         collate = collate.wrapped_collator_fn
     return PoissonDataLoader(
-        dataset=data_loader.dataset,
+        dataset=data_loader.dataset, indices=indices,
         sample_rate=(1 / len(data_loader)) if sample_rate is None else float(sample_rate),
         **dict(loader_options(data_loader), collate_fn=collate,
                generator=generator if generator is not None else data_loader.generator),
@@ -74,15 +106,60 @@ def loader_options(data_loader: DataLoader) -> dict:
                 persistent_workers=data_loader.persistent_workers)
 
 
-class _SplitFlags:
-    """Stands in for the optimizer in Opacus's BatchSplittingSampler: records, in
-    sampling order, whether each physical batch is skipped (not the last of its logical batch)."""
+class FixedBatchLoader(DataLoader):
+    """A shuffled or sequential loader of fixed-size batches (``poisson_sampling=False``) that tells
+    ``dp_optimizer`` how many examples each batch it hands out holds (batches may be accumulated)."""
 
-    def __init__(self):
-        self.flags = collections.deque()
+    dp_optimizer = None
 
-    def signal_skip_step(self, do_skip: bool = True):
-        self.flags.append(bool(do_skip))
+    def __init__(self, dataset, *, batch_sampler, **kwargs):
+        super().__init__(dataset, batch_sampler=_Recording(batch_sampler), **kwargs)
+
+    def __iter__(self):
+        check = getattr(self.dp_optimizer, "batch_check", None)
+        if check is not None:
+            check.new_pass()
+        for batch in super().__iter__():
+            n, _ = self.batch_sampler.drawn.pop()
+            if self.dp_optimizer is not None:
+                self.dp_optimizer.notify_batch(ends_logical_batch=True, num_examples=n, poisson=False)
+            yield batch
+
+
+class _Recording(BatchSampler):
+    """``inner``'s batches, their sizes recorded as they are drawn (``inner`` stays reachable as ``.inner``)."""
+
+    def __init__(self, inner: BatchSampler):
+        super().__init__(inner.sampler, inner.batch_size, inner.drop_last)
+        self.inner = inner
+        self.drawn = DrawnSizes()
+
+    def __iter__(self):
+        self.drawn.clear()
+        for batch in self.inner:
+            self.drawn.push(len(batch))
+            yield batch
+
+    def __len__(self):
+        return len(self.inner)
+
+
+class _SplittingSampler(BatchSplittingSampler):
+    """Opacus's BatchSplittingSampler that records, in drawing order, each physical batch's size and
+    whether it ends its logical batch (an empty logical batch is one empty physical batch)."""
+
+    def __init__(self, sampler, max_batch_size: int):
+        super().__init__(sampler=sampler, max_batch_size=max_batch_size, optimizer=None)
+        self.drawn = DrawnSizes()
+
+    def __iter__(self):
+        self.drawn.clear()
+        for idxs in self.sampler:
+            parts = [list(idxs)] if len(idxs) == 0 else [
+                s.tolist() for s in np.array_split(idxs, math.ceil(len(idxs) / self.max_batch_size))]
+            for k, part in enumerate(parts):
+                self.drawn.push(len(part), ends_logical_batch=k == len(parts) - 1)
+                yield part
 
 
 class MicroBatchLoader(DataLoader):
@@ -91,21 +168,18 @@ class MicroBatchLoader(DataLoader):
     which one ends its logical batch."""
 
     def __init__(self, data_loader: DataLoader, max_physical_batch_size: int, optimizer):
-        flags = _SplitFlags()
         super().__init__(
             dataset=data_loader.dataset,
-            batch_sampler=BatchSplittingSampler(sampler=data_loader.batch_sampler,
-                                                max_batch_size=max_physical_batch_size, optimizer=flags),
+            batch_sampler=_SplittingSampler(data_loader.batch_sampler, max_physical_batch_size),
             **loader_options(data_loader),
         )
-        self.split_flags = flags
         self.dp_optimizer = optimizer
 
     def __iter__(self):
-        self.split_flags.flags.clear()
         for batch in super().__iter__():
-            skip = self.split_flags.flags.popleft()
-            self.dp_optimizer.notify_batch(ends_logical_batch=not skip)
+            n, ends = self.batch_sampler.drawn.pop()
+            self.dp_optimizer.notify_batch(ends_logical_batch=ends, num_examples=n or rows_of_empty_batch(
+                self.collate_fn))
             yield batch
 
 
@@ -127,7 +201,9 @@ class BatchMemoryManager:
     batch keeps what was accumulated. An empty Poisson batch is handed out as
     one empty batch, which still steps (noise only). The optimizer must be the
     :class:`~fxdp.training.optimizer.DPOptimizer` of this training run; the
-    loader is usually the one ``PrivacyEngine.make_private`` returned.
+    loader is usually the one ``PrivacyEngine.make_private`` returned. Inside the
+    ``with`` block every step checks that the samples clipped for the logical batch
+    are exactly the examples drawn for it (:mod:`fxdp.training.step_check`).
     """
 
     def __init__(self, *, data_loader: DataLoader, max_physical_batch_size: int, optimizer):
@@ -145,8 +221,15 @@ class BatchMemoryManager:
         self.optimizer = optimizer
 
     def __enter__(self) -> MicroBatchLoader:
+        from fxdp.training.step_check import DrawnBatchCheck
+
+        self._own_check = self.optimizer.batch_check is None
+        if self._own_check:
+            self.optimizer.batch_check = DrawnBatchCheck("the BatchMemoryManager's loader")
         return MicroBatchLoader(self.data_loader, self.max_physical_batch_size, self.optimizer)
 
     def __exit__(self, exc_type, exc, tb):
         self.optimizer.reset_logical_batch()
+        if getattr(self, "_own_check", False):
+            self.optimizer.batch_check = None
         return False

@@ -26,7 +26,12 @@ Guarantees and edge cases:
   than one Poisson batch consumed for one step (gradient accumulation across
   Poisson batches: an example drawn twice would count 2R -- use
   ``fxdp.BatchMemoryManager``); LBFGS-like optimizers whose step re-evaluates
-  the closure (that would replace the noised gradient).
+  the closure (that would replace the noised gradient); a trainable parameter of the
+  privatized model that is not in this optimizer (it would accumulate un-noised sums);
+  where fxdp owns the data loader, a step whose clipped samples are not exactly the
+  examples drawn for it, or a step with no batch drawn from that loader
+  (:mod:`fxdp.training.step_check`). After each step and each ``zero_grad()`` the private
+  gradients of every parameter of the privatized model are cleared.
 - Closures: ``step(closure)`` runs the closure once (it does zero_grad,
   forward, backward), then noises and steps the inner optimizer *without*
   the closure, so no recomputed gradient can erase the noise.
@@ -67,6 +72,7 @@ from torch.optim import Optimizer
 from fxdp.core.config import LossReduction, nonnegative_number, positive_number
 from fxdp.core.errors import PrivacyError
 from fxdp.training.noise import NoiseSource
+from fxdp.training import step_check
 
 PUBLIC_GRAD_POLICIES = ("refuse", "add")
 
@@ -132,6 +138,8 @@ class DPOptimizer(Optimizer):
         self._last_step_skipped = False
         self._batches_since_step = 0
         self._zeroed_since_step = True
+        # set where fxdp owns the data loader: drawn = clipped at every step (fxdp.training.step_check)
+        self.batch_check: Optional[step_check.DrawnBatchCheck] = None
         # True: call the inner optimizer's class-level step/zero_grad, ignoring instance attributes -- needed when
         # the inner optimizer's own ``step`` is redirected to this DPOptimizer (fxdp.compat.fastdp's attach).
         self.inner_class_methods = False
@@ -236,8 +244,14 @@ class DPOptimizer(Optimizer):
         """Opacus convention: the next ``step()`` only accumulates (a micro-batch, not the end of a logical batch)."""
         self._skip_next = bool(do_skip)
 
-    def notify_batch(self, ends_logical_batch: bool) -> None:
-        """Called by fxdp's data loaders for every batch they hand out (see fxdp.training.loaders)."""
+    def notify_batch(self, ends_logical_batch: bool, num_examples: Optional[int] = None,
+                     poisson: bool = True) -> None:
+        """Called by fxdp's data loaders for every batch they hand out (see fxdp.training.loaders), with
+        the number of examples drawn; ``poisson=False``: a fixed-size batch, which may be accumulated."""
+        if self.batch_check is not None and num_examples is not None:
+            self.batch_check.drew(num_examples)
+        if not poisson:
+            return
         if ends_logical_batch:
             self._batches_since_step += 1
         self._skip_next = not ends_logical_batch
@@ -253,6 +267,7 @@ class DPOptimizer(Optimizer):
         step, where everything accumulated for the logical batch is kept."""
         if self._last_step_skipped:
             return
+        step_check.clear_engines(step_check.engines_of(self.params))
         for p in self.params:
             if hasattr(p, "private_grad"):
                 del p.private_grad
@@ -310,6 +325,7 @@ class DPOptimizer(Optimizer):
                 "split a large logical batch into micro-batches. (Skipping a batch, e.g. an empty one, is refused "
                 "for the same reason: an empty Poisson batch must still step.)")
         self._batches_since_step = 0
+        engines = step_check.engines_of(self.params)
         self.release(self.params)
         if scaler is not None:
             # records found_inf (zero: noised true-unit gradients) so that scaler.update() can run
@@ -318,9 +334,12 @@ class DPOptimizer(Optimizer):
         for hook in self.step_hooks:
             hook(self)
         self.steps_taken += 1
+        step_check.clear_engines(engines)
         for p in self.params:
             if hasattr(p, "private_grad"):
                 del p.private_grad
+        if self.batch_check is not None:
+            self.batch_check.reset()
         self._zeroed_since_step = False
         return loss
 
@@ -367,6 +386,10 @@ class DPOptimizer(Optimizer):
                 f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
                 "optimizer part of the privatized model, and was it trainable when the model was privatized?")
         self._check_writers(have)
+        engines = step_check.engines_of(have)
+        step_check.check_owned(params, engines)
+        if self.batch_check is not None:
+            self.batch_check.verify(engines)
         public = self._public_grads(params)
         self.unclipped_count = self.adaptive_clipping.count_share() if self.adaptive_clipping is not None else None
         return public

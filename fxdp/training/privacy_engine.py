@@ -15,8 +15,16 @@ Switching from Opacus: change the import. Differences, all deliberate:
   Opacus's ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``unclipped_num_std`` (or
   ``count_noise_multiplier``), ``max_clipbound``, ``min_clipbound``); other groupings are fxdp styles (``style=``);
 - ``poisson_sampling=False`` keeps a shuffled/sequential loader but is
-  accounted honestly (one full-batch Gaussian mechanism per epoch, see
-  :mod:`fxdp.training.accounting`), not as if it were Poisson sampling;
+  accounted honestly (one full-batch Gaussian mechanism of sensitivity 2R per
+  epoch: ε under replace-one adjacency, see :mod:`fxdp.training.accounting`), not
+  as if it were Poisson sampling;
+- the Poisson loader samples only the examples the given loader visits (a
+  ``Subset``, or the indices of a ``SubsetRandomSampler``: a train split), at the
+  rate charged for that set; a sampler whose visited set is unknown is refused;
+- every step checks that the samples the model clipped since the last step are
+  exactly the examples drawn from the returned loader for it, that a batch was
+  drawn from it at all, and that every trainable parameter of the model is in the
+  optimizer (:mod:`fxdp.training.step_check`);
 - a step after more than one Poisson batch, a parameter used outside the
   privatized forward, or a plain-optimizer checkpoint without the noise state
   are refused (see :mod:`fxdp.training.optimizer`);
@@ -47,11 +55,13 @@ from torch.utils.data import DataLoader
 from fxdp.engine import install as api
 from fxdp.core.errors import PrivacyError
 from fxdp.training.entry_point import PrivateTrainingEngine
-from fxdp.training.accounting import EpochCharge, PoissonCharge, get_noise_multiplier, mark_epochs, sampling_of
+from fxdp.training.accounting import (REPLACE_ONE_SENSITIVITY, EpochCharge, PoissonCharge, get_noise_multiplier,
+                                      mark_epochs, sampling_of)
 from fxdp.training.noise import generator_from_global_rng, generator_from_os_entropy
 from fxdp.training.adaptive import check_clipping_option, from_clipping_option
 from fxdp.training.optimizer import DPOptimizer
-from fxdp.training.loaders import PoissonDataLoader, make_poisson_loader
+from fxdp.training.loaders import make_poisson_loader
+from fxdp.training.step_check import bind_loader_check, refuse_unowned
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
 
@@ -113,10 +123,10 @@ class PrivacyEngine(PrivateTrainingEngine):
             sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
                                          sample_rate=sampling.sample_rate, epochs=epochs, accountant=mech,
                                          epsilon_tolerance=epsilon_tolerance)
-        else:
-            sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
-                                         steps=int(math.ceil(epochs - 1e-9)), accountant=mech,
-                                         epsilon_tolerance=epsilon_tolerance)
+        else:  # one Gaussian mechanism of sensitivity 2R per epoch (replace-one): sigma/2 is what is charged
+            sigma = REPLACE_ONE_SENSITIVITY * get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=target_delta, sample_rate=1.0,
+                steps=int(math.ceil(epochs - 1e-9)), accountant=mech, epsilon_tolerance=epsilon_tolerance)
         return self._make_private(module=module, optimizer=optimizer, data_loader=loader, noise_multiplier=sigma,
                                   max_grad_norm=max_grad_norm, batch_first=batch_first, **kwargs)
 
@@ -136,6 +146,7 @@ class PrivacyEngine(PrivateTrainingEngine):
         if any(id(p) not in owned for g in optimizer.param_groups for p in g["params"]):
             raise ValueError("fxdp: the optimizer has parameters that are not the module's parameters.")
         check_clipping_option(clipping, adaptive_options)
+        refuse_unowned(module, optimizer)
         if grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise ValueError(f"fxdp: grad_sample_mode={grad_sample_mode!r} is not supported; expected one of "
                              f"{GRAD_SAMPLE_MODES} (fxdp always computes bookkeeping clipped sums).")
@@ -159,8 +170,7 @@ class PrivacyEngine(PrivateTrainingEngine):
             data_loader = mark_epochs(data_loader, charge)
             dp_optimizer.attach_step_hook(charge)
         dp_optimizer.set_param_names(module)
-        if isinstance(data_loader, PoissonDataLoader):
-            data_loader.dp_optimizer = dp_optimizer
+        bind_loader_check(dp_optimizer, data_loader, "the data loader make_private returned")
         self.module, self.optimizer, self.data_loader, self.sampling = module, dp_optimizer, data_loader, sampling
         if "ghost" in grad_sample_mode:
             return module, dp_optimizer, (criterion if criterion is not None else nn.CrossEntropyLoss()), data_loader
@@ -189,8 +199,9 @@ class PrivacyEngine(PrivateTrainingEngine):
         if not sampling.poisson:
             warnings.warn(
                 "fxdp: poisson_sampling=False with fixed-size batches: there is no amplification by subsampling to "
-                "claim, so each epoch is accounted as one full-batch Gaussian mechanism (a valid bound, much larger "
-                "than the Poisson figure). Use poisson_sampling=True for the amplified ε.", UserWarning)
+                "claim, so each epoch is accounted as one full-batch Gaussian mechanism of sensitivity 2R, and ε is "
+                "for replace-one adjacency (one example substituted); a valid bound, much larger than the Poisson "
+                "figure. Use poisson_sampling=True for the amplified (add/remove) ε.", UserWarning)
         inner = getattr(sampler, "sampler", sampler)
         if self.secure_mode and getattr(inner, "generator", "absent") != "absent":
             data_loader = switch_generator(data_loader=data_loader, generator=generator_from_os_entropy())

@@ -249,3 +249,23 @@ def resume(rank, world_size, *, path, sigma=0.8, n=24, q=0.25):
     epoch(model, opt, loader, second)
     return {"uninterrupted": uninterrupted, "resumed": (flat_params(model), dp.get_epsilon(1e-5), second),
             "extra": extra["note"].tolist()}
+
+
+def subset_shards(rank, world_size, *, n=30, q=0.3, epochs=3):
+    """A train split given as a SubsetRandomSampler: what this rank's loader draws, and the expected batch."""
+    from torch.utils.data import SubsetRandomSampler
+
+    x, y = make_data(n, 0)
+    train = list(range(0, n, 3))
+    base = DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=3, sampler=SubsetRandomSampler(train))
+    model = make_model(0)
+    dp = fxdp.DPDistributed()
+    model, opt, loader = dp.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                                         data_loader=base, noise_multiplier=1.0, max_grad_norm=0.7, sample_rate=q)
+    drawn = []
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        drawn.extend(int(i) for _, _, idx in loader for i in idx)
+        opt.batch_check.reset()
+    return {"drawn": sorted(set(drawn)), "train": train, "expected_batch_size": opt.expected_batch_size,
+            "shard": loader.batch_sampler.shard().tolist()}

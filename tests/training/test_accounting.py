@@ -97,7 +97,7 @@ def test_iterable_dataset_is_refused():
         A.sampling_of(DataLoader(Stream(), batch_size=4))
 
 
-def test_non_poisson_loader_is_charged_one_full_batch_gaussian_per_epoch():
+def test_non_poisson_loader_is_charged_one_full_batch_gaussian_of_sensitivity_2R_per_epoch():
     loader = make_loader(n=32, batch_size=8)  # sequential batches: no subsampling amplification
     engine = fxdp.PrivacyEngine(accountant="rdp")
     model = make_model()
@@ -107,8 +107,10 @@ def test_non_poisson_loader_is_charged_one_full_batch_gaussian_per_epoch():
                                                  poisson_sampling=False)
     _train(model, opt, loader, epochs=2)
     _train(model, opt, [next(iter(loader))])  # a partial third epoch counts as a whole one
-    assert engine.accountant.history == [(2.0, 1.0, 3)]
-    assert engine.get_epsilon(1e-5) == pytest.approx(_opacus_eps("rdp", 2.0, 1.0, 3, 1e-5))
+    # replace-one adjacency: one step per epoch moves by 2R, so sigma = 2 is charged as 1 (noise / sensitivity)
+    assert engine.accountant.history == [(1.0, 1.0, 3)]
+    assert engine.sampling.adjacency == "replace-one"
+    assert engine.get_epsilon(1e-5) == pytest.approx(_opacus_eps("rdp", 1.0, 1.0, 3, 1e-5))
 
 
 def test_noise_multiplier_dropping_inside_a_non_poisson_epoch_is_refused():

@@ -1,0 +1,76 @@
+"""What the engine has clipped since its private gradients were last cleared, and whether a
+backward pass accumulates into parameters at all.
+
+Two small records that tie ``p.private_grad`` to the examples behind it:
+
+- :class:`StepLedger` -- every finalized backward pass adds its forward's batch size (the number
+  of rows the engine clipped as samples). The optimizer compares it, at each step, with the number
+  of examples its data loader drew for the logical batch (:mod:`fxdp.training.step_check`); it is
+  reset whenever the private gradients are cleared (optimizer step, ``zero_grad``,
+  ``fxdp.clear_private_grads``).
+- :class:`BackwardTargets` -- whether the running backward pass would accumulate a gradient into
+  (or capture the gradient of) a trainable parameter. ``torch.autograd.grad(loss, x_adv)`` (PGD /
+  FGSM adversarial examples, input-gradient penalties) and ``loss.backward(inputs=[x])`` do not:
+  such a pass must contribute nothing to ``private_grad``. It asks autograd's engine whether it will
+  execute each parameter's ``AccumulateGrad`` node; those nodes are looked up once, in grad mode
+  during a forward pass, and held, so that autograd keeps using the same node objects.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List
+
+import torch
+
+
+class StepLedger:
+    """Rows clipped as samples since the last reset, one entry per finalized backward pass."""
+
+    def __init__(self):
+        self.batch_sizes: List[int] = []
+
+    @property
+    def samples(self) -> int:
+        return sum(self.batch_sizes)
+
+    @property
+    def passes(self) -> int:
+        return len(self.batch_sizes)
+
+    def record(self, batch_size: int) -> None:
+        self.batch_sizes.append(int(batch_size))
+
+    def reset(self) -> None:
+        self.batch_sizes = []
+
+
+class BackwardTargets:
+    """The ``AccumulateGrad`` nodes of trainable parameters, and the question asked in backward."""
+
+    def __init__(self):
+        self._nodes: Dict[int, object] = {}
+
+    def prepare(self, model: torch.nn.Module, trainable: Dict[int, str]) -> None:
+        """Forward pass, grad mode: hold the gradient accumulator of each trainable parameter (ids as
+        keys: a held node keeps its parameter alive, so an id cannot be reused while cached)."""
+        if self._nodes.keys() == trainable.keys():
+            return
+        nodes = {}
+        for p in model.parameters():
+            if id(p) in trainable:
+                nodes[id(p)] = self._nodes.get(id(p)) or torch.autograd.graph.get_gradient_edge(p).node
+        self._nodes = nodes
+
+    def accumulates(self, params: Iterable[torch.nn.Parameter]) -> bool:
+        """In backward: True if this pass accumulates into (or captures the gradient of) any of
+        ``params``. Unknown parameters count as accumulating (the pass is then clipped and counted)."""
+        for p in params:
+            node = self._nodes.get(id(p))
+            if node is None:
+                return True
+            try:
+                if torch._C._will_engine_execute_node(node):
+                    return True
+            except RuntimeError:
+                # torch.autograd.grad(loss, [parameters]): the leaf is captured, not accumulated
+                return True
+        return False
