@@ -82,7 +82,7 @@ def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[s
             total = sum(F.clipped_sum(f, coef, keep) for f in factors)
             total = total.to(p.dtype)
         else:
-            total = torch.zeros_like(p)
+            total = torch.zeros(p.shape, dtype=p.dtype, device=p.device)  # p may be a DTensor
         existing = getattr(p, "private_grad", None)
         p.private_grad = total if existing is None else existing + total
         on_write(p)

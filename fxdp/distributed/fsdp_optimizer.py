@@ -1,0 +1,155 @@
+"""ShardedDPOptimizer: DP-SGD releases for FSDP2 models, each rank noising and stepping its own shard.
+
+A :class:`~fxdp.distributed.optimizer.DistributedDPOptimizer` (its collective checks, its
+refusals, the accountant's charge) whose release steps work on shards. For every trainable
+parameter p (a DTensor sharded ``Shard(0)`` over the W data-parallel ranks; rank r owns the rows
+``[r·c, min((r+1)·c, n))`` with ``c = ceil(n / W)``, torch.chunk's split, which FSDP2 uses):
+
+1. ``check``: as DistributedDPOptimizer (all ranks agree, or all raise);
+2. ``add_noise``: rank r adds N(0, σ²R²) to the rows it owns -- and only those -- of its local
+   clipped sum, from its own generator (seeded from the rank-mixed seed, or OS entropy in
+   secure mode), before the reduction;
+3. ``reduce``: a reduce-scatter (:func:`reduce_scatter_rows`, flat buckets, float32 or float64)
+   leaves on rank r the sum over ranks of rows it owns; the full-size clipped sums are freed;
+   no all-reduce of a full gradient ever happens;
+4. ``scale``: every rank divides its shard by the GLOBAL expected batch size q·N;
+5. ``write``: ``p.grad`` is the DTensor with p's sharding whose local tensor is that shard; the
+   inner optimizer (built on the sharded parameters) steps each rank's shard.
+
+Why the noise is exactly N(0, σ²R²·I) over the whole parameter vector: the row blocks of the
+ranks partition every parameter, so each coordinate is noised by exactly one rank (its owner);
+before the reduce-scatter only the owner's share of that coordinate carries noise, and the
+reduce-scatter sums the shares, so the released coordinate is Σ_ranks clipped + one draw. The
+draws of one rank are i.i.d. N(0, σ²R²) (one float32 generator stream), and the ranks' streams are
+independent (distinct SHA-256-mixed seeds, or OS entropy), so the noise vector is N(0, σ²R²·I):
+each coordinate once, none correlated with another. Seeding every rank alike does not correlate
+them: the rank is mixed into the seed.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from typing import Dict, List, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from fxdp.distributed.fsdp import ShardingError
+from fxdp.distributed.optimizer import DistributedDPOptimizer
+from fxdp.training.noise import seed_from_global_rng
+from fxdp.training.optimizer import accumulation_dtype
+
+
+_reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def noise_generator_for_rank(rank: int, base: Optional[torch.Generator] = None) -> torch.Generator:
+    """This rank's noise generator: a seed from ``base`` (or torch's global RNG) mixed with the rank."""
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=base, dtype=torch.int64)) if base is not None \
+        else seed_from_global_rng()
+    mixed = int.from_bytes(hashlib.sha256(f"fxdp-noise:{seed}:{rank}".encode()).digest()[:8], "little")
+    g = torch.Generator()
+    g.manual_seed(mixed & (2 ** 63 - 1))
+    return g
+
+
+def owned_rows(p, rank: int, world_size: int):
+    """``(start, stop)`` of the rows of sharded parameter ``p`` that ``rank`` owns (torch.chunk split)."""
+    n = p.shape[0] if p.dim() else 1
+    c = math.ceil(n / world_size) if n else 0
+    start, stop = min(rank * c, n), min((rank + 1) * c, n)
+    local = p.to_local() if hasattr(p, "to_local") else None
+    if local is not None and (local.shape[0] if local.dim() else 1) != stop - start:
+        raise ShardingError(f"fxdp: a parameter of shape {tuple(p.shape)} has {local.shape[0]} local rows on rank "
+                            f"{rank}, not the {stop - start} of an even Shard(0) split; fxdp cannot place its "
+                            "noise and reduction.")
+    return start, stop, c
+
+
+@torch.no_grad()
+def reduce_scatter_rows(params: Sequence, grads: Dict[int, torch.Tensor], rank: int, world_size: int, *,
+                        group=None, bucket_cap_bytes: int = 25 * 2 ** 20) -> int:
+    """Replace each full ``grads[id(p)]`` by the sum over ranks of the rows this rank owns, with one
+    reduce-scatter per bucket (per accumulation dtype, at most ``bucket_cap_bytes`` of full-size input).
+    Returns the number of reduce-scatters."""
+    buckets: Dict[tuple, List[list]] = {}
+    for p in params:
+        key = (grads[id(p)].device, accumulation_dtype(p))
+        full = grads[id(p)]
+        size = full.numel() * full.element_size()
+        open_ = buckets.setdefault(key, [[]])
+        if open_[-1] and sum(q[1] for q in open_[-1]) + size > bucket_cap_bytes:
+            open_.append([])
+        open_[-1].append((p, size))
+    calls = 0
+    for (device, acc), chunks in buckets.items():
+        for chunk in chunks:
+            pieces, layout = [], []
+            for p, _ in chunk:
+                start, stop, c = owned_rows(p, rank, world_size)
+                full = grads[id(p)].to(acc).reshape(p.shape[0] if p.dim() else 1, -1)
+                padded = full.new_zeros((world_size * c, full.shape[1]))
+                padded[: full.shape[0]] = full
+                pieces.append(padded.reshape(world_size, -1))
+                layout.append((p, stop - start, c * full.shape[1], full.shape[1]))
+                grads[id(p)] = None  # the full-size sum is not kept past its reduction
+            inp = torch.cat(pieces, dim=1).reshape(-1)
+            del pieces
+            out = inp.new_empty(inp.numel() // world_size)
+            _reduce_scatter(out, inp, op=dist.ReduceOp.SUM, group=group)
+            del inp
+            calls += 1
+            offset = 0
+            for p, rows, width, cols in layout:
+                local_shape = (rows,) + tuple(p.shape[1:]) if p.dim() else ()
+                grads[id(p)] = out[offset: offset + rows * cols].reshape(local_shape)
+                offset += width
+    return calls
+
+
+class ShardedDPOptimizer(DistributedDPOptimizer):
+    """:class:`DistributedDPOptimizer` for FSDP2-sharded parameters (module docstring).
+
+    Args (besides DistributedDPOptimizer's): ``generator`` is this rank's noise generator (build it
+    with :func:`noise_generator_for_rank`; every rank must have an independent one).
+    """
+
+    def __repr__(self):
+        return "Sharded" + super().__repr__()
+
+    def add_noise(self, params, grads) -> None:
+        """N(0, σ²R²) on the rows this rank owns, before the reduce-scatter (module docstring)."""
+        std = self.noise_multiplier * self.max_grad_norm
+        self.noise.begin_step()
+        for p in params:
+            start, stop, _ = owned_rows(p, self.rank, self.world_size)
+            if stop <= start:
+                continue
+            g = grads[id(p)]
+            shape = (stop - start,) + tuple(p.shape[1:]) if p.dim() else ()
+            noise = self.noise.draw(shape, std, g.device)
+            if noise is None:
+                continue
+            g = g.clone()
+            if p.dim():
+                g[start:stop] += noise.to(g.dtype)
+            else:
+                g += noise.to(g.dtype)
+            grads[id(p)] = g
+
+    def reduce(self, params, grads) -> None:
+        self.last_num_buckets = reduce_scatter_rows(params, grads, self.rank, self.world_size,
+                                                    group=self.process_group, bucket_cap_bytes=self.bucket_cap_bytes)
+
+    def write(self, params, grads, public) -> None:
+        """``p.grad`` = the DTensor of p's sharding holding this rank's released shard."""
+        from torch.distributed.tensor import DTensor
+
+        for p in params:
+            g = grads[id(p)]
+            if id(p) in public:
+                extra = public[id(p)]
+                g = g + (extra.to_local() if isinstance(extra, DTensor) else extra).to(g.dtype)
+            local = g.to(p.dtype).contiguous()
+            p.grad = DTensor.from_local(local, p.device_mesh, p.placements, run_check=False,
+                                        shape=p.shape, stride=p.stride())

@@ -1,0 +1,189 @@
+"""Jobs for the FSDP2 tests (run on every rank by tests/distributed/cluster.py), and the single-process
+replay they are compared with.
+
+Models: a small MLP of residual blocks (``mlp``), GPT-2 built from config with tied wte/lm_head
+(``gpt2``), and a LoRA-adapted Llama (``lora-llama``, PEFT). Every rank builds the same model from the
+same seed, then ``fully_shard`` s each block and the root, as FSDP2 users do.
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxdp
+from tests import models_zoo as Z
+from tests.training.stack_helpers import median_R
+
+
+class Block(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(self.ln(x)))
+
+
+class BlockMLP(nn.Module):
+    def __init__(self, d_in=6, d=9, classes=3, n=2):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, classes)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+def _llama_lora():
+    import peft
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=16)
+    base = transformers.LlamaForCausalLM(cfg).double()
+    model = peft.get_peft_model(base, peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"],
+                                                      lora_dropout=0.0))
+    with torch.no_grad():  # lora_B starts at zero: make lora_A's gradient non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.3)
+    return model
+
+
+def build(kind: str, seed: int = 0):
+    torch.manual_seed(seed)
+    if kind == "mlp":
+        return BlockMLP().double()
+    if kind == "gpt2":
+        return Z.gpt2(n_layer=2, d=16, vocab=40, T=8)
+    if kind == "lora-llama":
+        return _llama_lora()
+    raise ValueError(kind)
+
+
+def blocks_of(model):
+    if isinstance(model, BlockMLP):
+        return list(model.blocks)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if hasattr(base, "transformer"):
+        return list(base.transformer.h)
+    return list(base.model.layers)
+
+
+def data(kind: str, n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed + 1)
+    if kind == "mlp":
+        return torch.randn(n, 6, generator=g, dtype=torch.float64), torch.randint(0, 3, (n,), generator=g)
+    ids = torch.randint(0, 40, (n, 8), generator=g)
+    return ids, ids
+
+
+def loss_fn(kind, model, x, y):
+    if kind == "mlp":
+        return F.cross_entropy(model(x), y)
+    logits = model(input_ids=x).logits[:, :-1]
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[:, 1:].reshape(-1))  # equal T: per-sample mean
+
+
+def threshold(kind, model, x, y):
+    if kind == "mlp":
+        return median_R(model, x, y)
+    return 0.05 if kind == "gpt2" else 0.02  # near the median per-sample norm at this size (checked by the tests)
+
+
+def shard(model, reshard=True, mp=None):
+    from torch.distributed.fsdp import fully_shard
+    kwargs = dict(reshard_after_forward=reshard)
+    if mp is not None:
+        kwargs["mp_policy"] = mp
+    for b in blocks_of(model):
+        fully_shard(b, **kwargs)
+    fully_shard(model, **kwargs)
+    return model
+
+
+def full_params(model) -> torch.Tensor:
+    """Every trainable parameter, gathered in full (collective for DTensors), flattened in order."""
+    out = []
+    for p in model.parameters():
+        if p.requires_grad:
+            t = p.full_tensor() if hasattr(p, "full_tensor") else p
+            out.append(t.detach().reshape(-1).to(torch.float64))
+    return torch.cat(out).clone()
+
+
+def make_optimizer(kind, params, lr):
+    params = [p for p in params if p.requires_grad]
+    if kind == "gpt2":
+        return torch.optim.AdamW(params, lr=lr * 0.02, weight_decay=0.0)
+    return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+
+def batches(loader, steps):
+    """``steps`` local batches, over as many epochs as needed."""
+    epoch = 0
+    while True:
+        loader.batch_sampler.set_epoch(epoch)
+        for b in loader:
+            yield b
+            steps -= 1
+            if steps == 0:
+                return
+        epoch += 1
+
+
+def train(rank, world_size, *, kind="mlp", style="all-layer", n=24, q=0.25, steps=3, sigma=0.0, reshard=True,
+          privatize_first=False, lr=0.5, mixed=False, noise_seed=None):
+    torch.manual_seed(100 + rank)  # the ranks' own randomness differs, as in a real launch
+    x, y = data(kind, n)
+    model = build(kind)
+    R = threshold(kind, model, x, y)
+    if privatize_first:
+        fxdp.privatize(model, style=style, max_grad_norm=R)
+    mp = None
+    if mixed:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+        model = model.float()
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    shard(model, reshard=reshard, mp=mp)
+    loader = DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=max(1, int(q * n)))
+    dp = fxdp.DPDistributed()
+    gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
+    model, opt, loader = dp.make_private(module=model, optimizer=make_optimizer(kind, model.parameters(), lr),
+                                         data_loader=loader, noise_multiplier=sigma, max_grad_norm=R, style=style,
+                                         sample_rate=q, noise_generator=gen)
+    out = {"R": R, "E": dp.expected_batch_size, "indices": [], "params": [full_params(model)], "grads": []}
+    for xb, yb, ib in batches(loader, steps):
+        opt.zero_grad()
+        loss_fn(kind, model, xb, yb).backward()
+        opt.step()
+        out["indices"].append(ib.tolist())
+        out["params"].append(full_params(model))
+        out["grad_types"] = sorted({type(p.grad).__name__ for p in model.parameters() if p.grad is not None})
+    out["eps"] = dp.get_epsilon(1e-5)
+    return out
+
+
+def replay(ranks, *, kind="mlp", style="all-layer", n=24, lr=0.5):
+    """One process, fxdp.DPOptimizer, the ranks' global batches (rank 0's examples, then rank 1's ...)."""
+    x, y = data(kind, n)
+    model = fxdp.privatize(build(kind), style=style, max_grad_norm=ranks[0]["R"])
+    opt = fxdp.DPOptimizer(make_optimizer(kind, model.parameters(), lr), 0.0, ranks[0]["R"],
+                           expected_batch_size=ranks[0]["E"])
+    out = [full_params(model)]
+    for k in range(len(ranks[0]["indices"])):
+        idx = torch.tensor(sum((r["indices"][k] for r in ranks), []), dtype=torch.long)
+        opt.zero_grad()
+        loss_fn(kind, model, x[idx], y[idx]).backward()
+        opt.step()
+        out.append(full_params(model))
+    return out
