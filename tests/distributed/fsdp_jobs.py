@@ -187,3 +187,70 @@ def replay(ranks, *, kind="mlp", style="all-layer", n=24, lr=0.5):
         opt.step()
         out.append(full_params(model))
     return out
+
+
+def private_model(kind, style, R, sigma=0.0, lr=1.0, momentum=0.0, width=None, E=1.0):
+    """A sharded, privatized model with plain SGD through DPDistributed (its loader is not used)."""
+    torch.manual_seed(0)
+    model = BlockMLP(d=width).double() if width else build(kind)
+    shard(model)
+    x, y = data(kind, 8)
+    dp = fxdp.DPDistributed()
+    loader = DataLoader(TensorDataset(x, y), batch_size=max(1, int(E)))  # q·N = E, the expected batch size
+    model, opt, _ = dp.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr,
+                                                                            momentum=momentum),
+                                    data_loader=loader, noise_multiplier=sigma, max_grad_norm=R, style=style,
+                                    sample_rate=E / 8)
+    return model, opt, dp
+
+
+def neighbour_move(rank, world_size, *, style="all-layer", n=12):
+    """Noise off, lr 1: ||update(D) - update(D minus example j)|| with FSDP2 on 2 ranks; j is the example
+    of rank 1's shard with the largest gradient norm (so it is clipped)."""
+    x, y = data("mlp", n, seed=3)
+    model = build("mlp")
+    R = median_R(model, x, y)
+    norms = []
+    for i in range(n):
+        m = copy.deepcopy(model)
+        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
+        norms.append(float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm()))
+    j = max(range(n // 2, n), key=lambda i: norms[i])
+    shard_ = list(range(rank * n // 2, (rank + 1) * n // 2))
+
+    def update(idx):
+        m, opt, _ = private_model("mlp", style, R, E=n / 2)
+        before = full_params(m)
+        opt.zero_grad()
+        F.cross_entropy(m(x[idx]), y[idx]).backward()
+        opt.step()
+        return before - full_params(m)
+
+    with_j = update(shard_)
+    without_j = update([i for i in shard_ if i != j])
+    return {"move": float((with_j - without_j).norm()), "R": R, "E": n / 2, "norm_j": norms[j]}
+
+
+def noise_in_updates(rank, world_size, *, steps=8, sigma=1.3, width=48, bucket_cap_mb=0.01):
+    """Per step, this rank's released noise: p.grad (local shard) - (sum over ranks of the clipped sums) / E."""
+    from fxdp.distributed.fsdp_optimizer import owned_rows
+    torch.manual_seed(7)  # every rank seeded alike: the noise streams must still be independent
+    x, y = data("mlp", 16, seed=5 + rank)
+    R, E = 0.3, 4.0
+    model, opt, dp = private_model("mlp", "all-layer", R, sigma=sigma, lr=0.1, width=width, E=E)
+    opt.bucket_cap_bytes = int(bucket_cap_mb * 2 ** 20)
+    noises = []
+    for k in range(steps):
+        opt.zero_grad()
+        idx = torch.arange(k % 3, 16, 3)
+        F.cross_entropy(model(x[idx]), y[idx]).backward()
+        clipped = []
+        for p in model.parameters():
+            total = p.private_grad.detach().clone()
+            dist.all_reduce(total)
+            start, stop, _ = owned_rows(p, rank, world_size)
+            clipped.append(total[start:stop].reshape(-1))
+        opt.step()
+        grads = torch.cat([p.grad.to_local().reshape(-1) for p in model.parameters()])
+        noises.append(grads - torch.cat(clipped) / E)
+    return {"noise": torch.stack(noises), "R": R, "E": E, "sigma": sigma, "buckets": opt.last_num_buckets}
