@@ -165,6 +165,7 @@ def train(rank, world_size, *, kind="mlp", style="all-layer", n=24, q=0.25, step
     for xb, yb, ib in batches(loader, steps):
         opt.zero_grad()
         loss_fn(kind, model, xb, yb).backward()
+        out["private_dtypes"] = sorted({str(p.private_grad.dtype) for p in model.parameters() if p.requires_grad})
         opt.step()
         out["indices"].append(ib.tolist())
         out["params"].append(full_params(model))
@@ -254,3 +255,37 @@ def noise_in_updates(rank, world_size, *, steps=8, sigma=1.3, width=48, bucket_c
         grads = torch.cat([p.grad.to_local().reshape(-1) for p in model.parameters()])
         noises.append(grads - torch.cat(clipped) / E)
     return {"noise": torch.stack(noises), "R": R, "E": E, "sigma": sigma, "buckets": opt.last_num_buckets}
+
+
+def refusal(rank, world_size, *, case):
+    """make_private on a sharded setup fxdp does not support; returns (error type, message)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import CPUOffloadPolicy, fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor
+    torch.manual_seed(0)
+    model = build("mlp")
+    if case == "hsdp":
+        mesh = init_device_mesh("cpu", (1, world_size), mesh_dim_names=("replicate", "shard"))
+        fully_shard(model, mesh=mesh)
+    elif case == "tensor-parallel":
+        mesh = init_device_mesh("cpu", (world_size,))
+        model.inp.weight = nn.Parameter(distribute_tensor(model.inp.weight.detach(), mesh, [Shard(0)]))
+    elif case == "cpu-offload":
+        fully_shard(model, offload_policy=CPUOffloadPolicy(pin_memory=False))
+    elif case == "compiled-block":
+        model.blocks[0].compile(backend="eager")
+        shard(model)
+    elif case == "compiled-model":
+        shard(model)
+        model = torch.compile(model, backend="eager")
+    elif case == "not-root":
+        fully_shard(model.blocks[0])
+    x, y = data("mlp", 8)
+    dp = fxdp.DPDistributed()
+    try:
+        dp.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+                        data_loader=DataLoader(TensorDataset(x, y), batch_size=2), noise_multiplier=1.0,
+                        max_grad_norm=1.0)
+    except Exception as exc:  # noqa: BLE001 - the test checks the type
+        return type(exc).__name__, str(exc)
+    return None, ""

@@ -31,3 +31,16 @@ CASES = [dict(kind="mlp"), dict(kind="mlp", style="block-wise", reshard=False),
 def test_fsdp2_two_ranks_without_noise_equal_one_process(cluster, case):
     ranks = cluster.values("tests.distributed.fsdp_jobs:train", timeout=90, **case)
     check(ranks, replay(ranks, kind=case["kind"], style=case.get("style", "all-layer"), n=case.get("n", 24)))
+
+
+def test_mixed_precision_bf16_params_fp32_reduce_clips_and_sums_in_fp32_close_to_float64(cluster):
+    """MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32): the layers run in bf16, but the private
+    gradients (norms, clipped sums), the noise and the reduce-scatter are float32; the updates stay
+    within bf16 rounding of the float64 single-process updates."""
+    ranks = cluster.values("tests.distributed.fsdp_jobs:train", timeout=90, kind="mlp", mixed=True)
+    reference = replay(ranks, kind="mlp")
+    assert ranks[0]["private_dtypes"] == ["torch.float32"] and ranks[0]["grad_types"] == ["DTensor"]
+    for k in range(1, len(reference)):
+        got, want = ranks[0]["params"][k] - ranks[0]["params"][0], reference[k] - reference[0]
+        assert float((got - want).norm() / want.norm()) < 0.05, k
+        assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k])
