@@ -9,11 +9,11 @@ from tests.distributed.fsdp_jobs import replay
 TIGHT = dict(rtol=1e-10, atol=1e-12)
 
 
-def check(ranks, reference):
+def check(ranks, reference, tight=TIGHT):
     assert len(reference) == len(ranks[0]["params"]) > 1
     assert sum(len(i) for r in ranks for i in r["indices"]) > 0
     for k, want in enumerate(reference):
-        torch.testing.assert_close(ranks[0]["params"][k], want, **TIGHT, msg=lambda m: f"step {k}: {m}")
+        torch.testing.assert_close(ranks[0]["params"][k], want, **tight, msg=lambda m: f"step {k}: {m}")
         assert torch.equal(ranks[0]["params"][k], ranks[1]["params"][k]), f"ranks differ after step {k}"
     assert not torch.equal(reference[0], reference[-1]), "training did not move the parameters"
     assert ranks[0]["grad_types"] == ["DTensor"]
@@ -22,15 +22,19 @@ def check(ranks, reference):
 LM = dict(n=16, q=0.5)  # HF models cannot run an empty batch: sample enough
 CASES = [dict(kind="mlp"), dict(kind="mlp", style="block-wise", reshard=False),
          dict(kind="mlp", style="layer-wise", privatize_first=True),
-         dict(kind="gpt2", **LM), dict(kind="gpt2", style="block-wise", **LM)]
+         dict(kind="gpt2", **LM), dict(kind="gpt2", style="block-wise", **LM),
+         dict(kind="lora-llama", **LM), dict(kind="lora-llama", style="block-wise", reshard=False, **LM)]
 
 
 @pytest.mark.parametrize("case", CASES, ids=["mlp-all-layer", "mlp-block-wise-no-reshard",
                                               "mlp-layer-wise-privatized-first", "gpt2-all-layer",
-                                              "gpt2-block-wise"])
+                                              "gpt2-block-wise", "lora-llama-all-layer", "lora-llama-block-wise"])
 def test_fsdp2_two_ranks_without_noise_equal_one_process(cluster, case):
     ranks = cluster.values("tests.distributed.fsdp_jobs:train", timeout=90, **case)
-    check(ranks, replay(ranks, kind=case["kind"], style=case.get("style", "all-layer"), n=case.get("n", 24)))
+    # LoRA Llama: an unexplained ~2e-8 relative difference (HF Llama computes RMSNorm and RoPE in float32
+    # even in a float64 model); the MLP and GPT-2 match to 1e-10. Far below what a clipping error gives.
+    tight = dict(rtol=1e-6, atol=1e-9) if case["kind"] == "lora-llama" else TIGHT
+    check(ranks, replay(ranks, kind=case["kind"], style=case.get("style", "all-layer"), n=case.get("n", 24)), tight)
 
 
 def test_mixed_precision_bf16_params_fp32_reduce_clips_and_sums_in_fp32_close_to_float64(cluster):
