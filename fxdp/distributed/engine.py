@@ -14,6 +14,7 @@ from fxdp.core.identity import set_view
 from fxdp.engine import install as api
 from fxdp.training.accounting import PoissonCharge, get_noise_multiplier
 from fxdp.distributed import checkpoint as distributed_checkpoint
+from fxdp.distributed import fsdp_checkpoint
 from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.distributed.agreement import agree, broadcast_state, check_same_setup, verify_replicas
 from fxdp.distributed.optimizer import DistributedDPOptimizer
@@ -118,6 +119,7 @@ class DPDistributed(PrivateTrainingEngine):
         check_same_setup(fields, self.process_group)
         if self.sharded:
             # FSDP2: each rank holds its own shard (fully_shard cut the same model on every rank)
+            self.checkpoint_io = fsdp_checkpoint
             materialize_unsharded(inner)
             set_view(inner, FSDPView(inner, self.process_group))
             front_load_engine_hook(inner)

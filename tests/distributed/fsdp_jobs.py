@@ -8,6 +8,7 @@ same seed, then ``fully_shard`` s each block and the root, as FSDP2 users do.
 from __future__ import annotations
 
 import copy
+import os
 
 import torch
 import torch.distributed as dist
@@ -289,3 +290,37 @@ def refusal(rank, world_size, *, case):
     except Exception as exc:  # noqa: BLE001 - the test checks the type
         return type(exc).__name__, str(exc)
     return None, ""
+
+
+def checkpoint_resume(rank, world_size, *, path, sigma=0.8, kind="mlp", steps_per_epoch=4):
+    """Epoch 0, DCP checkpoint, epoch 1 (run A); then a fresh model, optimizer and DPDistributed load the
+    checkpoint and run epoch 1 again (run B). Noise on. Returns both runs' parameters after epoch 1."""
+    def setup(seed_shift):
+        torch.manual_seed(100 + rank + seed_shift)  # run B starts from other RNG states: the load restores them
+        x, y = data(kind, 16)
+        model = shard(build(kind, seed=seed_shift))
+        loader = DataLoader(TensorDataset(x, y), batch_size=4)
+        dp = fxdp.DPDistributed()
+        model, opt, loader = dp.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.5,
+                                                                                     momentum=0.9),
+                                             data_loader=loader, noise_multiplier=sigma, max_grad_norm=0.5,
+                                             sample_rate=0.25)
+        return model, opt, loader, dp
+
+    def epoch(model, opt, loader, e):
+        loader.batch_sampler.set_epoch(e)
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss_fn(kind, model, xb, yb).backward()
+            opt.step()
+
+    model, opt, loader, dp = setup(0)
+    epoch(model, opt, loader, 0)
+    dp.save_checkpoint(path=path, module=model, optimizer=opt)
+    epoch(model, opt, loader, 1)
+    a, eps_a, steps_a = full_params(model), dp.get_epsilon(1e-5), opt.steps_taken
+    model, opt, loader, dp = setup(1)
+    dp.load_checkpoint(path=path, module=model, optimizer=opt)
+    epoch(model, opt, loader, 1)
+    return {"a": a, "b": full_params(model), "eps": (eps_a, dp.get_epsilon(1e-5)), "steps": (steps_a, opt.steps_taken),
+            "files": sorted(os.listdir(path))}
