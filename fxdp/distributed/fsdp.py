@@ -212,3 +212,18 @@ class FSDPView:
             lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, payload[0])
         n = min(sizes[source], 3)
         return LayoutTable(engine.analyse(ex_args, ex_kwargs, n).entries)
+
+    def convert_private_grad(self, name: str, p, total: torch.Tensor):
+        """Collective (every rank, every trainable parameter, in plan order, at the end of each backward):
+        reduce-scatter this rank's full clipped sum ``total`` into the rows it owns and return them as a
+        DTensor with p's sharding; the full-size sum is dropped at once (fxdp.distributed.fsdp_optimizer)."""
+        import torch.distributed as dist
+        from torch.distributed.tensor import DTensor
+        from fxdp.distributed.fsdp_optimizer import reduce_scatter_rows
+
+        group = self.process_group
+        grads = {id(p): total}
+        reduce_scatter_rows([p], grads, dist.get_rank(group), dist.get_world_size(group), group=group)
+        local = grads[id(p)].to(p.dtype).contiguous()
+        return DTensor.from_local(local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())

@@ -1,29 +1,34 @@
 """ShardedDPOptimizer: DP-SGD releases for FSDP2 models, each rank noising and stepping its own shard.
 
-A :class:`~fxdp.distributed.optimizer.DistributedDPOptimizer` (its collective checks, its
-refusals, the accountant's charge) whose release steps work on shards. For every trainable
-parameter p (a DTensor sharded ``Shard(0)`` over the W data-parallel ranks; rank r owns the rows
-``[r·c, min((r+1)·c, n))`` with ``c = ceil(n / W)``, torch.chunk's split, which FSDP2 uses):
+For every trainable parameter p (a DTensor sharded ``Shard(0)`` over the W data-parallel ranks; rank r
+owns the rows ``[r·c, min((r+1)·c, n))`` with ``c = ceil(n / W)``, torch.chunk's split, which FSDP2
+uses):
+
+- at the end of every backward pass, the engine reduce-scatters each rank's full clipped sum into
+  the owners' rows (:func:`reduce_scatter_rows`, in float32, float64 for float64 parameters) and
+  drops it: ``p.private_grad`` is a DTensor like p holding, on rank r, the sum over ranks of the
+  clipped sums of its rows (:meth:`fxdp.distributed.fsdp.FSDPView.convert_private_grad`); at most
+  one parameter's full-size clipped sum exists at a time, never all of them, and no all-reduce of a
+  full gradient ever happens. Micro-batches add their reduced shards.
+
+At the step, :class:`ShardedDPOptimizer` (a :class:`~fxdp.distributed.optimizer.DistributedDPOptimizer`:
+its collective checks, refusals and the accountant's charge hold) releases through the named steps:
 
 1. ``check``: as DistributedDPOptimizer (all ranks agree, or all raise);
-2. ``add_noise``: rank r adds N(0, σ²R²) to the rows it owns -- and only those -- of its local
-   clipped sum, from its own generator (seeded from the rank-mixed seed, or OS entropy in
-   secure mode), before the reduction;
-3. ``reduce``: a reduce-scatter (:func:`reduce_scatter_rows`, flat buckets, float32 or float64)
-   leaves on rank r the sum over ranks of rows it owns; the full-size clipped sums are freed;
-   no all-reduce of a full gradient ever happens;
+2. ``add_noise``: rank r adds N(0, σ²R²) to every coordinate of its shard, from its own generator
+   (a seed mixed with the rank, or OS entropy in secure mode);
+3. ``reduce``: nothing left to do (done at the end of backward);
 4. ``scale``: every rank divides its shard by the GLOBAL expected batch size q·N;
 5. ``write``: ``p.grad`` is the DTensor with p's sharding whose local tensor is that shard; the
    inner optimizer (built on the sharded parameters) steps each rank's shard.
 
 Why the noise is exactly N(0, σ²R²·I) over the whole parameter vector: the row blocks of the
-ranks partition every parameter, so each coordinate is noised by exactly one rank (its owner);
-before the reduce-scatter only the owner's share of that coordinate carries noise, and the
-reduce-scatter sums the shares, so the released coordinate is Σ_ranks clipped + one draw. The
-draws of one rank are i.i.d. N(0, σ²R²) (one float32 generator stream), and the ranks' streams are
-independent (distinct SHA-256-mixed seeds, or OS entropy), so the noise vector is N(0, σ²R²·I):
-each coordinate once, none correlated with another. Seeding every rank alike does not correlate
-them: the rank is mixed into the seed.
+ranks partition every parameter, so each coordinate has exactly one owner, which adds exactly one
+draw to the already summed coordinate; no other rank touches it. The draws of one rank are i.i.d.
+N(0, σ²R²) (one float32 generator stream), and the ranks' streams are independent (distinct
+SHA-256-mixed seeds, or OS entropy), so the noise vector is N(0, σ²R²·I): each coordinate once, none
+correlated with another. Seeding every rank alike does not correlate them: the rank is mixed into
+the seed.
 """
 from __future__ import annotations
 
@@ -118,28 +123,24 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
         return "Sharded" + super().__repr__()
 
     def add_noise(self, params, grads) -> None:
-        """N(0, σ²R²) on the rows this rank owns, before the reduce-scatter (module docstring)."""
+        """N(0, σ²R²) on every coordinate of this rank's shard (the rows it owns), after their
+        reduce-scatter at the end of backward (module docstring)."""
         std = self.noise_multiplier * self.max_grad_norm
         self.noise.begin_step()
         for p in params:
-            start, stop, _ = owned_rows(p, self.rank, self.world_size)
-            if stop <= start:
-                continue
             g = grads[id(p)]
-            shape = (stop - start,) + tuple(p.shape[1:]) if p.dim() else ()
-            noise = self.noise.draw(shape, std, g.device)
-            if noise is None:
-                continue
-            g = g.clone()
-            if p.dim():
-                g[start:stop] += noise.to(g.dtype)
-            else:
-                g += noise.to(g.dtype)
-            grads[id(p)] = g
+            g = g.to_local() if hasattr(g, "to_local") else g
+            start, stop, _ = owned_rows(p, self.rank, self.world_size)
+            if tuple(g.shape) != ((stop - start,) + tuple(p.shape[1:])):
+                raise ShardingError(f"fxdp: the private gradient of {self._name(p)} is not this rank's shard "
+                                    f"(shape {tuple(g.shape)}); was it written by the sharded model's engine?")
+            noise = self.noise.draw(g.shape, std, g.device) if g.numel() else None
+            grads[id(p)] = g if noise is None else g + noise.to(g.dtype)
 
     def reduce(self, params, grads) -> None:
-        self.last_num_buckets = reduce_scatter_rows(params, grads, self.rank, self.world_size,
-                                                    group=self.process_group, bucket_cap_bytes=self.bucket_cap_bytes)
+        """Nothing left to combine: the engine reduce-scattered each clipped sum into its owners' shards
+        at the end of every backward pass (:meth:`fxdp.distributed.fsdp.FSDPView.convert_private_grad`)."""
+        self.last_num_buckets = 0
 
     def write(self, params, grads, public) -> None:
         """``p.grad`` = the DTensor of p's sharding holding this rank's released shard."""

@@ -254,7 +254,8 @@ class Engine:
         result = clip_groups(group_sq, self.plan.num_groups, self.config, B, device)
         writer = self._weakself
         finalize.write_private_grads(params, trainable, per_param, result, self.plan.group_of, scale,
-                                     on_write=lambda p: WRITERS.record(p, writer))
+                                     on_write=lambda p: WRITERS.record(p, writer),
+                                     convert=getattr(get_view(self.model), "convert_private_grad", None))
         if result.num_nonfinite:
             warnings.warn(f"fxdp: {result.num_nonfinite} of {B} examples had a non-finite loss or gradient; "
                           "they contribute nothing to this step (the step is still charged).", RuntimeWarning)

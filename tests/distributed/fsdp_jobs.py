@@ -233,29 +233,27 @@ def neighbour_move(rank, world_size, *, style="all-layer", n=12):
     return {"move": float((with_j - without_j).norm()), "R": R, "E": n / 2, "norm_j": norms[j]}
 
 
-def noise_in_updates(rank, world_size, *, steps=8, sigma=1.3, width=48, bucket_cap_mb=0.01):
+def noise_in_updates(rank, world_size, *, steps=8, sigma=1.3, width=48):
     """Per step, this rank's released noise: p.grad (local shard) - (sum over ranks of the clipped sums) / E."""
     from fxdp.distributed.fsdp_optimizer import owned_rows
     torch.manual_seed(7)  # every rank seeded alike: the noise streams must still be independent
     x, y = data("mlp", 16, seed=5 + rank)
     R, E = 0.3, 4.0
     model, opt, dp = private_model("mlp", "all-layer", R, sigma=sigma, lr=0.1, width=width, E=E)
-    opt.bucket_cap_bytes = int(bucket_cap_mb * 2 ** 20)
     noises = []
     for k in range(steps):
         opt.zero_grad()
         idx = torch.arange(k % 3, 16, 3)
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         clipped = []
-        for p in model.parameters():
-            total = p.private_grad.detach().clone()
-            dist.all_reduce(total)
+        for p in model.parameters():  # the engine reduce-scattered the clipped sums into the shards
             start, stop, _ = owned_rows(p, rank, world_size)
-            clipped.append(total[start:stop].reshape(-1))
+            assert tuple(p.private_grad.to_local().shape) == (stop - start,) + tuple(p.shape[1:])
+            clipped.append(p.private_grad.to_local().detach().clone().reshape(-1))
         opt.step()
         grads = torch.cat([p.grad.to_local().reshape(-1) for p in model.parameters()])
         noises.append(grads - torch.cat(clipped) / E)
-    return {"noise": torch.stack(noises), "R": R, "E": E, "sigma": sigma, "buckets": opt.last_num_buckets}
+    return {"noise": torch.stack(noises), "R": R, "E": E, "sigma": sigma}
 
 
 def refusal(rank, world_size, *, case):

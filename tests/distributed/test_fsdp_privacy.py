@@ -23,7 +23,6 @@ def test_noise_std_is_sigma_R_over_expected_batch_size_on_every_rank_within_3_pe
         assert n > 20000  # 3 % is > 6 standard errors of a sample std (~ 1 / sqrt(2n))
         assert abs(float(noise.std()) / want - 1) < 0.03, (float(noise.std()), want)
         assert abs(float(noise.mean())) < 5 * want / math.sqrt(n)
-        assert d["buckets"] > 1, "the case was meant to use several reduce-scatter buckets"
 
 
 def test_noise_differs_across_steps_and_ranks_draw_independent_streams(draws):
