@@ -27,11 +27,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
-from fxdp.core.errors import PrivacyError
-
-
-class ShardingError(PrivacyError):
-    """A sharded model fxdp cannot clip and noise exactly (module docstring)."""
+from fxdp.distributed.shards import ShardingError, reduce_scatter_rows
 
 
 def fsdp_modules(model: nn.Module) -> List[nn.Module]:
@@ -219,7 +215,6 @@ class FSDPView:
         DTensor with p's sharding; the full-size sum is dropped at once (fxdp.distributed.fsdp_optimizer)."""
         import torch.distributed as dist
         from torch.distributed.tensor import DTensor
-        from fxdp.distributed.fsdp_optimizer import reduce_scatter_rows
 
         group = self.process_group
         grads = {id(p): total}

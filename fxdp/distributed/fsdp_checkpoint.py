@@ -21,10 +21,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Optional
 
 import torch
-import torch.distributed as dist
 
 from fxdp.distributed.agreement import agree, all_gather_bytes
 

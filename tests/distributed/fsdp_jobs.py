@@ -235,7 +235,7 @@ def neighbour_move(rank, world_size, *, style="all-layer", n=12):
 
 def noise_in_updates(rank, world_size, *, steps=8, sigma=1.3, width=48):
     """Per step, this rank's released noise: p.grad (local shard) - (sum over ranks of the clipped sums) / E."""
-    from fxdp.distributed.fsdp_optimizer import owned_rows
+    from fxdp.distributed.shards import owned_rows
     torch.manual_seed(7)  # every rank seeded alike: the noise streams must still be independent
     x, y = data("mlp", 16, seed=5 + rank)
     R, E = 0.3, 4.0
