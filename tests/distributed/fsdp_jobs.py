@@ -322,3 +322,34 @@ def checkpoint_resume(rank, world_size, *, path, sigma=0.8, kind="mlp", steps_pe
     epoch(model, opt, loader, 1)
     return {"a": a, "b": full_params(model), "eps": (eps_a, dp.get_epsilon(1e-5)), "steps": (steps_a, opt.steps_taken),
             "files": sorted(os.listdir(path))}
+
+
+def misuse(rank, world_size, *, case):
+    """A sharded training loop used in a way fxdp refuses; returns (error type, message)."""
+    x, y = data("mlp", 16)
+    R = 0.5
+    model, opt, dp = private_model("mlp", "all-layer", R, E=8.0)
+    try:
+        if case == "micro-batches":
+            base = DataLoader(TensorDataset(x, y), batch_size=8)
+            model2 = shard(build("mlp"))
+            dp2 = fxdp.DPDistributed()
+            model2, opt2, loader2 = dp2.make_private(module=model2, optimizer=torch.optim.SGD(model2.parameters(),
+                                                                                              lr=0.1),
+                                                     data_loader=base, noise_multiplier=1.0, max_grad_norm=R)
+            with fxdp.BatchMemoryManager(data_loader=loader2, max_physical_batch_size=1, optimizer=opt2) as mb:
+                for xb, yb in mb:
+                    opt2.zero_grad()
+                    F.cross_entropy(model2(xb), yb).backward()
+                    opt2.step()
+        elif case == "public-grad":
+            opt.zero_grad()
+            F.cross_entropy(model(x[:4]), y[:4]).backward()
+            p = model.head.weight
+            p.grad = torch.distributed.tensor.DTensor.from_local(torch.ones_like(p.to_local()), p.device_mesh,
+                                                                 p.placements, run_check=False, shape=p.shape,
+                                                                 stride=p.stride())
+            opt.step()
+    except Exception as exc:  # noqa: BLE001 - the test checks the type
+        return type(exc).__name__, str(exc)
+    return None, ""

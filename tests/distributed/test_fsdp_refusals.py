@@ -14,3 +14,14 @@ def test_unsupported_sharding_is_refused_on_every_rank(cluster, case):
     for error, message in cluster.values("tests.distributed.fsdp_jobs:refusal", timeout=60, case=case):
         assert error == kind, (error, message)
         assert words in message and message.startswith("fxdp"), message
+
+
+MISUSE = {"micro-batches": ("ShardingError", "micro-batches"), "public-grad": ("PrivacyError", "p.grad is set")}
+
+
+@pytest.mark.parametrize("case", list(MISUSE))
+def test_sharded_loop_misuse_is_refused(cluster, case):
+    kind, words = MISUSE[case]
+    for error, message in cluster.values("tests.distributed.fsdp_jobs:misuse", timeout=60, case=case):
+        assert error == kind, (error, message)
+        assert words in message, message
