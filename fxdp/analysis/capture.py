@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+from fxdp.core.identity import trainable_ids
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.runner import PassResult
@@ -174,7 +175,7 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     model = analysis.model
     run = ProbeRun(list(samples))
     args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_dim, samples)
-    trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
+    trainable = trainable_ids(model)
     recorder = ProbeRecorder(run, analysis, lifts, keep_graph)
     engine = getattr(model, "_fxdp_engine", None)
     with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):

@@ -57,15 +57,26 @@ sums from another. A rank that dies or fails outside fxdp's calls leaves the
 others waiting until the process group's timeout (torchrun stops the job when
 a worker fails).
 
-Not supported yet: FSDP / sharded (DTensor) parameters, tensor or pipeline
-parallelism, non-Poisson sampling across ranks, changing the world size with an
-exact resume (a checkpoint loads on another world size with fresh sampling
-streams and a warning).
+FSDP2: a model sharded with ``torch.distributed.fsdp.fully_shard`` (before or
+after ``fxdp.privatize``) is accepted by the same ``make_private``; it then
+returns a :class:`ShardedDPOptimizer`: the clipped sums are reduce-scattered
+into each rank's shard at the end of backward, each rank noises its own shard
+from an independent stream, and checkpoints go through
+torch.distributed.checkpoint (:mod:`fxdp.distributed.fsdp`,
+:mod:`fxdp.distributed.fsdp_optimizer`, :mod:`fxdp.distributed.fsdp_checkpoint`).
+
+Not supported yet: tensor or pipeline parallelism, HSDP, FSDP2 CPU offload,
+torch.compile of an FSDP2 model's blocks (all refused with a message),
+non-Poisson sampling across ranks, changing the world size with an exact resume
+(a checkpoint loads on another world size with fresh sampling streams and a
+warning; an FSDP2 checkpoint is refused there).
 """
 from fxdp.distributed.agreement import PeerRankError, RankMismatchError
 from fxdp.distributed.engine import DPDistributed
 from fxdp.distributed.optimizer import DistributedDPOptimizer
+from fxdp.distributed.fsdp import ShardingError
+from fxdp.distributed.fsdp_optimizer import ShardedDPOptimizer
 from fxdp.distributed.sampler import DistributedPoissonDataLoader, DistributedPoissonSampler
 
-__all__ = ["DPDistributed", "DistributedDPOptimizer", "DistributedPoissonSampler", "DistributedPoissonDataLoader",
+__all__ = ["DPDistributed", "DistributedDPOptimizer", "ShardedDPOptimizer", "ShardingError", "DistributedPoissonSampler", "DistributedPoissonDataLoader",
            "RankMismatchError", "PeerRankError"]

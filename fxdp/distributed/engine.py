@@ -10,14 +10,19 @@ import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 
 from fxdp.core.version import VERSION
+from fxdp.core.identity import set_view
 from fxdp.engine import install as api
 from fxdp.training.accounting import PoissonCharge, get_noise_multiplier
 from fxdp.training.adaptive import check_clipping_option, from_clipping_option
 from fxdp.training.samplers import visited_indices
 from fxdp.distributed import checkpoint as distributed_checkpoint
+from fxdp.distributed import fsdp_checkpoint
 from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.distributed.agreement import agree, broadcast_state, check_same_setup, verify_replicas
 from fxdp.distributed.optimizer import DistributedDPOptimizer
+from fxdp.distributed.fsdp import (FSDPView, front_load_engine_hook, is_fully_sharded, materialize_unsharded,
+                                   refuse_compiled_blocks, refuse_unsupported_fsdp)
+from fxdp.distributed.fsdp_optimizer import ShardedDPOptimizer, noise_generator_for_rank
 from fxdp.distributed.sampler import make_distributed_loader, rank_generator
 from fxdp.training.step_check import bind_loader_check, refuse_unowned
 
@@ -36,10 +41,12 @@ def refuse_unsupported(module: nn.Module) -> None:
             "autograd, so DDP's reducer never sees them (it would wait for gradients that never come, or average "
             "zeros). Pass the plain model to fxdp.DPDistributed: it broadcasts the parameters and sums the clipped "
             "gradients across ranks itself.")
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-    if isinstance(module, (FullyShardedDataParallel, FSDPModule)):
-        raise ValueError("fxdp: FSDP (sharded parameters) is not supported yet; use data parallelism with a full "
-                         "replica of the model on every rank.")
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    if isinstance(module, FullyShardedDataParallel):
+        raise ValueError("fxdp: FSDP1 (FullyShardedDataParallel) is not supported; shard the model with FSDP2 "
+                         "(torch.distributed.fsdp.fully_shard), which fxdp.DPDistributed supports.")
+    if is_fully_sharded(module):
+        return  # checked by fxdp.distributed.fsdp.refuse_unsupported_fsdp
     from torch.distributed.tensor import DTensor
     if any(isinstance(p, DTensor) for p in module.parameters()):
         raise ValueError("fxdp: DTensor (tensor-parallel or sharded) parameters are not supported yet; use "
@@ -77,6 +84,7 @@ class DPDistributed(PrivateTrainingEngine):
         self.root = dist.get_global_rank(process_group, 0) if process_group is not None else 0
         self.sample_rate: Optional[float] = None
         self.expected_batch_size: Optional[float] = None
+        self.sharded = False
 
     # ------------------------------------------------------------------ setup
     def make_private(self, *, module: nn.Module, optimizer: torch.optim.Optimizer, data_loader: DataLoader,
@@ -112,7 +120,15 @@ class DPDistributed(PrivateTrainingEngine):
         agree(error, "DPDistributed.make_private", group=self.process_group)
         inner, fields = out[3], out[4]
         check_same_setup(fields, self.process_group)
-        broadcast_state(list(inner.parameters()) + list(inner.buffers()), src=self.root, group=self.process_group)
+        if self.sharded:
+            # FSDP2: each rank holds its own shard (fully_shard cut the same model on every rank)
+            self.checkpoint_io = fsdp_checkpoint
+            materialize_unsharded(inner)
+            set_view(inner, FSDPView(inner, self.process_group))
+            front_load_engine_hook(inner)
+        else:
+            broadcast_state(list(inner.parameters()) + list(inner.buffers()), src=self.root,
+                            group=self.process_group)
         self.module, self.optimizer, self.data_loader = out[:3]
         return out[:3]
 
@@ -142,6 +158,17 @@ class DPDistributed(PrivateTrainingEngine):
         inner = unwrap_compiled(module)
         refuse_unsupported(inner)
         check_clipping_option(clipping, adaptive_options)
+        self.sharded = is_fully_sharded(inner)
+        if self.sharded:
+            if inner is not module:
+                raise ValueError("fxdp: torch.compile of a whole FSDP2 model is not supported by fxdp; pass the "
+                                 "fully_shard-ed model itself (eager).")
+            refuse_unsupported_fsdp(inner, self.process_group)
+            refuse_compiled_blocks(inner)
+            if clipping != "flat":
+                raise ValueError("fxdp: adaptive clipping is not supported with FSDP2 (fully_shard) yet: the "
+                                 "unclipped count would not be summed across the sharded ranks. Use a fixed "
+                                 "max_grad_norm, or DDP-style DPDistributed without fully_shard.")
         if not poisson_sampling:
             raise ValueError("fxdp: DPDistributed samples global batches with Poisson sampling only "
                              "(poisson_sampling=False is not supported across ranks).")
@@ -172,10 +199,17 @@ class DPDistributed(PrivateTrainingEngine):
         loader = make_distributed_loader(data_loader, sample_rate=q, generator=generator, shuffle_seed=shuffle_seed,
                                          num_replicas=self.world_size, rank=self.rank, batch_first=batch_first,
                                          rand_on_empty=rand_on_empty)
-        dp_optimizer = DistributedDPOptimizer(
-            optimizer, noise_multiplier, config.max_grad_norm, q * n, config.loss_reduction,
-            generator=noise_generator, secure_mode=self.secure_mode, public_grads=public_grads,
-            process_group=self.process_group, bucket_cap_mb=bucket_cap_mb, adaptive_clipping=adaptive)
+        if self.sharded:  # every rank noises the rows it owns, from its own stream (fsdp_optimizer)
+            gen = None if self.secure_mode else noise_generator_for_rank(self.rank, noise_generator)
+            dp_optimizer = ShardedDPOptimizer(
+                optimizer, noise_multiplier, config.max_grad_norm, q * n, config.loss_reduction, generator=gen,
+                secure_mode=self.secure_mode, public_grads=public_grads, process_group=self.process_group,
+                bucket_cap_mb=bucket_cap_mb)
+        else:
+            dp_optimizer = DistributedDPOptimizer(
+                optimizer, noise_multiplier, config.max_grad_norm, q * n, config.loss_reduction,
+                generator=noise_generator, secure_mode=self.secure_mode, public_grads=public_grads,
+                process_group=self.process_group, bucket_cap_mb=bucket_cap_mb, adaptive_clipping=adaptive)
         dp_optimizer.attach_step_hook(PoissonCharge(self.accountant, q))
         dp_optimizer.set_param_names(inner)
         bind_loader_check(dp_optimizer, loader, "this rank's share of the distributed Poisson loader")
@@ -210,4 +244,6 @@ class DPDistributed(PrivateTrainingEngine):
         """Collective: raise RankMismatchError unless every rank holds rank 0's parameters and
         buffers bit for bit (costs one broadcast of the model)."""
         inner = unwrap_compiled(self.module)
+        if self.sharded:
+            raise ValueError("fxdp: verify_replicas does not apply to an FSDP2 model (each rank holds its own shard).")
         verify_replicas(list(inner.parameters()) + list(inner.buffers()), src=self.root, group=self.process_group)

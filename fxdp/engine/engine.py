@@ -41,6 +41,7 @@ from fxdp.engine.clip_bound import ClipBound
 from fxdp.engine.clipping import clip_groups
 from fxdp.engine.writers import WRITERS
 from fxdp.engine.compiled_hook import in_compiled_module, new_compiled_forwards
+from fxdp.core.identity import get_view, write_targets
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.engine.recorder import LayoutTable, RuntimeRecorder, structure_key
@@ -123,6 +124,9 @@ class Engine:
                         f"fxdp: parameter {name!r} became trainable after privatize(); its clip group is "
                         "unknown. Call fxdp.unprivatize(model) and privatize it again.")
                 out[id(p)] = name
+        view = get_view(self.model)  # sharded models: the identities the layers see (fxdp.core.identity)
+        if view is not None:
+            out.update(view.aliases())
         return out
 
     def analyse(self, args, kwargs, batch_size: int, strict: bool = True) -> Analysis:
@@ -142,8 +146,13 @@ class Engine:
             self._targets.prepare(self.model, trainable)
             key = structure_key(self.model, args, kwargs, B, self.config.batch_dim_spec)
             table = self.tables.get(key)
-            if table is None and B >= 2:
+            view = get_view(self.model)
+            if table is None and getattr(view, "collective_analysis", None) is not None:
+                # sharded model: every rank analyses at once, on one rank's examples (the probes all-gather)
+                table = view.collective_analysis(self, key, args, kwargs, B)
+            elif table is None and B >= 2:
                 table = LayoutTable(self.analyse(args, kwargs, B).entries)
+            if table is not None:
                 self.tables[key] = table
         except BaseException:
             self._depth -= 1
@@ -273,7 +282,7 @@ class Engine:
         B = ctx.batch_size
         uses = [u for u in ctx.uses if u.grad_output is not None]
         ctx.uses = []
-        params = dict(self.model.named_parameters())
+        params = write_targets(self.model)
         trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
         per_param, decisions = finalize.collect(uses, B)
         loss_scale = self._loss_scale()
@@ -285,7 +294,8 @@ class Engine:
         self.clip_bound.record(result.unclipped, R)
         writer = self._weakself
         finalize.write_private_grads(params, trainable, per_param, result, self.plan.group_of, scale,
-                                     on_write=lambda p: WRITERS.record(p, writer))
+                                     on_write=lambda p: WRITERS.record(p, writer),
+                                     convert=getattr(get_view(self.model), "convert_private_grad", None))
         if result.num_nonfinite:
             warnings.warn(f"fxdp: {result.num_nonfinite} of {B} examples had a non-finite loss or gradient; "
                           "they contribute nothing to this step (the step is still charged).", RuntimeWarning)

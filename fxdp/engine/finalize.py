@@ -71,8 +71,13 @@ def group_norms(per_param: PerParam, group_of: Dict[str, int], scale: float) -> 
 
 
 def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[str], per_param: PerParam,
-                        result: ClipResult, group_of: Dict[str, int], scale: float, on_write) -> None:
-    """``p.private_grad += Σ_b C_b(group(p)) · scale · g_b(p)`` for every trainable parameter."""
+                        result: ClipResult, group_of: Dict[str, int], scale: float, on_write,
+                        convert=None) -> None:
+    """``p.private_grad += Σ_b C_b(group(p)) · scale · g_b(p)`` for every trainable parameter.
+
+    ``convert(name, p, total)``, if given, turns each full clipped sum into the form ``p.private_grad``
+    holds before it is added (a sharded model: this rank's reduce-scattered shard, see
+    :mod:`fxdp.core.identity`); it is called for every trainable parameter, in the same order."""
     keep = None if result.num_nonfinite == 0 else result.keep
     for name in trainable:
         p = params[name]
@@ -82,7 +87,9 @@ def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[s
             total = sum(F.clipped_sum(f, coef, keep) for f in factors)
             total = total.to(p.dtype)
         else:
-            total = torch.zeros_like(p)
+            total = torch.zeros(p.shape, dtype=p.dtype, device=p.device)  # p may be a DTensor
+        if convert is not None:
+            total = convert(name, p, total)
         existing = getattr(p, "private_grad", None)
         p.private_grad = total if existing is None else existing + total
         on_write(p)
