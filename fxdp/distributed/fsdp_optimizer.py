@@ -62,7 +62,7 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
     def __repr__(self):
         return "Sharded" + super().__repr__()
 
-    def notify_batch(self, ends_logical_batch: bool) -> None:
+    def notify_batch(self, ends_logical_batch: bool, num_examples=None, poisson: bool = True) -> None:
         """Micro-batches (``fxdp.BatchMemoryManager``) are refused under FSDP2: ranks with different local
         batch sizes would run different numbers of forward passes, and FSDP2's collectives (and fxdp's
         reduce-scatter at the end of each backward) would no longer pair up across ranks."""
@@ -71,7 +71,7 @@ class ShardedDPOptimizer(DistributedDPOptimizer):
                 "fxdp: micro-batches (BatchMemoryManager) are not supported with FSDP2 yet: the ranks' local "
                 "Poisson batches differ in size, so they would run different numbers of sharded forward passes. "
                 "Use a global batch size whose local share fits in memory (FSDP2 already shards the model).")
-        super().notify_batch(ends_logical_batch)
+        super().notify_batch(ends_logical_batch, num_examples, poisson)
 
     def add_noise(self, params, grads) -> None:
         """N(0, σ²R²) on every coordinate of this rank's shard (the rows it owns), after their
