@@ -18,9 +18,9 @@ contribution by R.
 A backward pass that accumulates into no trainable parameter (``torch.autograd.grad`` with
 respect to inputs, ``backward(inputs=[x])``: PGD / FGSM adversarial examples) contributes
 nothing. Double backward (``create_graph=True``, input-gradient penalties) is refused: the taps
-give first-order gradients only, so the penalty's parameter gradient would be missing. Every finalized pass records its batch size in
-``engine.ledger`` (:mod:`fxdp.engine.step_ledger`), which the optimizer checks against the
-examples drawn for the step.
+give first-order gradients only, so the penalty's parameter gradient would be missing. Every
+finalized pass records its batch size in ``engine.ledger`` (:mod:`fxdp.engine.step_ledger`),
+which the optimizer checks against the examples drawn for the step.
 """
 from __future__ import annotations
 

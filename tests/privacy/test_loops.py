@@ -124,6 +124,18 @@ def test_backward_with_inputs_restricted_to_the_data_contributes_nothing():
     assert fxdp.get_engine(model).ledger.samples == 0
 
 
+def test_input_gradient_pass_through_torch_compile_contributes_nothing():
+    model = fxdp.privatize(_template(), max_grad_norm=1.0)
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    x, y = _data()
+    xr = x.clone().requires_grad_(True)
+    torch.autograd.grad(_ce(compiled, xr, y), xr)
+    assert all(getattr(p, "private_grad", None) is None for p in model.parameters())
+    _ce(compiled, x, y).backward()
+    assert fxdp.get_engine(model).ledger.batch_sizes == [N]
+    assert all(p.private_grad is not None for p in model.parameters())
+
+
 def test_double_backward_for_an_input_gradient_penalty_is_refused():
     model = fxdp.privatize(_template(), max_grad_norm=1.0)
     x, y = _data()
