@@ -50,12 +50,14 @@ def default_per_sample_losses(outputs, labels: dict, shift: bool) -> torch.Tenso
         pred = logits.reshape(y.shape) if logits.numel() == y.numel() else logits
         if pred.shape != y.shape:
             raise ValueError(f"fxdp: regression logits {tuple(logits.shape)} do not match labels {tuple(y.shape)}.")
-        err = (pred.float() - y.float()) ** 2
+        err = (pred - y.to(pred.dtype)).float() ** 2 if pred.dtype != torch.float64 else (pred - y.double()) ** 2
         return err.reshape(err.shape[0], -1).mean(1)
     if logits.shape[:-1] != y.shape:
         raise ValueError(f"fxdp: logits {tuple(logits.shape)} and labels {tuple(y.shape)} do not match (expected "
                          "logits of shape labels.shape + (classes,)); pass PrivacyArguments(per_sample_loss_fn=...).")
-    return per_sample_loss(logits.float(), y, shift=shift and y.dim() >= 2, reduction="none")
+    if logits.dtype not in (torch.float32, torch.float64):
+        logits = logits.float()  # bf16/fp16 logits: the softmax in fp32
+    return per_sample_loss(logits, y, shift=shift and y.dim() >= 2, reduction="none")
 
 
 def batch_mean(per_sample: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,8 @@ from typing import List, Tuple
 
 from opacus.accountants import IAccountant
 
-DEFAULT_DISCRETIZATION = 1e-4
+DEFAULT_DISCRETIZATION = 1e-3  # dp-accounting's own default is 1e-4: ~0.05% tighter, 5-10x slower
+FINE_DISCRETIZATION = 1e-4
 MAX_SIGMA = 1e6
 
 
@@ -74,7 +75,7 @@ class PLDAccountant(IAccountant):
 
     Args:
         value_discretization_interval: the grid of privacy-loss values (smaller is tighter and
-            slower; the estimate is pessimistic at any spacing). 1e-4 is dp-accounting's default.
+            slower; the estimate is pessimistic at any spacing). fxdp's default 1e-3; dp-accounting's 1e-4.
     """
 
     def __init__(self, value_discretization_interval: float = DEFAULT_DISCRETIZATION):
@@ -101,6 +102,22 @@ class PLDAccountant(IAccountant):
         return "pld"
 
 
+def _rdp_sigma(target_epsilon, target_delta, sample_rate, steps):
+    """Opacus's RDP σ for the target (None if its search fails): a starting upper bracket."""
+    import warnings
+
+    from opacus.accountants.utils import get_noise_multiplier
+
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Optimal order is the")
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=target_delta,
+                                              sample_rate=sample_rate, steps=steps, accountant="rdp",
+                                              epsilon_tolerance=0.01))
+    except ValueError:
+        return None
+
+
 def pld_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_rate: float, steps: int,
                          epsilon_tolerance: float = 0.01,
                          value_discretization_interval: float = DEFAULT_DISCRETIZATION) -> float:
@@ -122,7 +139,17 @@ def pld_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     def eps(sigma: float, grid: float) -> float:
         return epsilon_of_history([(sigma, sample_rate, steps)], target_delta, grid)
 
-    low, high, eps_high = 0.0, 10.0, math.inf
+    low, high, eps_high = 0.0, _rdp_sigma(target_epsilon, target_delta, sample_rate, steps), math.inf
+    if high is not None:  # RDP is a looser upper bound: its σ meets the target under PLD too -- a cheap bracket
+        eps_high = eps(high, coarse)
+        low = 0.8 * high
+        while low > 1e-3:
+            eps_low = eps(low, coarse)
+            if eps_low >= target_epsilon:
+                break
+            high, eps_high, low = low, eps_low, 0.8 * low
+    else:
+        high = 10.0
     while eps_high > target_epsilon:
         high *= 2
         if high > MAX_SIGMA:
@@ -141,4 +168,4 @@ def pld_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     return high
 
 
-__all__ = ["PLDAccountant", "epsilon_of_history", "pld_noise_multiplier"]
+__all__ = ["FINE_DISCRETIZATION", "PLDAccountant", "epsilon_of_history", "pld_noise_multiplier"]
