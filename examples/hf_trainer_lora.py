@@ -74,7 +74,8 @@ def main(argv=None) -> dict:
     p.add_argument("--delta", type=float, default=1e-5)
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max-steps", type=int, default=-1, help="stop after this many steps (σ is calibrated for them)")
-    p.add_argument("--examples", type=int, default=1000)
+    p.add_argument("--examples", type=int, default=600)
+    p.add_argument("--test-examples", type=int, default=200)
     p.add_argument("--output-dir", default="hf_trainer_lora_output")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
@@ -87,7 +88,7 @@ def main(argv=None) -> dict:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     chars = sorted(set("".join(SUBJECTS + VERBS + OBJECTS) + " ."))
     vocab = {c: i + 1 for i, c in enumerate(chars)}  # 0 is padding
-    train, test = encode(corpus(a.examples, a.seed), vocab), encode(corpus(200, a.seed + 1), vocab)
+    train, test = encode(corpus(a.examples, a.seed), vocab), encode(corpus(a.test_examples, a.seed + 1), vocab)
     model = build_model(len(vocab) + 1, a.seed)
     args = transformers.TrainingArguments(
         output_dir=a.output_dir, per_device_train_batch_size=8, gradient_accumulation_steps=4,
