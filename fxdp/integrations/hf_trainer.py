@@ -49,7 +49,7 @@ from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from fxdp.core.errors import PrivacyError
-from fxdp.engine.install import get_engine, privatize
+from fxdp.engine.install import clear_private_grads, get_engine, privatize
 from fxdp.integrations.hf_arguments import PrivacyArguments
 from fxdp.integrations.hf_budget import Budget, BudgetCallback, load_state, save_state
 from fxdp.integrations.hf_data import PerSampleCollator, PoissonMicroBatchSampler, check_train_dataset
@@ -149,6 +149,15 @@ class DPTrainer(Trainer):
         self.model.register_forward_pre_hook(_RefuseLabels(self.label_names), with_kwargs=True)
         if self._fxdp_compile:
             self.model.compile(backend="fxdp")
+
+    def train(self, *args, **kwargs):
+        """``Trainer.train``; private gradients left by an interrupted call (a logical batch that was
+        never released nor charged, e.g. after a refused step) are dropped first, so they cannot
+        leak into the next release."""
+        clear_private_grads(self.model)
+        if self.dp_optimizer is not None:
+            self.dp_optimizer.reset_logical_batch()
+        return super().train(*args, **kwargs)
 
     def get_train_dataloader(self) -> DataLoader:
         """Poisson logical batches of expected size L, each as gradient_accumulation_steps micro-batches."""
