@@ -24,7 +24,8 @@ mechanism with sensitivity R, and the accountant charges exactly those steps):
   ``train(resume_from_checkpoint=...)`` (with the optimizer's noise state, so a resume
   continues the run exactly and never replays noise);
 - ``bf16=True`` runs under the Trainer's autocast (norms and noise in fp32);
-  ``torch_compile=True`` compiles the model with the ``"fxdp"`` backend.
+  ``torch_compile=True`` trains through ``torch.compile(model, backend="fxdp")`` (the
+  Trainer's accelerate plugin only knows its own backends, so DPTrainer compiles itself).
 
 Refused (ValueError or PrivacyError, before training): ``fp16`` (use bf16), a
 ``train_sampling_strategy`` other than "random" (``group_by_length`` etc.: the sampler is
@@ -147,8 +148,14 @@ class DPTrainer(Trainer):
         elif engine.config != config:
             raise ValueError(f"fxdp: the model is already privatized with {engine.config}, not {config}.")
         self.model.register_forward_pre_hook(_RefuseLabels(self.label_names), with_kwargs=True)
-        if self._fxdp_compile:
-            self.model.compile(backend="fxdp")
+
+    def _wrap_model(self, model, training=True, dataloader=None):
+        """The Trainer's wrapping; with ``torch_compile=True`` the training model is
+        ``torch.compile(model, backend="fxdp")`` (hooks outside dynamo, one graph per region)."""
+        model = super()._wrap_model(model, training, dataloader)
+        if self._fxdp_compile and training and not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+            model = torch.compile(model, backend="fxdp")
+        return model
 
     def train(self, *args, **kwargs):
         """``Trainer.train``; private gradients left by an interrupted call (a logical batch that was
