@@ -27,6 +27,7 @@ _LAZY = {
     "validate": "fxdp.fix",
     "per_sample_loss": "fxdp.training.losses",
     "DPDistributed": "fxdp.distributed",
+    "privacy_calculator": "fxdp.report.privacy_calculator",
 }
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``python -m fxdp explain MODULE:FACTORY [options]``.
+"""Command line: ``python -m fxdp explain MODULE:FACTORY [options]`` and
+``python -m fxdp privacy [options]`` (the privacy calculator, :mod:`fxdp.report.privacy_calculator`).
 
 ``MODULE`` is a dotted module name (importable from the current directory) or
 a path to a ``.py`` file; ``FACTORY`` a function in it returning
@@ -10,6 +11,12 @@ that keyword). The report is printed as a table (default) or as JSON
 
 Exit status: 0 when privatize would accept the model, 1 when the report lists
 problems, 2 for usage errors (bad MODULE:FACTORY, bad factory result).
+
+``privacy``: ``--noise-multiplier S`` prints ε per accountant, ``--target-epsilon E``
+the σ each accountant needs; the sampling rate is ``--sample-rate`` or
+``--batch-size`` with ``--dataset-size``, the length ``--steps`` or ``--epochs``;
+``--delta`` (default 1e-5), ``--accountants pld prv rdp gdp``, ``--json``,
+``--plot FILE`` (ε against steps, needs matplotlib). Exit status 0, or 2 for bad arguments.
 """
 from __future__ import annotations
 
@@ -103,11 +110,48 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the report as JSON")
     e.add_argument("--dot", metavar="FILE", default=None, help="write the layer / block graph as Graphviz DOT")
     e.add_argument("--cost", metavar="B=..,T=..", default=None, help="also print the costs at these shapes")
+    add_privacy_parser(sub)
     return p
+
+
+def add_privacy_parser(sub) -> None:
+    r = sub.add_parser("privacy", help="privacy calculator: ε per accountant for a σ, or σ for a target ε")
+    what = r.add_mutually_exclusive_group(required=True)
+    what.add_argument("--noise-multiplier", type=float, help="σ: print the ε it costs per accountant")
+    what.add_argument("--target-epsilon", type=float, help="print the σ each accountant needs for this ε")
+    r.add_argument("--sample-rate", type=float, default=None, help="Poisson sampling rate q")
+    r.add_argument("--batch-size", type=int, default=None, help="expected batch size (with --dataset-size)")
+    r.add_argument("--dataset-size", type=int, default=None, help="number of examples (with --batch-size)")
+    r.add_argument("--steps", type=int, default=None, help="number of optimizer steps")
+    r.add_argument("--epochs", type=float, default=None, help="epochs (steps = ceil(epochs / q))")
+    r.add_argument("--delta", type=float, default=1e-5, help="δ (default 1e-5; keep it well below 1/dataset size)")
+    r.add_argument("--accountants", nargs="+", default=["pld", "prv", "rdp", "gdp"], help="accountants to use")
+    r.add_argument("--plot", metavar="FILE", default=None, help="draw ε against steps per accountant (matplotlib)")
+    r.add_argument("--json", action="store_true", help="print the table as JSON")
+
+
+def privacy_main(args) -> int:
+    from fxdp.report.privacy_calculator import privacy_calculator
+
+    sampling = {k: getattr(args, k) for k in ("sample_rate", "batch_size", "dataset_size", "steps", "epochs")
+                if getattr(args, k) is not None}
+    try:
+        table = privacy_calculator(delta=args.delta, noise_multiplier=args.noise_multiplier,
+                                   target_epsilon=args.target_epsilon, accountants=args.accountants,
+                                   plot=args.plot, **sampling)
+    except (ValueError, ImportError) as exc:
+        print(f"fxdp privacy: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(table.to_dict(), indent=1) if args.json else table)
+    if args.plot and not args.json:
+        print(f"plot written to {args.plot}")
+    return 0
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = parser().parse_args(argv)
+    if args.command == "privacy":
+        return privacy_main(args)
     from fxdp.report import explain
 
     try:

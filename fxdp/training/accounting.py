@@ -42,17 +42,22 @@ from torch.utils.data import BatchSampler, IterableDataset, RandomSampler, Seque
 from fxdp.core.config import positive_number
 from fxdp.core.errors import PrivacyError
 
-MECHANISMS = ("prv", "rdp", "gdp")
+MECHANISMS = ("prv", "rdp", "gdp", "pld")
 # replace-one adjacency: one example out, one in -- the clipped sum of one step moves by at most 2R
 REPLACE_ONE_SENSITIVITY = 2.0
 
 
 def create_accountant(mechanism: str = "prv") -> IAccountant:
-    """An Opacus accountant: "prv" (numerical composition of privacy loss
-    distributions, tight), "rdp" (Rényi DP, a looser upper bound) or "gdp"
+    """An accountant with Opacus's interface: "prv" (numerical composition of privacy loss
+    random variables, tight), "pld" (privacy loss distributions from Google's dp-accounting,
+    the tightest; :mod:`fxdp.training.pld`), "rdp" (Rényi DP, a looser upper bound) or "gdp"
     (central-limit approximation: can *under*-estimate ε; Opacus warns)."""
     if not isinstance(mechanism, str) or mechanism.strip().lower() not in MECHANISMS:
         raise ValueError(f"fxdp: unknown accountant {mechanism!r}; expected one of {', '.join(MECHANISMS)}.")
+    if mechanism.strip().lower() == "pld":
+        from fxdp.training.pld import PLDAccountant
+
+        return PLDAccountant()
     return _opacus_create_accountant(mechanism.strip().lower())
 
 
@@ -79,6 +84,12 @@ def get_noise_multiplier(*, target_epsilon: float, target_delta: float, sample_r
     if isinstance(steps, bool) or int(steps) != steps or steps <= 0:
         raise ValueError(f"fxdp: steps must be a positive integer, got {steps!r}.")
     create_accountant(accountant)
+    if accountant.strip().lower() == "pld":
+        from fxdp.training.pld import pld_noise_multiplier
+
+        return pld_noise_multiplier(target_epsilon=float(target_epsilon), target_delta=float(target_delta),
+                                    sample_rate=float(sample_rate), steps=int(steps),
+                                    epsilon_tolerance=epsilon_tolerance)
     with warnings.catch_warnings():
         # the search probes very small and very large σ, where Opacus's RDP order grid warns; harmless here
         warnings.filterwarnings("ignore", message="Optimal order is the")
