@@ -30,8 +30,9 @@ class PrivacyArguments:
             cross-entropy per token averaged over each sample's own non-ignored tokens (shifted for
             causal LMs), or per-sample cross-entropy for classification.
         shift_labels: causal-LM label shift for the default loss (None: shift iff the model is a causal LM).
-        log_clipped_fraction: log the fraction of clipped samples. NOT differentially private (it is
-            computed from the private data without noise): turn it off for logs that leave the trust boundary.
+        log_clipped_fraction: also log the fraction of clipped samples (default off). It is NOT
+            differentially private (computed from the private data without noise): a log that leaves the
+            trust boundary must not carry it, which is why it is opt-in.
     """
 
     target_epsilon: Optional[float] = None
@@ -47,7 +48,7 @@ class PrivacyArguments:
     secure_mode: bool = False
     per_sample_loss_fn: Optional[Callable] = field(default=None, repr=False)
     shift_labels: Optional[bool] = None
-    log_clipped_fraction: bool = True
+    log_clipped_fraction: bool = False
 
     def __post_init__(self):
         if self.target_epsilon is None and self.noise_multiplier is None:
