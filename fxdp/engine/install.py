@@ -52,6 +52,28 @@ def is_privatized(model: nn.Module) -> bool:
     return get_engine(model) is not None
 
 
+def refuse_data_parallel_wrappers(model: nn.Module) -> None:
+    """``DistributedDataParallel`` / ``DataParallel`` / FSDP1 wrappers (the model or any submodule) are
+    refused: their gradient synchronisation works on ``p.grad``, which the private path never writes,
+    so ranks (or replicas) would train on their own data only and diverge, and noise would be added
+    once per rank."""
+    wrappers = [nn.parallel.DistributedDataParallel, nn.DataParallel]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        wrappers.append(FullyShardedDataParallel)
+    except ImportError:  # a torch build without distributed
+        pass
+    for name, m in model.named_modules():
+        if isinstance(m, tuple(wrappers)):
+            where = "the model" if not name else f"submodule {name!r}"
+            raise ValueError(
+                f"fxdp: {where} is wrapped in {type(m).__name__}, whose gradient synchronisation works on p.grad; "
+                "fxdp writes p.private_grad after autograd, so the wrapper never synchronises it (ranks would "
+                "diverge, and each would add its own noise). Pass the plain model to fxdp.DPDistributed (it "
+                "broadcasts the parameters and sums the clipped gradients across ranks itself), or privatize "
+                "the unwrapped module for single-process training.")
+
+
 def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, clipping_fn="abadi",
               numerical_stability_constant: Optional[float] = None, loss_reduction="mean",
               block_heads: Optional[Sequence[str]] = None, batch_dim=None,
@@ -80,7 +102,8 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
             as ``fxdp.get_engine(model).grad_scaler``).
 
     Raises:
-        ValueError: bad arguments, already privatized, no trainable parameter.
+        ValueError: bad arguments, already privatized, no trainable parameter, a model wrapped in
+            DistributedDataParallel / DataParallel / FSDP (use ``fxdp.DPDistributed``).
         fxdp.core.errors.PrivacyError subclasses at the first forward pass in grad
         mode when a parameter is used where no rule covers it, samples are
         mixed, or the batch layout cannot be determined.
@@ -89,6 +112,7 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
         raise ValueError(f"fxdp: privatize expects an nn.Module, got {type(model).__name__}.")
     if is_privatized(model):
         raise ValueError("fxdp: this model is already privatized; call fxdp.unprivatize(model) first.")
+    refuse_data_parallel_wrappers(model)
     inner = [name for name, m in model.named_modules() if name and is_privatized(m)]
     if inner:
         raise ValueError(f"fxdp: submodule(s) {inner[:3]} are already privatized; one loss must have one engine "

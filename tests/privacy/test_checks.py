@@ -66,3 +66,26 @@ def test_half_precision_accumulation_over_micro_batches_stays_in_fp32():
     for part in (slice(0, 4), slice(4, 8)):
         F.cross_entropy(model(x[part]).float(), y[part], reduction="sum").backward()
         assert all(p.private_grad.dtype == torch.float32 for p in model.parameters())
+
+
+# ------------------------------------------------------------------ section 8: wrappers
+def test_privatize_refuses_data_parallel_wrappers_and_points_to_dpdistributed(tmp_path):
+    import torch.distributed as dist
+
+    with pytest.raises(ValueError, match="DataParallel.*DPDistributed"):
+        fxdp.privatize(nn.DataParallel(Z.MLP()))
+    holder = nn.Sequential(nn.DataParallel(Z.MLP()))
+    with pytest.raises(ValueError, match="submodule '0'.*DPDistributed"):
+        fxdp.privatize(holder)
+    assert not fxdp.is_privatized(holder)
+    started = not dist.is_initialized()
+    if started:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        ddp = nn.parallel.DistributedDataParallel(Z.MLP())
+        with pytest.raises(ValueError, match="DistributedDataParallel.*never synchronises.*fxdp.DPDistributed"):
+            fxdp.privatize(ddp)
+        assert not fxdp.is_privatized(ddp) and not fxdp.is_privatized(ddp.module)
+    finally:
+        if started:
+            dist.destroy_process_group()
