@@ -29,7 +29,7 @@ from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
 from fxdp.analysis.plan_groups import GroupPlan
-from fxdp.engine import finalize
+from fxdp.engine import finalize, forward_checks, units
 from fxdp.engine.clipping import clip_groups
 from fxdp.engine.writers import WRITERS
 from fxdp.engine.compiled_hook import in_compiled_module, new_compiled_forwards
@@ -57,6 +57,8 @@ class Engine:
         self.tables: Dict[tuple, LayoutTable] = {}
         self.last_stats: dict = {}
         self.grad_scaler = None
+        self.public_buffers: frozenset = frozenset()
+        self.unit_scope = None  # the fxdp.privacy_units block in progress
         self._reset_transient()
 
     def _reset_transient(self):
@@ -68,6 +70,7 @@ class Engine:
         self._callback_queued = False
         self._task = None
         self._compiled_forwards = None
+        self._watch = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -75,6 +78,8 @@ class Engine:
             state[k] = None if k != "_pending" else []
         state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
         state["_compiled_forwards"] = None  # a copy is a different engine to compiled graphs
+        state["_watch"] = None
+        state["unit_scope"] = None
         return state
 
     @property
@@ -95,7 +100,8 @@ class Engine:
         old = self._suspended
         self._suspended = True
         try:
-            yield
+            with forward_checks.open_forward():
+                yield
         finally:
             self._suspended = old
 
@@ -125,6 +131,7 @@ class Engine:
             B, leaves, dims = input_batch_dims(args, kwargs, self.config.batch_dim_spec)
             trainable = self.trainable()
             key = structure_key(self.model, args, kwargs, B, self.config.batch_dim_spec)
+            unit_ids = self.unit_scope.ids_for(B) if self.unit_scope is not None else None
             table = self.tables.get(key)
             if table is None and B >= 2:
                 table = LayoutTable(self.analyse(args, kwargs, B).entries)
@@ -132,8 +139,10 @@ class Engine:
         except BaseException:
             self._depth -= 1
             raise
-        ctx = ForwardContext(B, weakref.ref(self), key)
+        ctx = ForwardContext(B, weakref.ref(self), key, unit_scope=self.unit_scope, unit_ids=unit_ids)
         self._context = ctx
+        self._watch = forward_checks.BufferWatch(self.model, self.public_buffers)
+        forward_checks.open_forward().__enter__()
         if in_compiled_module():
             self.compiled_forwards.open(ctx, table, leaves, dims)
             return
@@ -147,13 +156,18 @@ class Engine:
         self._depth -= 1
         if self._depth > 0:
             return
-        mode, ctx = self._mode, self._context
-        self._mode, self._context = None, None
+        mode, ctx, watch = self._mode, self._context, self._watch
+        self._mode, self._context, self._watch = None, None, None
+        forward_checks.open_forward().__exit__()
         if ctx.compiled:
             self.compiled_forwards.close(ctx, output)
-            return
-        mode.__exit__(None, None, None)
-        if ctx.pending_layouts:
+        else:
+            mode.__exit__(None, None, None)
+        if output is not None:
+            watch.check()
+            if not ctx.compiled:
+                forward_checks.refuse_unseen_uses(output, mode.param_names)
+        if not ctx.compiled and ctx.pending_layouts:
             self._resolve_pending(ctx, args, kwargs)
 
     def _resolve_pending(self, ctx: ForwardContext, args, kwargs):
@@ -204,17 +218,23 @@ class Engine:
         self._task = None
         _BACKWARD_OWNER[0] = None
         pending, self._pending = self._pending, []
-        if len(pending) > 1:
+        if len(pending) > 1 and all(c.unit_scope is None for c in pending):
             for ctx in pending:
                 ctx.finalized = True
                 ctx.uses = []
             raise PrivacyError(
                 f"fxdp: one backward pass went through {len(pending)} forward passes of the privatized model; "
-                "samples of different forward passes cannot be matched. Call backward once per forward pass "
-                "(gradient accumulation: forward, backward, forward, backward).")
+                "samples of different forward passes cannot be matched, and if the passes are views of the same "
+                "examples (augmentations, several views in one loss), each example would be clipped once per view "
+                "(K views: K·R). Declare them one privacy unit: run the forward passes inside "
+                "`with fxdp.privacy_units(model, ids):` (one id per row, the same id for the rows of one example or "
+                "user; or views=K) and fxdp clips each unit's summed gradient once in this backward.")
         with torch.no_grad():
-            for ctx in pending:
-                self._finalize_context(ctx)
+            if any(c.unit_scope is not None for c in pending):
+                self._finalize_context(*pending)
+            else:
+                for ctx in pending:
+                    self._finalize_context(ctx)
 
     @property
     def _weakself(self):
@@ -227,17 +247,23 @@ class Engine:
             return 1.0
         return float(scaler.get_scale())
 
-    def _finalize_context(self, ctx: ForwardContext):
-        """The pipeline of :mod:`fxdp.engine.finalize` for one forward pass."""
-        ctx.finalized = True
-        if ctx.compiled:
-            self.compiled_forwards.release(ctx)
-        B = ctx.batch_size
-        uses = [u for u in ctx.uses if u.grad_output is not None]
-        ctx.uses = []
+    def _finalize_context(self, ctx: ForwardContext, *together: ForwardContext):
+        """The pipeline of :mod:`fxdp.engine.finalize` for one forward pass (or for the forward passes of
+        one :func:`fxdp.privacy_units` block: clipped per unit, :mod:`fxdp.engine.units`)."""
+        collected = []
+        for c in (ctx,) + together:
+            c.finalized = True
+            if c.compiled:
+                self.compiled_forwards.release(c)
+            uses = [u for u in c.uses if u.grad_output is not None]
+            c.uses = []
+            collected.append(finalize.collect(uses, c.batch_size))
+        if ctx.unit_scope is not None or together:
+            per_param, decisions, B = units.merge_contexts((ctx,) + together, collected)
+        else:
+            (per_param, decisions), B = collected[0], ctx.batch_size
         params = dict(self.model.named_parameters())
         trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
-        per_param, decisions = finalize.collect(uses, B)
         loss_scale = self._loss_scale()
         scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale
         group_sq = finalize.group_norms(per_param, self.plan.group_of, scale)
