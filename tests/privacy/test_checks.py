@@ -89,3 +89,146 @@ def test_privatize_refuses_data_parallel_wrappers_and_points_to_dpdistributed(tm
     finally:
         if started:
             dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------ section 5: parameter uses the engine does not see
+class _Mul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+class CustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return _Mul.apply(torch.tanh(self.fc(x)), self.w)
+
+
+class CachedView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.wt = self.fc.weight.t()  # a view made once, outside every forward
+
+    def forward(self, x):
+        return x @ self.wt + self.fc.bias
+
+
+@pytest.mark.parametrize("public_grads", ["refuse", "add"])
+@pytest.mark.parametrize("model_cls, names, cause", [
+    (CustomFunction, "w", "custom torch.autograd.Function _Mul"),
+    (CachedView, "fc.weight", "view cached at __init__"),
+])
+def test_parameter_reaching_the_output_around_the_taps_is_refused_in_eager_mode(model_cls, names, cause,
+                                                                                public_grads):
+    """Before: the parameter got an unclipped p.grad, and public_grads='add' released it (5.1 R)."""
+    model = fxdp.privatize(model_cls(), max_grad_norm=0.1)
+    opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=0.1,
+                           expected_batch_size=4, public_grads=public_grads)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    opt.zero_grad()
+    with pytest.raises(fxdp.UncoveredParameterError, match=rf"{names} through .*{cause}.*bypass clipping"):
+        F.cross_entropy(model(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())
+    with torch.no_grad():
+        model(x)  # inference is not a training forward
+
+
+def test_submodule_called_outside_the_root_forward_is_refused():
+    model = fxdp.privatize(Z.MLP(), max_grad_norm=0.1)
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    with pytest.raises(fxdp.UncoveredParameterError, match="Linear .*called outside the model's forward"):
+        model.fc2(torch.tanh(model.fc1(x)))
+    with pytest.raises(fxdp.UncoveredParameterError, match="outside the model's forward"):
+        F.cross_entropy(model(x), y) + model.fc2(torch.randn(4, 8)).sum()
+    with torch.no_grad():
+        model.fc2(torch.randn(4, 8))  # no gradient: allowed
+    F.cross_entropy(model(x), y).backward()  # the model still trains
+    assert all(p.grad is None and p.private_grad.shape == p.shape for p in model.parameters())
+    fxdp.unprivatize(model)
+    model.fc2(torch.randn(4, 8)).sum().backward()  # hooks are gone with the engine
+    assert model.fc2.weight.grad is not None
+
+
+def test_data_independent_public_gradient_is_still_added():
+    """public_grads='add' keeps working for what it is for: a regulariser of the weights."""
+    torch.manual_seed(0)
+    model = fxdp.privatize(Z.MLP(), max_grad_norm=0.1)
+    opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=0.1,
+                           expected_batch_size=4, public_grads="add")
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    opt.zero_grad()
+    (F.cross_entropy(model(x), y) + 0.5 * model.fc1.weight.square().sum()).backward()
+    private, w = model.fc1.weight.private_grad.clone(), model.fc1.weight.detach().clone()
+    opt.step()
+    torch.testing.assert_close(model.fc1.weight.grad, private / 4 + w)  # d/dw of 0.5·|w|², unclipped
+
+
+# ------------------------------------------------------------------ section 7: state released without clipping
+class EMANormaliser(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("mean", torch.zeros(6))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        out = self.fc(x - self.mean)
+        self.steps += 1
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean(0))  # released by state_dict, unclipped: 76.6 between neighbours
+        return out
+
+
+class ReassignedBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("last", torch.zeros(6))
+
+    def forward(self, x):
+        self.last = x.detach()[-1].clone()  # a new tensor holding an example
+        return self.fc(x)
+
+
+def test_buffer_updated_from_the_batch_during_a_private_forward_is_refused():
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    model = fxdp.privatize(EMANormaliser(), public_buffers=["steps"])
+    with pytest.raises(PrivacyError, match=r"buffer\(s\) mean were updated during a private training forward"):
+        model(x)
+    model = fxdp.privatize(EMANormaliser())
+    with pytest.raises(PrivacyError, match="mean, steps were updated.*public_buffers"):
+        model(x)
+    model = fxdp.privatize(ReassignedBuffer())
+    with pytest.raises(PrivacyError, match="last were updated"):
+        model(x)
+    with pytest.raises(ValueError, match=r"public_buffers \['nope'\] are not buffers"):
+        fxdp.privatize(EMANormaliser(), public_buffers=["nope"])
+
+
+class StepCounter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("steps", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        self.steps += 1
+        return self.fc(x)
+
+
+def test_buffer_declared_public_may_change():
+    model = fxdp.privatize(StepCounter(), public_buffers=["steps"])
+    x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
+    F.cross_entropy(model(x), y).backward()
+    assert int(model.steps) >= 1 and model.fc.weight.private_grad is not None
