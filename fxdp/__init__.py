@@ -26,6 +26,7 @@ _LAZY = {
     "fix_batchnorm": "fxdp.fix",
     "validate": "fxdp.fix",
     "per_sample_loss": "fxdp.training.losses",
+    "per_sample_criterion": "fxdp.training.criterion",
     "DPDistributed": "fxdp.distributed",
 }
 

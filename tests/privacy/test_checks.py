@@ -232,3 +232,86 @@ def test_buffer_declared_public_may_change():
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     F.cross_entropy(model(x), y).backward()
     assert int(model.steps) >= 1 and model.fc.weight.private_grad is not None
+
+
+# ------------------------------------------------------------------ section 9: losses whose normaliser depends on the batch
+def _engine_setup(criterion, R, grad_sample_mode="ghost"):
+    from tests.training.stack_helpers import make_loader, make_model
+
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = fxdp.PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=opt, data_loader=make_loader(n=32, batch_size=8), noise_multiplier=0.0,
+        max_grad_norm=R, grad_sample_mode=grad_sample_mode, criterion=criterion)
+    return out[0], out[2]  # (module, optimizer, criterion, data_loader)
+
+
+def _moves(model, loss_fn, x, y, indices):
+    """Largest ||clipped sum(D) - clipped sum(D - i)|| with the loss as the user writes it (mean)."""
+    def run(xx, yy):
+        fxdp.clear_private_grads(model)
+        loss_fn(model(xx), yy).backward()
+        out = {n: p.private_grad.clone() for n, p in model.named_parameters()}
+        fxdp.clear_private_grads(model)
+        return out
+
+    full = run(x, y)
+    return max(delta_norms(full, run(*[t[[j for j in range(x.shape[0]) if j != i]] for t in (x, y)]),
+                           _groups(model))[0] for i in indices)
+
+
+def test_weighted_cross_entropy_through_make_private_criterion_stays_within_R():
+    """CrossEntropyLoss(weight=w)'s mean divides by Σ w[y] over the batch: removing a heavy example rescales
+    every other example's contribution. The criterion make_private returns reduces per sample."""
+    torch.manual_seed(0)
+    w = torch.tensor([0.05, 1.0, 20.0], dtype=torch.float64)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(16, 6, generator=g, dtype=torch.float64)
+    y = torch.randint(0, 2, (16,), generator=g)
+    y[3] = 2  # one heavy example
+    R = 2.0
+    model, criterion = _engine_setup(nn.CrossEntropyLoss(weight=w), R)
+    raw = _moves(model, nn.CrossEntropyLoss(weight=w), x, y, [3])
+    assert raw > 2 * R  # the leak is real on this batch (4.1 R)
+    safe = _moves(model, criterion, x, y, range(16))
+    assert 0.3 * R <= safe <= R * (1 + 1e-9), safe / R
+
+
+def test_ignore_index_token_mean_through_per_sample_criterion_stays_within_R():
+    """A token mean over ignore_index padding divides by the batch's count of real tokens: with one long
+    example among short ones, removing it rescales all the others (1.6 R here)."""
+    torch.manual_seed(0)
+    B, T, V, R = 12, 12, 5, 1.0
+    model = fxdp.privatize(Z.MLP(d_in=4, hidden=8, classes=V).double(), max_grad_norm=R)
+    x = torch.randn(B, T, 4, dtype=torch.float64)
+    y = torch.randint(0, V, (B, T))
+    y[1:, 1:] = -100  # example 0 has T real tokens, the others one each
+
+    def token_mean(out, t):
+        return F.cross_entropy(out.transpose(1, 2), t, ignore_index=-100)
+
+    criterion = fxdp.per_sample_criterion(nn.CrossEntropyLoss(ignore_index=-100))
+
+    def per_sample(out, t):
+        return criterion(out.transpose(1, 2), t)
+
+    raw = _moves(model, token_mean, x, y, range(B))
+    safe = _moves(model, per_sample, x, y, range(B))
+    assert 0.9 * R <= safe <= R * (1 + 1e-9) and raw > 1.3 * R, (safe, raw)
+    torch.testing.assert_close(per_sample(model(x), y), fxdp.per_sample_loss(model(x), y))
+
+
+def test_criterion_with_a_batch_dependent_normaliser_is_refused_where_fxdp_sees_it():
+    with pytest.raises(ValueError, match=r"weight=\.\.\.\) with reduction='mean' divides by the sum of the class "
+                                         r"weights.*fxdp\.per_sample_criterion"):
+        _engine_setup(nn.CrossEntropyLoss(weight=torch.ones(3, dtype=torch.float64)), 1.0, grad_sample_mode="hooks")
+    scalar = fxdp.per_sample_criterion(lambda out, y: F.cross_entropy(out, y))
+    with pytest.raises(PrivacyError, match="returned a scalar.*reduction='none'"):
+        scalar(torch.randn(4, 3), torch.tensor([0, 1, 2, 0]))
+    with pytest.raises(ValueError, match="does not know"):
+        fxdp.per_sample_criterion(_UnknownLoss())
+
+
+class _UnknownLoss(nn.modules.loss._Loss):
+    def forward(self, a, b):
+        return (a - b).mean()
