@@ -28,6 +28,7 @@ from fxdp.core.config import DPConfig, LossReduction
 from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
+from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.plan_groups import GroupPlan
 from fxdp.engine import finalize, forward_checks, units
 from fxdp.engine.clipping import clip_groups
@@ -71,6 +72,7 @@ class Engine:
         self._task = None
         self._compiled_forwards = None
         self._watch = None
+        self._monitor = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -79,6 +81,7 @@ class Engine:
         state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
         state["_compiled_forwards"] = None  # a copy is a different engine to compiled graphs
         state["_watch"] = None
+        state["_monitor"] = None
         state["unit_scope"] = None
         return state
 
@@ -116,9 +119,13 @@ class Engine:
                 out[id(p)] = name
         return out
 
-    def analyse(self, args, kwargs, batch_size: int, strict: bool = True) -> Analysis:
-        analysis = Analysis(self.model, args, kwargs, batch_size, self.config.batch_dim_spec, strict=strict)
+    def analyse(self, args, kwargs, batch_size: int, strict: bool = True, probe_size: int = 3) -> Analysis:
+        analysis = Analysis(self.model, args, kwargs, batch_size, self.config.batch_dim_spec, strict=strict,
+                            probe_size=probe_size)
         return run_pipeline(analysis, PIPELINE, dump_hook("analysis"))
+
+    def _table(self, analysis: Analysis) -> LayoutTable:
+        return LayoutTable(analysis.entries, analysis.runs["base"].signature if "base" in analysis.runs else None)
 
     @torch._dynamo.disable
     def before_forward(self, args, kwargs):
@@ -134,7 +141,7 @@ class Engine:
             unit_ids = self.unit_scope.ids_for(B) if self.unit_scope is not None else None
             table = self.tables.get(key)
             if table is None and B >= 2:
-                table = LayoutTable(self.analyse(args, kwargs, B).entries)
+                table = self._table(self.analyse(args, kwargs, B))
                 self.tables[key] = table
         except BaseException:
             self._depth -= 1
@@ -148,6 +155,8 @@ class Engine:
             return
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table))
         self._mode.__enter__()
+        self._monitor = MixingMonitor([t for t, d in zip(leaves, dims) if d is not None], B)
+        self._monitor.__enter__()
 
     @torch._dynamo.disable
     def after_forward(self, args, kwargs, output=None):
@@ -162,6 +171,8 @@ class Engine:
         if ctx.compiled:
             self.compiled_forwards.close(ctx, output)
         else:
+            monitor, self._monitor = self._monitor, None
+            monitor.__exit__(None, None, None)
             mode.__exit__(None, None, None)
         if output is not None:
             watch.check()
@@ -169,11 +180,14 @@ class Engine:
                 forward_checks.refuse_unseen_uses(output, mode.param_names)
         if not ctx.compiled and ctx.pending_layouts:
             self._resolve_pending(ctx, args, kwargs)
+        if output is not None and not ctx.compiled:
+            forward_checks.revalidate_sequence(self, self.tables.get(ctx.key), monitor.signature, args, kwargs,
+                                               ctx.batch_size)
 
     def _resolve_pending(self, ctx: ForwardContext, args, kwargs):
         """The forward took a path the analysis had not seen: analyse this input, then match again."""
         analysis = self.analyse(args, kwargs, ctx.batch_size)
-        table = LayoutTable(analysis.entries)
+        table = self._table(analysis)
         for use in ctx.uses:
             layout, lift = table.lookup(use.ordinal, use.op, use.binding.param_names)
             if layout is None or (lift and use.layout is None):

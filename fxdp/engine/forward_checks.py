@@ -180,3 +180,17 @@ def check_public_buffers(model: nn.Module, public: Iterable[str]) -> frozenset:
     if unknown:
         raise ValueError(f"fxdp: public_buffers {unknown} are not buffers of the model (known: {sorted(known)[:8]}).")
     return names
+
+
+# ------------------------------------------------------- sample mixing: re-validation (issue #13 §6)
+def revalidate_sequence(engine, table, signature: int, args, kwargs, batch_size: int) -> None:
+    """Analyse a forward on all its samples when its call sequence is not one the analysis saw
+    (:mod:`fxdp.analysis.mixing_monitor`); raises what the analysis finds."""
+    if table is None or batch_size < 2:
+        return
+    validated = table.validated_signatures
+    if signature in validated:
+        return
+    engine.analyse(args, kwargs, batch_size, probe_size=batch_size)
+    if len(validated) < 64:
+        validated.add(signature)

@@ -315,3 +315,84 @@ def test_criterion_with_a_batch_dependent_normaliser_is_refused_where_fxdp_sees_
 class _UnknownLoss(nn.modules.loss._Loss):
     def forward(self, a, b):
         return (a - b).mean()
+
+
+# ------------------------------------------------------------------ section 6: sample mixing, structurally
+class MinMaxScaled(nn.Module):
+    """Min-max scaling over the whole batch: 2.6 R, missed by the probe unless sample 0 held the extreme."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc((x - x.min()) / (x.max() - x.min()))
+
+
+class MixesLargeBatches(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 3:  # the analysis probes 3 samples
+            x = x - x.mean(0)
+        return self.fc(x)
+
+
+class LateMixup(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.mixup = False
+
+    def forward(self, x):
+        if self.mixup:
+            x = 0.7 * x + 0.3 * x.roll(1, 0)
+        return self.fc(x)
+
+
+def test_full_batch_reduction_is_refused_whatever_the_values():
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    x[0] = 0.0  # sample 0 holds no extreme: the numeric probe alone missed this
+    model = fxdp.privatize(MinMaxScaled())
+    with pytest.raises(fxdp.SampleMixingError, match="min reduces a tensor computed from the batch over all its"):
+        F.cross_entropy(model(x), y).backward()
+    assert all(not hasattr(p, "private_grad") for p in model.parameters())
+    with torch.no_grad():
+        model(x)  # inference may normalise however it likes
+
+
+def test_mixing_only_in_batches_larger_than_the_probe_is_refused():
+    model = fxdp.privatize(MixesLargeBatches())
+    with pytest.raises(fxdp.SampleMixingError, match="samples are mixed"):
+        model(torch.randn(8, 6))
+
+
+def test_mixing_switched_on_after_the_first_forward_is_revalidated_and_refused():
+    model = fxdp.privatize(LateMixup(), max_grad_norm=0.1)
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    F.cross_entropy(model(x), y).backward()
+    fxdp.clear_private_grads(model)
+    model.mixup = True
+    with pytest.raises(fxdp.SampleMixingError, match="samples are mixed"):
+        model(x)
+    model.mixup = False
+    F.cross_entropy(model(x), y).backward()  # back on the analysed path: trains again
+    assert model.fc.weight.private_grad is not None
+
+
+def test_per_sample_reductions_and_mask_counts_are_not_refused():
+    class PerSample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(6, 3)
+
+        def forward(self, x, mask):
+            n = mask.sum()                         # an integer count: no gradient, not refused
+            h = (x - x.amin(dim=1, keepdim=True)) / (x.amax(1, keepdim=True) - x.amin(1, keepdim=True))
+            return self.fc(h * (n > 0))
+
+    model = fxdp.privatize(PerSample(), max_grad_norm=0.1)
+    F.cross_entropy(model(torch.randn(8, 6), torch.ones(8, 6, dtype=torch.long)), torch.randint(0, 3, (8,))).backward()
+    assert model.fc.weight.private_grad is not None
