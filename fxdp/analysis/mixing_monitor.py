@@ -11,7 +11,8 @@ every eager training forward close these:
    tensors derived from the batched inputs are tracked through every op; a full reduction (no
    ``dim``: sum, mean, min, max, std, norm, ...) of such a floating-point tensor reduces across the
    batch dimension whatever the values, and is refused (``SampleMixingError``) when B >= 2.
-2. Re-validation: the monitor hashes the sequence of torch calls of the forward. The analysis's
+2. Re-validation: the monitor hashes the sequence of the forward's mixing-relevant torch calls
+   (reductions, indexing, reordering, contractions, random indices: :data:`MIXING_RELEVANT`). The analysis's
    base run is hashed the same way (:func:`fxdp.analysis.capture.probe_run`); a training forward
    whose sequence differs (another branch, mixup switched on) is analysed again on *all* its
    samples before its backward can run, and the sequence is remembered as validated for that
@@ -41,6 +42,31 @@ FULL_REDUCTIONS = {
     T.nanquantile, torch.mode, T.mode,
 }
 DIM_KEYS = ("dim", "axis")
+
+
+def _ops(*names):
+    out = set()
+    for n in names:
+        for owner in (torch, T, torch.nn.functional):
+            f = getattr(owner, n, None)
+            if f is not None:
+                out.add(f)
+    return out
+
+
+# The calls that can move values across the batch dimension (reductions, indexing, reordering,
+# contractions, random indices): the re-validation signature is the sequence of these, so that
+# a forward hook calling ``detach`` or ``register_hook`` does not count as another path.
+MIXING_RELEVANT = FULL_REDUCTIONS | _ops(
+    "cumsum", "cumprod", "cummax", "cummin", "softmax", "log_softmax", "argmax", "argmin", "all", "any",
+    "count_nonzero", "__getitem__", "__setitem__", "index_select", "gather", "scatter", "scatter_add", "scatter_",
+    "scatter_add_", "scatter_reduce", "index_add", "index_add_", "index_copy", "index_put", "index_put_",
+    "index_fill", "masked_select", "masked_scatter", "take", "take_along_dim", "roll", "flip", "sort", "argsort",
+    "topk", "kthvalue", "unique", "randperm", "randint", "multinomial", "cat", "concat", "stack", "split",
+    "chunk", "unbind", "matmul", "mm", "bmm", "einsum", "tensordot", "permute", "transpose", "t", "movedim",
+    "swapaxes", "expand", "expand_as", "repeat", "repeat_interleave", "tile", "where", "nonzero", "linear",
+    "batch_norm", "instance_norm", "layer_norm", "group_norm", "scaled_dot_product_attention", "embedding",
+    "conv1d", "conv2d", "conv3d", "pad", "interpolate", "unfold", "fold")
 
 
 def _is_full_reduction(func, args, kwargs) -> bool:
@@ -74,8 +100,9 @@ class MixingMonitor(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        self.signature = hash((self.signature, func))
-        self.calls += 1
+        if func in MIXING_RELEVANT:
+            self.signature = hash((self.signature, func))
+            self.calls += 1
         out = func(*args, **kwargs)
         if not self.structural:
             return out
