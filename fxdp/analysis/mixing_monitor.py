@@ -106,7 +106,8 @@ class MixingMonitor(TorchFunctionMode):
         out = func(*args, **kwargs)
         if not self.structural:
             return out
-        leaves, _ = tree_flatten((args, kwargs))
+        flat = not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args)
+        leaves = args if flat else tree_flatten((args, kwargs))[0]
         if any(self._is_derived(t) for t in leaves):
             if _is_full_reduction(func, args, kwargs) and isinstance(args[0], torch.Tensor) \
                     and self._is_derived(args[0]) and args[0].is_floating_point() and args[0].numel() > 1:
@@ -116,7 +117,7 @@ class MixingMonitor(TorchFunctionMode):
                     "whole batch), so each sample's output depends on the other samples and per-sample clipping "
                     "bounds nothing. Reduce over each sample's own dimensions (x.amin(dim=(1, 2), keepdim=True)) "
                     "or normalise with statistics of public data.")
-            for t in tree_flatten(out)[0]:
+            for t in ((out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]):
                 if isinstance(t, torch.Tensor):
                     self._derived[id(t)] = t
         return out
