@@ -3,7 +3,8 @@
 ``fxdp.privatize(model, ...)`` makes one backward pass produce per-sample
 clipped gradient sums (bookkeeping ghost clipping) in ``p.private_grad``.
 """
-from fxdp.engine.install import clear_private_grads, engine_of, get_engine, is_privatized, privatize, unprivatize
+from fxdp.engine.install import (clear_private_grads, engine_of, get_engine, is_privatized, privacy_units, privatize,
+                                 unprivatize)
 from fxdp.core.config import ClippingFn, ClippingStyle, DPConfig, LossReduction, make_config
 from fxdp.core.version import VERSION
 from fxdp.core.errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
@@ -26,6 +27,7 @@ _LAZY = {
     "fix_batchnorm": "fxdp.fix",
     "validate": "fxdp.fix",
     "per_sample_loss": "fxdp.training.losses",
+    "per_sample_criterion": "fxdp.training.criterion",
     "DPDistributed": "fxdp.distributed",
     "privacy_calculator": "fxdp.report.privacy_calculator",
 }
@@ -39,7 +41,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'fxdp' has no attribute {name!r}")
 
 __all__ = [
-    "privatize", "unprivatize", "explain", "is_privatized", "get_engine", "engine_of", "clear_private_grads",
+    "privatize", "unprivatize", "privacy_units", "explain", "is_privatized", "get_engine", "engine_of",
+    "clear_private_grads",
     "DPConfig", "ClippingStyle", "ClippingFn", "LossReduction", "make_config", "Report",
     "PrivacyError", "UncoveredParameterError", "SampleMixingError", "BatchLayoutError",
 ]

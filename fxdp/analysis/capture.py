@@ -20,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 from fxdp.core.identity import trainable_ids
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
+from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.runner import PassResult
 from fxdp.analysis.state import Analysis
 
@@ -81,6 +82,7 @@ class ProbeRun:
     # and the model outputs still attached to the autograd graph
     grad_targets: List[torch.Tensor] = field(default_factory=list)
     live_outputs: List[torch.Tensor] = field(default_factory=list)
+    signature: int = 0  # hash of the run's torch call sequence (fxdp.analysis.mixing_monitor)
 
 
 class ProbeRecorder:
@@ -180,8 +182,10 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     engine = getattr(model, "_fxdp_engine", None)
     with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
         torch.manual_seed(20260)
-        with torch.enable_grad(), ParameterInterceptor(trainable, recorder):
+        with torch.enable_grad(), ParameterInterceptor(trainable, recorder), \
+                MixingMonitor(structural=False) as calls:
             out = model(*args, **kwargs)
+        run.signature = calls.signature
         leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
         live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
         run.outputs = [t.detach() for t in live]
@@ -194,9 +198,9 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     return run
 
 
-def probe_plan(batch_size: int) -> Dict[str, List[int]]:
+def probe_plan(batch_size: int, probe_size: int = 3) -> Dict[str, List[int]]:
     """Sample selections of the analysis runs for an example batch of size B >= 2."""
-    n = min(batch_size, 3)
+    n = min(batch_size, max(probe_size, 2))
     base = list(range(n))
     return {"base": base, "roll": base[1:] + base[:1], "replace": [1] + base[1:], "small": base[:-1]}
 
@@ -205,7 +209,7 @@ def capture_runs(analysis: Analysis) -> PassResult:
     """Run the analysis forwards and record the call sites of the base run as entries."""
     from fxdp.analysis.state import Entry
 
-    for name, samples in probe_plan(analysis.batch_size).items():
+    for name, samples in probe_plan(analysis.batch_size, analysis.probe_size).items():
         analysis.runs[name] = probe_run(analysis, samples)
     base = analysis.runs["base"]
     analysis.entries = [Entry(i, r.op, r.binding.rule.name, r.param_names, r.binding, r.source_shape,

@@ -43,6 +43,7 @@ class Analysis:
     batch_size: int
     batch_dim: object
     strict: bool = True
+    probe_size: int = 3  # samples per probe run (re-validation of an unseen call sequence: the whole batch)
     runs: Dict[str, Any] = field(default_factory=dict)
     entries: List[Entry] = field(default_factory=list)
     output_layouts: List[Any] = field(default_factory=list)

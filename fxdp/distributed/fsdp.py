@@ -185,7 +185,6 @@ class FSDPView:
         import torch.distributed as dist
         from fxdp.analysis.capture import select_samples
         from fxdp.distributed.agreement import all_gather_ints, digest
-        from fxdp.engine.recorder import LayoutTable
 
         group = self.process_group
         table = all_gather_ints([digest(repr(key)), int(batch_size)], group)
@@ -207,7 +206,7 @@ class FSDPView:
         ex_args, ex_kwargs = torch.utils._pytree.tree_map(
             lambda t: t.to(device) if isinstance(t, torch.Tensor) else t, payload[0])
         n = min(sizes[source], 3)
-        return LayoutTable(engine.analyse(ex_args, ex_kwargs, n).entries)
+        return engine.layout_table(engine.analyse(ex_args, ex_kwargs, n))
 
     def convert_private_grad(self, name: str, p, total: torch.Tensor):
         """Collective (every rank, every trainable parameter, in plan order, at the end of each backward):

@@ -35,8 +35,9 @@ from fxdp.core.config import DPConfig, LossReduction
 from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
+from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.plan_groups import GroupPlan
-from fxdp.engine import finalize
+from fxdp.engine import finalize, forward_checks, units
 from fxdp.engine.clip_bound import ClipBound
 from fxdp.engine.clipping import clip_groups
 from fxdp.engine.writers import WRITERS
@@ -70,6 +71,8 @@ class Engine:
         # the one source of the current R: these clip factors and the optimizer's noise both read it
         self.clip_bound = ClipBound(config.max_grad_norm)
         self.ledger = StepLedger()
+        self.public_buffers: frozenset = frozenset()
+        self.unit_scope = None  # the fxdp.privacy_units block in progress
         self._reset_transient()
 
     def _reset_transient(self):
@@ -83,6 +86,8 @@ class Engine:
         self._accumulates = False
         self._compiled_forwards = None
         self._targets = BackwardTargets()
+        self._watch = None
+        self._monitor = None
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -91,6 +96,9 @@ class Engine:
         state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
         state["_compiled_forwards"] = None  # a copy is a different engine to compiled graphs
         state["_accumulates"], state["_targets"] = False, BackwardTargets()  # autograd nodes of these parameters
+        state["_watch"] = None
+        state["_monitor"] = None
+        state["unit_scope"] = None
         return state
 
     @property
@@ -111,7 +119,8 @@ class Engine:
         old = self._suspended
         self._suspended = True
         try:
-            yield
+            with forward_checks.open_forward():
+                yield
         finally:
             self._suspended = old
 
@@ -129,9 +138,14 @@ class Engine:
             out.update(view.aliases())
         return out
 
-    def analyse(self, args, kwargs, batch_size: int, strict: bool = True) -> Analysis:
-        analysis = Analysis(self.model, args, kwargs, batch_size, self.config.batch_dim_spec, strict=strict)
+    def analyse(self, args, kwargs, batch_size: int, strict: bool = True, probe_size: int = 3) -> Analysis:
+        analysis = Analysis(self.model, args, kwargs, batch_size, self.config.batch_dim_spec, strict=strict,
+                            probe_size=probe_size)
         return run_pipeline(analysis, PIPELINE, dump_hook("analysis"))
+
+    def layout_table(self, analysis: Analysis) -> LayoutTable:
+        """The call-site table the recorder and compiled regions read, from one analysis."""
+        return LayoutTable(analysis.entries, analysis.runs["base"].signature if "base" in analysis.runs else None)
 
     @torch._dynamo.disable
     def before_forward(self, args, kwargs):
@@ -145,25 +159,30 @@ class Engine:
             trainable = self.trainable()
             self._targets.prepare(self.model, trainable)
             key = structure_key(self.model, args, kwargs, B, self.config.batch_dim_spec)
+            unit_ids = self.unit_scope.ids_for(B) if self.unit_scope is not None else None
             table = self.tables.get(key)
             view = get_view(self.model)
             if table is None and getattr(view, "collective_analysis", None) is not None:
                 # sharded model: every rank analyses at once, on one rank's examples (the probes all-gather)
                 table = view.collective_analysis(self, key, args, kwargs, B)
             elif table is None and B >= 2:
-                table = LayoutTable(self.analyse(args, kwargs, B).entries)
+                table = self.layout_table(self.analyse(args, kwargs, B))
             if table is not None:
                 self.tables[key] = table
         except BaseException:
             self._depth -= 1
             raise
-        ctx = ForwardContext(B, weakref.ref(self), key)
+        ctx = ForwardContext(B, weakref.ref(self), key, unit_scope=self.unit_scope, unit_ids=unit_ids)
         self._context = ctx
+        self._watch = forward_checks.BufferWatch(self.model, self.public_buffers)
+        forward_checks.open_forward().__enter__()
         if in_compiled_module():
             self.compiled_forwards.open(ctx, table, leaves, dims)
             return
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table))
         self._mode.__enter__()
+        self._monitor = MixingMonitor([t for t, d in zip(leaves, dims) if d is not None], B)
+        self._monitor.__enter__()
 
     @torch._dynamo.disable
     def after_forward(self, args, kwargs, output=None):
@@ -172,19 +191,29 @@ class Engine:
         self._depth -= 1
         if self._depth > 0:
             return
-        mode, ctx = self._mode, self._context
-        self._mode, self._context = None, None
+        mode, ctx, watch = self._mode, self._context, self._watch
+        self._mode, self._context, self._watch = None, None, None
+        forward_checks.open_forward().__exit__()
         if ctx.compiled:
             self.compiled_forwards.close(ctx, output)
-            return
-        mode.__exit__(None, None, None)
-        if ctx.pending_layouts:
+        else:
+            monitor, self._monitor = self._monitor, None
+            monitor.__exit__(None, None, None)
+            mode.__exit__(None, None, None)
+        if output is not None:
+            watch.check()
+            if not ctx.compiled:
+                forward_checks.refuse_unseen_uses(output, mode.param_names)
+        if not ctx.compiled and ctx.pending_layouts:
             self._resolve_pending(ctx, args, kwargs)
+        if output is not None and not ctx.compiled:
+            forward_checks.revalidate_sequence(self, self.tables.get(ctx.key), monitor.signature, args, kwargs,
+                                               ctx.batch_size)
 
     def _resolve_pending(self, ctx: ForwardContext, args, kwargs):
         """The forward took a path the analysis had not seen: analyse this input, then match again."""
         analysis = self.analyse(args, kwargs, ctx.batch_size)
-        table = LayoutTable(analysis.entries)
+        table = self.layout_table(analysis)
         for use in ctx.uses:
             layout, lift = table.lookup(use.ordinal, use.op, use.binding.param_names)
             if layout is None or (lift and use.layout is None):
@@ -243,17 +272,23 @@ class Engine:
             for ctx in pending:
                 self._discard_received(ctx)
             return
-        if len(pending) > 1:
+        if len(pending) > 1 and all(c.unit_scope is None for c in pending):
             for ctx in pending:
                 ctx.finalized = True
                 ctx.uses = []
             raise PrivacyError(
                 f"fxdp: one backward pass went through {len(pending)} forward passes of the privatized model; "
-                "samples of different forward passes cannot be matched. Call backward once per forward pass "
-                "(gradient accumulation: forward, backward, forward, backward).")
+                "samples of different forward passes cannot be matched, and if the passes are views of the same "
+                "examples (augmentations, several views in one loss), each example would be clipped once per view "
+                "(K views: K·R). Declare them one privacy unit: run the forward passes inside "
+                "`with fxdp.privacy_units(model, ids):` (one id per row, the same id for the rows of one example or "
+                "user; or views=K) and fxdp clips each unit's summed gradient once in this backward.")
         with torch.no_grad():
-            for ctx in pending:
-                self._finalize_context(ctx)
+            if any(c.unit_scope is not None for c in pending):
+                self._finalize_context(*pending)
+            else:
+                for ctx in pending:
+                    self._finalize_context(ctx)
 
     def _discard_received(self, ctx: ForwardContext) -> None:
         """A backward pass that wanted no parameter gradient: what it handed to the taps is dropped
@@ -274,17 +309,23 @@ class Engine:
             return 1.0
         return float(scaler.get_scale())
 
-    def _finalize_context(self, ctx: ForwardContext):
-        """The pipeline of :mod:`fxdp.engine.finalize` for one forward pass."""
-        ctx.finalized = True
-        if ctx.compiled:
-            self.compiled_forwards.release(ctx)
-        B = ctx.batch_size
-        uses = [u for u in ctx.uses if u.grad_output is not None]
-        ctx.uses = []
+    def _finalize_context(self, ctx: ForwardContext, *together: ForwardContext):
+        """The pipeline of :mod:`fxdp.engine.finalize` for one forward pass (or for the forward passes of
+        one :func:`fxdp.privacy_units` block: clipped per unit, :mod:`fxdp.engine.units`)."""
+        collected = []
+        for c in (ctx,) + together:
+            c.finalized = True
+            if c.compiled:
+                self.compiled_forwards.release(c)
+            uses = [u for u in c.uses if u.grad_output is not None]
+            c.uses = []
+            collected.append(finalize.collect(uses, c.batch_size))
+        if ctx.unit_scope is not None or together:
+            per_param, decisions, B = units.merge_contexts((ctx,) + together, collected)
+        else:
+            (per_param, decisions), B = collected[0], ctx.batch_size
         params = write_targets(self.model)
         trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
-        per_param, decisions = finalize.collect(uses, B)
         loss_scale = self._loss_scale()
         scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale
         group_sq = finalize.group_norms(per_param, self.plan.group_of, scale)

@@ -10,6 +10,7 @@ hooks, the engine and every ``private_grad``.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional, Sequence
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn as nn
 
 from fxdp.core.config import DPConfig, make_config
 from fxdp.analysis.plan_groups import plan_groups
+from fxdp.engine import forward_checks, units
 from fxdp.engine.engine import Engine
 from fxdp.engine.writers import WRITERS
 
@@ -52,10 +54,33 @@ def is_privatized(model: nn.Module) -> bool:
     return get_engine(model) is not None
 
 
+def refuse_data_parallel_wrappers(model: nn.Module) -> None:
+    """``DistributedDataParallel`` / ``DataParallel`` / FSDP1 wrappers (the model or any submodule) are
+    refused: their gradient synchronisation works on ``p.grad``, which the private path never writes,
+    so ranks (or replicas) would train on their own data only and diverge, and noise would be added
+    once per rank."""
+    wrappers = [nn.parallel.DistributedDataParallel, nn.DataParallel]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        wrappers.append(FullyShardedDataParallel)
+    except ImportError:  # a torch build without distributed
+        pass
+    for name, m in model.named_modules():
+        if isinstance(m, tuple(wrappers)):
+            where = "the model" if not name else f"submodule {name!r}"
+            raise ValueError(
+                f"fxdp: {where} is wrapped in {type(m).__name__}, whose gradient synchronisation works on p.grad; "
+                "fxdp writes p.private_grad after autograd, so the wrapper never synchronises it (ranks would "
+                "diverge, and each would add its own noise). Pass the plain model to fxdp.DPDistributed (it "
+                "broadcasts the parameters and sums the clipped gradients across ranks itself), or privatize "
+                "the unwrapped module for single-process training.")
+
+
 def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, clipping_fn="abadi",
               numerical_stability_constant: Optional[float] = None, loss_reduction="mean",
               block_heads: Optional[Sequence[str]] = None, batch_dim=None,
-              config: Optional[DPConfig] = None, grad_scaler=None) -> nn.Module:
+              config: Optional[DPConfig] = None, grad_scaler=None,
+              public_buffers: Sequence[str] = ()) -> nn.Module:
     """Make ``model`` produce per-sample-clipped gradient sums in one backward pass.
 
     After ``loss.backward()`` every trainable parameter ``p`` has
@@ -78,17 +103,27 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
             backpropagated, if any: its scale is undone before clipping, so the
             loss scale never changes the clipping threshold (also settable later
             as ``fxdp.get_engine(model).grad_scaler``).
+        public_buffers: names of buffers that may change during a training forward because they do
+            not depend on the data (a step counter). Any other buffer updated during a private forward
+            (an EMA normaliser, running statistics) is refused: ``state_dict`` would release it
+            unclipped and un-noised.
 
     Raises:
-        ValueError: bad arguments, already privatized, no trainable parameter.
+        ValueError: bad arguments, already privatized, no trainable parameter, a model wrapped in
+            DistributedDataParallel / DataParallel / FSDP (use ``fxdp.DPDistributed``).
         fxdp.core.errors.PrivacyError subclasses at the first forward pass in grad
         mode when a parameter is used where no rule covers it, samples are
-        mixed, or the batch layout cannot be determined.
+        mixed, or the batch layout cannot be determined; at every forward pass, when a trainable
+        parameter reaches the output other than through a covered op (a custom
+        ``torch.autograd.Function``, a view cached at ``__init__``), a parameterised submodule is
+        called outside the model's forward in grad mode, or a non-public buffer was updated
+        (:mod:`fxdp.engine.forward_checks`).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"fxdp: privatize expects an nn.Module, got {type(model).__name__}.")
     if is_privatized(model):
         raise ValueError("fxdp: this model is already privatized; call fxdp.unprivatize(model) first.")
+    refuse_data_parallel_wrappers(model)
     inner = [name for name, m in model.named_modules() if name and is_privatized(m)]
     if inner:
         raise ValueError(f"fxdp: submodule(s) {inner[:3]} are already privatized; one loss must have one engine "
@@ -96,12 +131,15 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
     if config is None:
         config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
                              block_heads, batch_dim)
+    public = forward_checks.check_public_buffers(model, public_buffers)
     plan = plan_groups(model, config)
     engine = Engine(model, config, plan)
     engine.grad_scaler = grad_scaler
+    engine.public_buffers = public
     model.__dict__[ENGINE_ATTR] = engine
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
+    forward_checks.install_submodule_hooks(model)
     return model
 
 
@@ -116,11 +154,44 @@ def unprivatize(model: nn.Module) -> nn.Module:
             for extra in ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs",
                           "_forward_hooks_always_called"):
                 getattr(model, extra, {}).pop(hid, None)
+    forward_checks.remove_submodule_hooks(model)
     del model.__dict__[ENGINE_ATTR]
     for p in model.parameters():
         if hasattr(p, "private_grad"):
             del p.private_grad
     return model
+
+
+@contextlib.contextmanager
+def privacy_units(model, ids=None, *, views: Optional[int] = None):
+    """Clip the summed gradient of each privacy unit once, in one backward (:mod:`fxdp.engine.units`).
+
+    Args:
+        model: a privatized model (``fxdp.privatize``).
+        ids: one integer id per row of each forward pass inside the block; rows with the same id are
+            one unit (e.g. ``torch.arange(N).repeat(K)`` for K views concatenated, a user id per
+            example for user-level DP, ``torch.arange(B).repeat_interleave(T)`` for tokens flattened
+            to (B·T, d) before the model).
+        views: instead of ids: each forward has K·N rows, K views of N examples concatenated along the
+            batch dimension (``torch.cat([aug(x) for _ in range(K)])``); row r belongs to example r mod N.
+
+    Example::
+
+        with fxdp.privacy_units(model, views=K):
+            loss = F.cross_entropy(model(torch.cat(views)), y.repeat(K))
+            loss.backward()
+    """
+    engine = get_engine(model)
+    if engine is None:
+        raise ValueError("fxdp: privacy_units needs a privatized model (fxdp.privatize(model) first).")
+    scope = units.make_scope(ids, views)
+    if engine.unit_scope is not None:
+        raise ValueError("fxdp: privacy_units blocks do not nest.")
+    engine.unit_scope = scope
+    try:
+        yield engine.unit_scope
+    finally:
+        engine.unit_scope = None
 
 
 def clear_private_grads(model: nn.Module) -> None:

@@ -20,7 +20,9 @@ from fxdp.engine.tap import ForwardContext, LayerUse, TapFunction
 class LayoutTable:
     """Layouts (and lifts) of the call sites of one input structure, by ordinal."""
 
-    def __init__(self, entries):
+    def __init__(self, entries, signature=None):
+        # call sequences (fxdp.analysis.mixing_monitor) known to behave as analysed
+        self.validated_signatures = set() if signature is None else {signature}
         self.keys = [(e.op, e.param_names) for e in entries]
         self.rules = [e.rule for e in entries]
         self.layouts = [e.layout for e in entries]

@@ -58,6 +58,9 @@ class ForwardContext:
     by_ordinal: Dict[int, LayerUse] = field(default_factory=dict)
     batch_inputs: List[Any] = field(default_factory=list)  # (input tensor, batch dim), while the forward runs
     params: Dict[str, Any] = field(default_factory=dict)
+    # fxdp.privacy_units: the block this forward ran in, and the unit id of each row
+    unit_scope: Any = None
+    unit_ids: Any = None
 
 
 def _rebuild(spec, leaves, replace: Dict[int, Any]):

@@ -71,16 +71,11 @@ from torch.optim import Optimizer
 
 from fxdp.core.config import LossReduction, nonnegative_number, positive_number
 from fxdp.core.errors import PrivacyError
+from fxdp.engine.finalize import accumulation_dtype
 from fxdp.training.noise import NoiseSource
 from fxdp.training import step_check
 
 PUBLIC_GRAD_POLICIES = ("refuse", "add")
-
-
-def accumulation_dtype(p: torch.Tensor) -> torch.dtype:
-    """The dtype private gradients are noised, summed and scaled in: float64 for float64 parameters,
-    float32 otherwise (never half precision)."""
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class DPOptimizer(Optimizer):

@@ -9,8 +9,11 @@ Poisson-sampling one (Opacus's ``DPDataLoader``). The accountant
 Switching from Opacus: change the import. Differences, all deliberate:
 
 - no ``GradSampleModule`` wrapper; ``grad_sample_mode`` is accepted ("hooks",
-  "functorch", "ew", "ghost": the last returns the criterion unchanged as the
-  4th element) but fxdp always uses bookkeeping clipping in one backward pass;
+  "functorch", "ew", "ghost": the last returns, as the 4th element, the criterion as a
+  per-sample loss whose batch reduction fxdp applies itself -- weighted means and
+  ``ignore_index`` token means converted, see :mod:`fxdp.training.criterion`) but fxdp always
+  uses bookkeeping clipping in one backward pass; a criterion whose mean visibly divides by a
+  batch-dependent quantity (``CrossEntropyLoss(weight=w)``) is refused in the other modes;
 - ``clipping="flat"`` or ``"adaptive"`` (R learned privately, :mod:`fxdp.training.adaptive`, with
   Opacus's ``target_unclipped_quantile``, ``clipbound_learning_rate``, ``unclipped_num_std`` (or
   ``count_noise_multiplier``), ``max_clipbound``, ``min_clipbound``); other groupings are fxdp styles (``style=``);
@@ -57,6 +60,7 @@ from fxdp.core.errors import PrivacyError
 from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.training.accounting import (REPLACE_ONE_SENSITIVITY, EpochCharge, PoissonCharge, get_noise_multiplier,
                                       mark_epochs, sampling_of)
+from fxdp.training.criterion import SAFE_FORM, batch_dependent_normaliser, per_sample_criterion
 from fxdp.training.noise import generator_from_global_rng, generator_from_os_entropy
 from fxdp.training.adaptive import check_clipping_option, from_clipping_option
 from fxdp.training.optimizer import DPOptimizer
@@ -154,6 +158,9 @@ class PrivacyEngine(PrivateTrainingEngine):
             raise ValueError("fxdp: secure_mode draws OS-seeded noise; passing noise_generator (a seed) is refused.")
         if not isinstance(wrap_model, bool):
             raise ValueError(f"fxdp: wrap_model must be a bool, got {wrap_model!r}.")
+        if criterion is not None and "ghost" not in grad_sample_mode and batch_dependent_normaliser(criterion):
+            raise ValueError(f"fxdp: the criterion is not a per-sample loss: {batch_dependent_normaliser(criterion)}, "
+                             f"so one example could move the update by far more than R. Use {SAFE_FORM}.")
         config = api.ensure_privatized(
             module, batch_first=batch_first, batch_dim=batch_dim, style=style, max_grad_norm=max_grad_norm,
             clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
@@ -172,8 +179,10 @@ class PrivacyEngine(PrivateTrainingEngine):
         dp_optimizer.set_param_names(module)
         bind_loader_check(dp_optimizer, data_loader, "the data loader make_private returned")
         self.module, self.optimizer, self.data_loader, self.sampling = module, dp_optimizer, data_loader, sampling
-        if "ghost" in grad_sample_mode:
-            return module, dp_optimizer, (criterion if criterion is not None else nn.CrossEntropyLoss()), data_loader
+        if "ghost" in grad_sample_mode:  # fxdp applies the batch reduction itself (fxdp.training.criterion)
+            criterion = per_sample_criterion(criterion if criterion is not None else nn.CrossEntropyLoss(),
+                                             config.loss_reduction.value)
+            return module, dp_optimizer, criterion, data_loader
         return module, dp_optimizer, data_loader
 
     def _prepare_loader(self, data_loader, poisson_sampling, batch_first, rand_on_empty):

@@ -312,14 +312,16 @@ def test_shared_leading_input_that_would_hide_the_batch_is_refused_and_batch_dim
 
 
 class _Branchy(nn.Module):
-    """Which layer runs depends on the data (the sign of the batch sum)."""
+    """Which layer runs depends on the data (the sign of a batch-free input: a branch on the batch's own
+    sum, ``x.sum() > 0``, would let one sample switch the layer of every other sample, and is refused as
+    sample mixing, see tests/privacy/test_checks.py)."""
 
     def __init__(self):
         super().__init__()
         self.a, self.b, self.h = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 2)
 
-    def forward(self, x):
-        return self.h(self.a(x) if x.sum() > 0 else self.b(x))
+    def forward(self, x, gate):
+        return self.h(self.a(x) if gate > 0 else self.b(x))
 
 
 def test_data_dependent_control_flow_is_reanalysed_and_stays_exact():
@@ -327,10 +329,11 @@ def test_data_dependent_control_flow_is_reanalysed_and_stays_exact():
     base = _Branchy().double()
     model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3)
     for shift in (-3.0, 3.0, -3.0):
-        x = torch.randn(5, 4, dtype=torch.float64) + shift
+        x = torch.randn(5, 4, dtype=torch.float64)
+        gate = torch.tensor(shift)
         fresh = fxdp.privatize(copy.deepcopy(model_state(base, model)), max_grad_norm=0.3)
-        model(x).sum().backward()
-        fresh(x).sum().backward()
+        model(x, gate).sum().backward()
+        fresh(x, gate).sum().backward()
         for p, q in zip(model.parameters(), fresh.parameters()):
             torch.testing.assert_close(p.private_grad, q.private_grad)
         fxdp.clear_private_grads(model)

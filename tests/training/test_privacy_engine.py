@@ -133,7 +133,11 @@ def test_secure_mode_refuses_a_noise_generator():
 def test_ghost_grad_sample_mode_returns_the_criterion_as_fourth_element():
     crit = nn.CrossEntropyLoss()
     out = _setup(make_model(), grad_sample_mode="ghost", criterion=crit)
-    assert len(out) == 5 and out[4] is not None and out[3] is crit
+    assert len(out) == 5 and out[4] is not None
+    # fxdp's per-sample form of it (fxdp.training.criterion): the same value for an unweighted loss
+    assert isinstance(out[3], fxdp.training.criterion.PerSampleCriterion) and out[3].reduction == "mean"
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 2, 1])
+    torch.testing.assert_close(out[3](x, y), crit(x, y))
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,0 +1,196 @@
+"""Checks of every eager private forward pass: what the interceptor cannot see.
+
+The interceptor (:mod:`fxdp.analysis.interceptor`) sees every torch call made with a trainable
+*parameter* during the root module's forward. Three ways of using a parameter escape it, and
+each would train the parameter with an unclipped, un-noised autograd gradient (``p.grad``):
+
+1. a custom ``torch.autograd.Function``: its forward runs with grad mode off and its backward
+   returns the parameter's gradient directly;
+2. a tensor derived from the parameter before the forward (a view cached at ``__init__``,
+   ``self.wt = self.fc.weight.t()``): ops see the view, not the parameter;
+3. a submodule called outside the root module's forward (``model.head(model.body(x))``):
+   no interceptor runs at all.
+
+(1) and (2) are found structurally after each eager forward: :func:`unseen_uses` walks the
+autograd graph of the forward's outputs; every path to a trainable parameter's gradient
+accumulator must go through a tap (whose backward never returns a parameter gradient). Any
+other path is refused, naming the parameter and the autograd node it came through. (3) is
+refused when it happens: :func:`submodule_pre_hook` runs before every submodule that owns a
+trainable parameter and refuses a call in grad mode while no private forward (or analysis run)
+is open. A parameter used functionally *outside* the forward (a regulariser in the loss) is not
+a data use fxdp can see: it reaches ``p.grad`` and is refused or added by the optimizer's
+``public_grads`` policy -- only data-independent terms may be added.
+
+Buffers (section 7 of issue #13): a buffer updated from the batch during a training forward
+(an EMA normaliser, running statistics) is released by ``state_dict`` without clipping or noise.
+:class:`BufferWatch` compares the version counter and identity of every buffer before and after
+the forward and refuses a change unless the buffer is declared public
+(``privatize(..., public_buffers=[names])``).
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, List, Tuple
+
+import torch
+import torch.nn as nn
+from torch.utils._pytree import tree_flatten
+
+from fxdp.core.errors import PrivacyError, UncoveredParameterError
+from fxdp.engine.tap import TapFunction
+
+# Private forwards and analysis runs in progress (any engine): a parameterised submodule called
+# in grad mode while this is zero runs outside every privatized forward.
+_OPEN = [0]
+
+
+class open_forward:
+    """Context (or explicit enter/exit) marking a private forward or analysis run as open."""
+
+    def __enter__(self):
+        _OPEN[0] += 1
+        return self
+
+    def __exit__(self, *exc):
+        _OPEN[0] = max(0, _OPEN[0] - 1)
+        return False
+
+
+def _owns_trainable(module: nn.Module) -> bool:
+    return any(p.requires_grad for p in module.parameters(recurse=False))
+
+
+def submodule_pre_hook(module, args):
+    """Refuse a call of a parameterised submodule outside every private forward (see module doc)."""
+    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or _OPEN[0] > 0:
+        return
+    if not _owns_trainable(module):
+        return
+    names = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+    raise UncoveredParameterError(
+        f"fxdp: submodule {type(module).__name__} (parameters {', '.join(names)}) of a privatized model was called "
+        "outside the model's forward in grad mode: its parameters would get an autograd gradient that is never "
+        "clipped (a submodule called outside the root forward). Call it inside the privatized model's forward "
+        "(privatize the module that contains the whole computation), or under torch.no_grad(), or freeze it.")
+
+
+def install_submodule_hooks(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if name and any(True for _ in m.parameters(recurse=False)):
+            m.register_forward_pre_hook(submodule_pre_hook)
+
+
+def remove_submodule_hooks(model: nn.Module) -> None:
+    for m in model.modules():
+        for hid in [k for k, fn in m._forward_pre_hooks.items() if fn is submodule_pre_hook]:
+            del m._forward_pre_hooks[hid]
+
+
+# ----------------------------------------------------------------- unseen uses in the graph
+def _tensors(output) -> List[torch.Tensor]:
+    leaves, _ = tree_flatten(output)
+    out = []
+    for x in leaves:
+        if isinstance(x, torch.Tensor):
+            out.append(x)
+        elif hasattr(x, "values") and callable(x.values):  # mappings pytree does not know (ModelOutput)
+            out.extend(_tensors(list(x.values())))
+        elif isinstance(x, (list, tuple)):
+            out.extend(_tensors(list(x)))
+    return out
+
+
+def _describe(node) -> str:
+    cls = getattr(node, "_forward_cls", None)
+    if cls is not None:
+        return f"the custom torch.autograd.Function {cls.__qualname__}"
+    return (f"autograd node {type(node).__name__} outside any tapped op (a tensor derived from the parameter "
+            "before the forward, e.g. a view cached at __init__)")
+
+
+def unseen_uses(output, trainable: Dict[int, str]) -> List[Tuple[str, str]]:
+    """(parameter name, how) for every path from ``output`` to a trainable parameter's gradient that
+    does not go through a tap."""
+    found: List[Tuple[str, str]] = []
+    stack, seen = [], set()
+    for t in _tensors(output):
+        if t.requires_grad and t.grad_fn is None and id(t) in trainable:
+            found.append((trainable[id(t)], "the forward's output itself (a parameter returned as an output)"))
+        elif t.grad_fn is not None:
+            stack.append(t.grad_fn)
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        tap = getattr(node, "_forward_cls", None) is TapFunction
+        for nxt, _ in node.next_functions:
+            if nxt is None:
+                continue
+            var = getattr(nxt, "variable", None)
+            if var is not None:  # AccumulateGrad: a leaf
+                if not tap and id(var) in trainable:
+                    found.append((trainable[id(var)], _describe(node)))
+                continue
+            stack.append(nxt)
+    return found
+
+
+def refuse_unseen_uses(output, trainable: Dict[int, str]) -> None:
+    found = unseen_uses(output, trainable)
+    if not found:
+        return
+    lines = "; ".join(f"{n} through {how}" for n, how in dict(found).items())
+    exc = UncoveredParameterError(
+        f"fxdp: trainable parameter(s) reach the forward's output without passing a per-sample rule: {lines}. Their "
+        "autograd gradient would bypass clipping. Use the parameter itself inside the forward through supported "
+        "ops (not a view or copy made before the forward; write a custom op as plain torch ops, or register a "
+        "rule for it), or freeze it (requires_grad=False).")
+    exc.param_names = tuple(sorted({n for n, _ in found}))
+    raise exc
+
+
+# ----------------------------------------------------------------------------- buffers
+class BufferWatch:
+    """Version counters and identities of a model's buffers at the start of a forward."""
+
+    def __init__(self, model: nn.Module, public: Iterable[str]):
+        self.model = model
+        self.public = frozenset(public)
+        self.before = {n: (id(b), b._version) for n, b in model.named_buffers() if n not in self.public}
+
+    def changed(self) -> List[str]:
+        after = {n: (id(b), b._version) for n, b in self.model.named_buffers() if n not in self.public}
+        return sorted(n for n, v in self.before.items() if after.get(n) != v)
+
+    def check(self) -> None:
+        changed = self.changed()
+        if changed:
+            raise PrivacyError(
+                f"fxdp: buffer(s) {', '.join(changed[:5])} were updated during a private training forward; a buffer "
+                "computed from the batch (an EMA normaliser, running statistics) is released by state_dict() "
+                "without clipping or noise. Update it under torch.no_grad() from public data only, or, if it "
+                "does not depend on the data (a step counter), declare it with "
+                "fxdp.privatize(..., public_buffers=[names]).")
+
+
+def check_public_buffers(model: nn.Module, public: Iterable[str]) -> frozenset:
+    names = frozenset(public or ())
+    known = {n for n, _ in model.named_buffers()}
+    unknown = sorted(names - known)
+    if unknown:
+        raise ValueError(f"fxdp: public_buffers {unknown} are not buffers of the model (known: {sorted(known)[:8]}).")
+    return names
+
+
+# ------------------------------------------------------- sample mixing: re-validation (issue #13 §6)
+def revalidate_sequence(engine, table, signature: int, args, kwargs, batch_size: int) -> None:
+    """Analyse a forward on all its samples when its call sequence is not one the analysis saw
+    (:mod:`fxdp.analysis.mixing_monitor`); raises what the analysis finds."""
+    if table is None or batch_size < 2:
+        return
+    validated = table.validated_signatures
+    if signature in validated:
+        return
+    engine.analyse(args, kwargs, batch_size, probe_size=batch_size)
+    if len(validated) < 64:
+        validated.add(signature)
