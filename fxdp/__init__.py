@@ -8,6 +8,7 @@ from fxdp.core.config import ClippingFn, ClippingStyle, DPConfig, LossReduction,
 from fxdp.core.version import VERSION
 from fxdp.core.errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
 from fxdp.report import Report, explain
+from fxdp.analysis.side_effects import in_analysis
 
 from fxdp.compile.backend import register as _register_backend
 
@@ -37,7 +38,7 @@ def __getattr__(name):
     raise AttributeError(f"module 'fxdp' has no attribute {name!r}")
 
 __all__ = [
-    "privatize", "unprivatize", "explain", "is_privatized", "get_engine", "engine_of", "clear_private_grads",
+    "privatize", "unprivatize", "explain", "in_analysis", "is_privatized", "get_engine", "engine_of", "clear_private_grads",
     "DPConfig", "ClippingStyle", "ClippingFn", "LossReduction", "make_config", "Report",
     "PrivacyError", "UncoveredParameterError", "SampleMixingError", "BatchLayoutError",
 ]

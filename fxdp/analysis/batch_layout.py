@@ -114,7 +114,8 @@ def infer_batch_layouts(analysis: Analysis) -> PassResult:
     """Give every entry (and every model output) its batch layout."""
     runs = analysis.runs
     base, roll, small = runs["base"], runs["roll"], runs["small"]
-    n, perm = len(base.samples), roll.samples
+    n = len(base.samples)
+    perm = [base.samples.index(s) for s in roll.samples]  # positions within the base run
     if [r.param_names for r in base.records] != [r.param_names for r in roll.records] or \
             [r.param_names for r in base.records] != [r.param_names for r in small.records]:
         analysis.problem(BatchLayoutError(

@@ -20,6 +20,8 @@ from torch.utils._pytree import tree_flatten
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.runner import PassResult
+from fxdp.analysis.samples import distinct_samples, perturbed_inputs
+from fxdp.analysis.side_effects import analysis_forward
 from fxdp.analysis.state import Analysis
 
 DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -132,7 +134,12 @@ class ProbeRecorder:
         self.analysis.problem(exc)
         if func is None:
             return None
-        return out if out is not None else func(*args, **kwargs)
+        if out is not None:
+            return out
+        try:
+            return func(*args, **kwargs)
+        except Exception:  # the refused op cannot even run on the analysis inputs: report the refusal
+            raise exc from None
 
 
 def select_samples(args, kwargs, batch_dim, samples: List[int]):
@@ -179,7 +186,7 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     engine = getattr(model, "_fxdp_engine", None)
     with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
         torch.manual_seed(20260)
-        with torch.enable_grad(), ParameterInterceptor(trainable, recorder):
+        with torch.enable_grad(), analysis_forward(analysis), ParameterInterceptor(trainable, recorder):
             out = model(*args, **kwargs)
         leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
         live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -193,18 +200,23 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     return run
 
 
-def probe_plan(batch_size: int) -> Dict[str, List[int]]:
-    """Sample selections of the analysis runs for an example batch of size B >= 2."""
-    n = min(batch_size, 3)
-    base = list(range(n))
-    return {"base": base, "roll": base[1:] + base[:1], "replace": [1] + base[1:], "small": base[:-1]}
+def probe_plan(base: List[int]) -> Dict[str, List[int]]:
+    """Sample selections of the analysis runs, from 2 or 3 distinct samples ``base`` of the example batch."""
+    return {"base": base, "roll": base[1:] + base[:1], "replace": [base[1]] + base[1:], "small": base[:-1]}
 
 
 def capture_runs(analysis: Analysis) -> PassResult:
-    """Run the analysis forwards and record the call sites of the base run as entries."""
+    """Run the analysis forwards on distinct samples (:mod:`fxdp.analysis.samples`) and record the call
+    sites of the base run as entries."""
     from fxdp.analysis.state import Entry
 
-    for name, samples in probe_plan(analysis.batch_size).items():
+    chosen = distinct_samples(analysis.args, analysis.kwargs, analysis.batch_dim, analysis.batch_size)
+    if len(chosen) < 2:
+        analysis.args, analysis.kwargs = perturbed_inputs(analysis.args, analysis.kwargs, analysis.batch_dim,
+                                                          analysis.batch_size)
+        analysis.log.append("capture: every sample is the same; floating-point inputs perturbed per sample")
+        chosen = distinct_samples(analysis.args, analysis.kwargs, analysis.batch_dim, analysis.batch_size)
+    for name, samples in probe_plan(chosen).items():
         analysis.runs[name] = probe_run(analysis, samples)
     base = analysis.runs["base"]
     analysis.entries = [Entry(i, r.op, r.binding.rule.name, r.param_names, r.binding, r.source_shape,

@@ -48,6 +48,7 @@ class Analysis:
     output_layouts: List[Any] = field(default_factory=list)
     problems: List[PrivacyError] = field(default_factory=list)
     log: List[str] = field(default_factory=list)
+    forward_runs: int = 0  # analysis runs of the user's forward
 
     def problem(self, exc: PrivacyError):
         """Raise in strict mode (privatize), collect otherwise (explain)."""

@@ -200,8 +200,14 @@ class Engine:
     def receive(self, use: LayerUse, grad_output: torch.Tensor, extra: dict):
         ctx = use.context
         if ctx.finalized:
-            raise PrivacyError("fxdp: backward ran twice through the same privatized forward pass; "
-                               "run a new forward pass for each backward.")
+            # a retained graph traversed again: the first pass formed the private gradients
+            if use.received:
+                return
+            raise PrivacyError(
+                f"fxdp: this backward pass reaches {use.op} ({', '.join(use.binding.param_names)}), which the "
+                "first backward pass through the same forward did not reach; the private gradients of that forward "
+                "are already final. Backpropagate the whole loss once per forward pass.")
+        use.received = True
         task = _graph_task()
         if task != self._task:
             # a new backward pass; state left by one that failed midway is dropped

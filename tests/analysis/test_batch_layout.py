@@ -105,10 +105,14 @@ def test_parameter_applied_to_batch_free_index_is_refused_not_summed():
         _analyse(TableBias(), torch.randn(3, 4, 4))
 
 
-def test_identical_samples_in_flattened_rows_are_refused_as_ambiguous():
+def test_identical_samples_in_flattened_rows_are_located_from_perturbed_copies():
+    """A batch of one repeated sample tells nothing about the layout; the analysis perturbs its own copy."""
     x = torch.randn(1, 3, 5).expand(4, 3, 5).contiguous()
-    with pytest.raises(fxdp.BatchLayoutError, match="cannot be determined|could not locate"):
-        _analyse(SeqFirst(), x)
+    analysis = _analyse(SeqFirst(), x)
+    assert [e.layout for e in analysis.entries] == [BatchLayout(LayoutKind.BATCH, 1),
+                                                    BatchLayout(LayoutKind.ROWS_MINOR, 0),
+                                                    BatchLayout(LayoutKind.BATCH, 0)]
+    assert any("perturbed" in line for line in analysis.log)
 
 
 def test_explain_mode_collects_problems_instead_of_raising():
