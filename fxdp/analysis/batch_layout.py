@@ -123,6 +123,8 @@ def infer_batch_layouts(analysis: Analysis) -> PassResult:
             "(data-dependent control flow over the batch); fxdp cannot match uses across batches."))
         return PassResult(analysis, False)
     for entry, rb, rr, rs in zip(analysis.entries, base.records, roll.records, small.records):
+        if entry.virtual:
+            continue  # batch-free by construction: checked by check_virtuals
         what = f"{entry.op} using {', '.join(entry.param_names)}"
         try:
             entry.layout = classify(rb.source, rr.source, rs.source_shape, n, perm, what)

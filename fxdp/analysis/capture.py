@@ -23,6 +23,9 @@ from fxdp.analysis.runner import PassResult
 from fxdp.analysis.samples import distinct_samples, perturbed_inputs
 from fxdp.analysis.side_effects import analysis_forward
 from fxdp.analysis.state import Analysis
+from fxdp.analysis.taint import BatchTaint
+from fxdp.core.errors import UncoveredParameterError
+from fxdp.rules.virtual import batch_free_candidate, make_virtuals, root_names, virtual_binding
 
 DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
             torch.dropout, torch.Tensor.dropout if hasattr(torch.Tensor, "dropout") else F.dropout,
@@ -71,6 +74,8 @@ class Record:
     source_shape: tuple
     output_shape: tuple
     inputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample fallback: every tensor input
+    virtual: bool = False  # a batch-free call whose result is a virtual parameter
+    site: tuple = ()  # virtual only: (op, parameter names, occurrence)
 
 
 @dataclass
@@ -88,11 +93,42 @@ class ProbeRecorder:
     """Recorder of analysis runs: computes each op as is and records it."""
 
     def __init__(self, run: ProbeRun, analysis: Analysis, lifts: Optional[Dict[int, int]] = None,
-                 keep_graph: bool = False):
+                 keep_graph: bool = False, taint: Optional[BatchTaint] = None):
         self.run = run
         self.analysis = analysis
         self.lifts = lifts or {}
         self.keep_graph = keep_graph
+        self.taint = taint
+        self.seen: Dict[tuple, int] = {}  # (op, parameter names) -> occurrences of batch-free calls so far
+
+    def observe(self, func, args, kwargs, out):
+        if self.taint is not None:
+            self.taint.propagate(func, args, kwargs, out)
+
+    def virtual(self, call, interceptor):
+        """A batch-free call (no input depends on the samples) becomes a virtual parameter."""
+        if self.taint is None or self.taint.any((call.args, call.kwargs)) or not batch_free_candidate(call):
+            return None
+        binding = virtual_binding(call)
+        key = (call.name, binding.param_names)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        site = key + (self.seen[key],)
+        if self.analysis is not None and site in self.analysis.not_virtual:
+            return None
+        ordinal = len(self.run.records)
+        out, made = make_virtuals(call, ordinal)
+        if made is None:
+            return None
+        for u, v in made:
+            interceptor.param_names[id(u)] = v.name
+            interceptor.virtual_leaves.append(u)
+        u, v = made[0]
+        binding.options["kind"] = v.kind
+        if self.keep_graph:
+            self.run.grad_targets.append(u)
+        self.run.records.append(Record(call.name, binding.param_names, binding, u.detach().clone(),
+                                       tuple(u.shape), tuple(u.shape), virtual=True, site=site))
+        return out
 
     def substitute(self, func, args, kwargs):
         if func in RANDOM_VALUES:
@@ -173,6 +209,20 @@ def quiet_state(model):
                         b.copy_(buffers[n])
 
 
+def _refuse_virtual_outputs(analysis, interceptor, leaves):
+    """A model output computed from parameters alone would be a virtual parameter returned to the user: its
+    gradient would stop there, never reaching the parameters. Refused (it was never a per-sample term)."""
+    made = {id(u) for u in interceptor.virtual_leaves}
+    for i, t in enumerate(leaves):
+        if isinstance(t, torch.Tensor) and id(t) in made and analysis is not None:
+            names = ", ".join(root_names(interceptor.param_names[id(t)]))
+            analysis.problem(UncoveredParameterError(
+                f"fxdp: model output {i} is computed inside the privatized forward from trainable parameter(s) "
+                f"{names} alone, by ops no per-sample rule covers on their own; fxdp cannot tell such a term from "
+                "a data-dependent one. Compute parameter-only terms (regularizers) outside the model's forward: "
+                "their gradients are then public (DPOptimizer(public_grads='add'))."))
+
+
 def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bool = False,
               on_graph=None) -> ProbeRun:
     """Run the forward on ``samples`` of the example batch, recording every parameter use
@@ -182,13 +232,19 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     run = ProbeRun(list(samples))
     args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_dim, samples)
     trainable = {id(p): n for n, p in model.named_parameters() if p.requires_grad}
-    recorder = ProbeRecorder(run, analysis, lifts, keep_graph)
+    taint = BatchTaint()
+    _, _, dims = input_batch_dims(analysis.args, analysis.kwargs, analysis.batch_dim)
+    leaves = tree_flatten((args, kwargs))[0]
+    taint.mark([t for t, d in zip(leaves, dims) if isinstance(t, torch.Tensor) and d is not None])
+    recorder = ProbeRecorder(run, analysis, lifts, keep_graph, taint)
     engine = getattr(model, "_fxdp_engine", None)
     with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
         torch.manual_seed(20260)
-        with torch.enable_grad(), analysis_forward(analysis), ParameterInterceptor(trainable, recorder):
+        interceptor = ParameterInterceptor(trainable, recorder)
+        with torch.enable_grad(), analysis_forward(analysis), interceptor:
             out = model(*args, **kwargs)
         leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
+        _refuse_virtual_outputs(analysis, interceptor, leaves)
         live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
         run.outputs = [t.detach() for t in live]
         if keep_graph:
@@ -205,6 +261,23 @@ def probe_plan(base: List[int]) -> Dict[str, List[int]]:
     return {"base": base, "roll": base[1:] + base[:1], "replace": [base[1]] + base[1:], "small": base[:-1]}
 
 
+def _batch_sized_virtuals(analysis: Analysis) -> bool:
+    """Batch-free results whose shape scales with the number of samples (``emb(zeros(B, T))``: BERT's default
+    token types) are left to the family rules, which place their batch dimension by shape: marks them in
+    ``analysis.not_virtual`` and returns True when the runs must be redone."""
+    base, small = analysis.runs["base"], analysis.runs["small"]
+    small_shapes = {r.site: r.source_shape for r in small.records if r.virtual}
+    scaled = [r.site for r in base.records if r.virtual and small_shapes.get(r.site, r.source_shape) != r.source_shape]
+    analysis.not_virtual.update(scaled)
+    return bool(scaled)
+
+
+def _rule_name(record: Record) -> str:
+    if record.virtual:  # how its per-sample gradients reach the parameters: fxdp.rules.virtual
+        return f"virtual ({record.binding.options.get('kind', 'vjp')})"
+    return record.binding.rule.name
+
+
 def capture_runs(analysis: Analysis) -> PassResult:
     """Run the analysis forwards on distinct samples (:mod:`fxdp.analysis.samples`) and record the call
     sites of the base run as entries."""
@@ -216,9 +289,12 @@ def capture_runs(analysis: Analysis) -> PassResult:
                                                           analysis.batch_size)
         analysis.log.append("capture: every sample is the same; floating-point inputs perturbed per sample")
         chosen = distinct_samples(analysis.args, analysis.kwargs, analysis.batch_dim, analysis.batch_size)
-    for name, samples in probe_plan(chosen).items():
-        analysis.runs[name] = probe_run(analysis, samples)
+    for _ in range(4):
+        for name, samples in probe_plan(chosen).items():
+            analysis.runs[name] = probe_run(analysis, samples)
+        if not _batch_sized_virtuals(analysis):
+            break
     base = analysis.runs["base"]
-    analysis.entries = [Entry(i, r.op, r.binding.rule.name, r.param_names, r.binding, r.source_shape,
-                              r.output_shape) for i, r in enumerate(base.records)]
+    analysis.entries = [Entry(i, r.op, _rule_name(r), r.param_names, r.binding, r.source_shape,
+                              r.output_shape, virtual=r.virtual) for i, r in enumerate(base.records)]
     return PassResult(analysis, True)

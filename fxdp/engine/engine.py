@@ -30,6 +30,7 @@ from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
 from fxdp.analysis.plan_groups import GroupPlan
 from fxdp.rules import factors as F
+from fxdp.rules.virtual import resolve_virtuals
 from fxdp.engine.clipping import clip_groups
 from fxdp.engine.compiled_hook import in_compiled_module, new_compiled_forwards
 from fxdp.core.inputs import input_batch_dims
@@ -282,6 +283,8 @@ class Engine:
                     per_param.setdefault(u.binding.roles[role], []).append(factor)
                     labelled.append((f"{u.ordinal}:{role}", factor))
                 u.saved, u.grad_output, u.extra_grads = {}, None, {}
+            per_param = resolve_virtuals(per_param, ctx.virtuals, B)
+        ctx.virtuals = []
         loss_scale = self._loss_scale()
         scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale
         group_sq: Dict[int, torch.Tensor] = {}

@@ -64,6 +64,8 @@ class ForwardContext:
     cid: int = 0
     by_ordinal: Dict[int, LayerUse] = field(default_factory=dict)
     batch_inputs: List[Any] = field(default_factory=list)  # (input tensor, batch dim), while the forward runs
+    virtuals: List[Any] = field(default_factory=list)  # VirtualParam records (fxdp.rules.virtual), in order made
+    virtual_sites: int = 0  # call sites that made virtual parameters (they take ordinals like taps)
     params: Dict[str, Any] = field(default_factory=dict)
 
 

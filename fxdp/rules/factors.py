@@ -116,7 +116,8 @@ def sq_norm(f) -> torch.Tensor:
     if isinstance(f, EmbeddingGrad):
         return inner(f, f)
     if isinstance(f, DenseGrad):
-        return f.materialize().flatten(1).square().sum(1)
+        g = f.materialize()
+        return g.reshape(g.shape[0], -1).square().sum(1)
     raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")
 
 
@@ -165,7 +166,7 @@ def inner(a, b) -> torch.Tensor:
         return inner(b, a)
     ga, gb = a.materialize(), b.materialize()
     dt = compute_dtype(ga, gb)
-    return (ga.to(dt).flatten(1) * gb.to(dt).flatten(1)).sum(1)
+    return (ga.to(dt).reshape(ga.shape[0], -1) * gb.to(dt).reshape(gb.shape[0], -1)).sum(1)
 
 
 def _mask_rows(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
