@@ -24,7 +24,7 @@ from fxdp.analysis.samples import distinct_samples, perturbed_inputs
 from fxdp.analysis.side_effects import analysis_forward
 from fxdp.analysis.state import Analysis
 from fxdp.analysis.taint import BatchTaint
-from fxdp.core.errors import UncoveredParameterError
+from fxdp.core.errors import BatchLayoutError, PrivacyError, UncoveredParameterError
 from fxdp.rules.virtual import batch_free_candidate, make_virtuals, root_names, virtual_binding
 
 DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -242,7 +242,15 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
         torch.manual_seed(20260)
         interceptor = ParameterInterceptor(trainable, recorder)
         with torch.enable_grad(), analysis_forward(analysis), interceptor:
-            out = model(*args, **kwargs)
+            try:
+                out = model(*args, **kwargs)
+            except PrivacyError:
+                raise
+            except Exception as exc:
+                raise BatchLayoutError(
+                    f"fxdp: the model's forward failed on samples {list(samples)} of the batch (the analysis runs "
+                    f"it on a few samples, split along the batch dimension of every input): {type(exc).__name__}: "
+                    f"{exc}. If an input is not split that way, say where its batch is with batch_dim=.") from exc
         leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
         _refuse_virtual_outputs(analysis, interceptor, leaves)
         live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
@@ -278,17 +286,38 @@ def _rule_name(record: Record) -> str:
     return record.binding.rule.name
 
 
+def _refuse_packed(analysis: Analysis):
+    from torch.nn.utils.rnn import PackedSequence
+
+    def packed(x):
+        if isinstance(x, PackedSequence):
+            return True
+        if isinstance(x, (list, tuple)):
+            return any(packed(y) for y in x)
+        if isinstance(x, dict):
+            return any(packed(y) for y in x.values())
+        return False
+
+    if packed((analysis.args, analysis.kwargs)):
+        raise BatchLayoutError(
+            "fxdp: a PackedSequence input holds the samples as ragged slices of one flat tensor, so fxdp cannot tell "
+            "which rows belong to which sample. Pass a padded batch instead (torch.nn.utils.rnn.pad_sequence, or "
+            "pad_packed_sequence) and mask the padded steps in the loss.")
+
+
 def capture_runs(analysis: Analysis) -> PassResult:
     """Run the analysis forwards on distinct samples (:mod:`fxdp.analysis.samples`) and record the call
     sites of the base run as entries."""
     from fxdp.analysis.state import Entry
 
+    _refuse_packed(analysis)
     chosen = distinct_samples(analysis.args, analysis.kwargs, analysis.batch_dim, analysis.batch_size)
     if len(chosen) < 2:
         analysis.args, analysis.kwargs = perturbed_inputs(analysis.args, analysis.kwargs, analysis.batch_dim,
                                                           analysis.batch_size)
         analysis.log.append("capture: every sample is the same; floating-point inputs perturbed per sample")
-        chosen = distinct_samples(analysis.args, analysis.kwargs, analysis.batch_dim, analysis.batch_size)
+        _refuse_packed(analysis)
+    chosen = distinct_samples(analysis.args, analysis.kwargs, analysis.batch_dim, analysis.batch_size)
     for _ in range(4):
         for name, samples in probe_plan(chosen).items():
             analysis.runs[name] = probe_run(analysis, samples)

@@ -283,7 +283,7 @@ class Engine:
                     per_param.setdefault(u.binding.roles[role], []).append(factor)
                     labelled.append((f"{u.ordinal}:{role}", factor))
                 u.saved, u.grad_output, u.extra_grads = {}, None, {}
-            per_param = resolve_virtuals(per_param, ctx.virtuals, B)
+            per_param = {n: F.merge_factors(fs) for n, fs in resolve_virtuals(per_param, ctx.virtuals, B).items()}
         ctx.virtuals = []
         loss_scale = self._loss_scale()
         scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale

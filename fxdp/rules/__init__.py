@@ -16,10 +16,11 @@ from fxdp.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fxdp.rules.inplace import InplaceRule
 from fxdp.rules.linear import AddmmRule, LinearRule, MatmulRule
 from fxdp.rules.norms import GroupNormRule, LayerNormRule, RMSNormRule
+from fxdp.rules.recurrent import RecurrentRule
 
 ALL_RULES: List[Rule] = [LinearRule(), AddmmRule(), MatmulRule(), EmbeddingRule(), ConvRule(),
                          LayerNormRule(), GroupNormRule(), RMSNormRule(), BroadcastRule(),
-                         MultiheadAttentionRule(), InplaceRule(), EmbeddingBagRule()]
+                         MultiheadAttentionRule(), InplaceRule(), EmbeddingBagRule(), RecurrentRule()]
 
 _REGISTRY: Dict[object, List[Rule]] = {}
 for _rule in ALL_RULES:
