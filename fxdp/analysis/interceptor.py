@@ -18,6 +18,8 @@ like a trainable parameter (``param_names``) at the ops where it meets the batch
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Dict
 
 import torch
@@ -43,6 +45,38 @@ BATCH_MIXING = {
 }
 
 SUGGEST = "Replace BatchNorm with GroupNorm or LayerNorm (fxdp.fix_batchnorm(model) does it for you)."
+
+
+def in_checkpoint() -> bool:
+    """Inside the forward of a non-reentrant ``torch.utils.checkpoint`` (its saved-tensor hooks are active)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "checkpoint" in (getattr(hooks[0], "__module__", "") or "")
+
+
+def in_reentrant_checkpoint() -> bool:
+    """Inside the (no-grad) forward of a reentrant ``torch.utils.checkpoint``."""
+    frame = sys._getframe(1)
+    for _ in range(12):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(os.path.join("utils", "checkpoint.py")):
+            return True
+    return False
+
+
+def checkpoint_refusal(names, func, reentrant: bool) -> UncoveredParameterError:
+    names = _roots(names)
+    kind = "reentrant" if reentrant else "non-reentrant"
+    exc = UncoveredParameterError(
+        f"fxdp: {', '.join(names)} used by {func_name(func)} inside a {kind} torch.utils.checkpoint region "
+        "(activation / gradient checkpointing): its recomputation in backward runs outside fxdp's interception, "
+        "so the parameters' gradients would not be clipped per sample. Activation checkpointing is not supported "
+        "yet: disable it (HuggingFace: model.gradient_checkpointing_disable()) and reduce the batch size with "
+        "fxdp.BatchMemoryManager (micro-batches, noise once per logical batch) instead.")
+    exc.param_names = names
+    return exc
 
 
 class ParameterInterceptor(TorchFunctionMode):
@@ -71,6 +105,11 @@ class ParameterInterceptor(TorchFunctionMode):
         if substitute is not None:
             return substitute()
         if not torch.is_grad_enabled():
+            if in_reentrant_checkpoint():
+                leaves, _ = tree_flatten((args, kwargs))
+                names = [self.param_names[id(t)] for t in leaves if isinstance(t, torch.Tensor) and id(t) in self.param_names]
+                if names:
+                    return self.recorder.refuse(checkpoint_refusal(names, func, reentrant=True), func, args, kwargs)
             return func(*args, **kwargs)
         if func in BATCH_MIXING:
             self._refuse_batch_mixing(func, args, kwargs)
@@ -79,6 +118,8 @@ class ParameterInterceptor(TorchFunctionMode):
                      if isinstance(t, torch.Tensor) and id(t) in self.param_names}
         if not trainable:
             return func(*args, **kwargs)
+        if in_checkpoint():
+            return self.recorder.refuse(checkpoint_refusal(trainable.values(), func, reentrant=False), func, args, kwargs)
         call = OpCall(func, tuple(args), dict(kwargs), trainable)
         decomposed = decomposition(call)
         if decomposed is not None:
