@@ -248,9 +248,10 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
                 raise
             except Exception as exc:
                 raise BatchLayoutError(
-                    f"fxdp: the model's forward failed on samples {list(samples)} of the batch (the analysis runs "
-                    f"it on a few samples, split along the batch dimension of every input): {type(exc).__name__}: "
-                    f"{exc}. If an input is not split that way, say where its batch is with batch_dim=.") from exc
+                    f"fxdp: the model's forward failed in fxdp's analysis run on samples {list(samples)} of the "
+                    f"batch: {type(exc).__name__}: {exc}. (The analysis splits every input along its batch "
+                    "dimension; if the model runs on the whole batch, an input may not be split that way: say "
+                    "where its batch is with batch_dim=.)") from exc
         leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
         _refuse_virtual_outputs(analysis, interceptor, leaves)
         live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]

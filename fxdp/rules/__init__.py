@@ -16,11 +16,13 @@ from fxdp.rules.embedding import EmbeddingBagRule, EmbeddingRule
 from fxdp.rules.inplace import InplaceRule
 from fxdp.rules.linear import AddmmRule, LinearRule, MatmulRule
 from fxdp.rules.norms import GroupNormRule, LayerNormRule, RMSNormRule
+from fxdp.rules.moe import GroupedExpertsRule
 from fxdp.rules.recurrent import RecurrentRule
 
 ALL_RULES: List[Rule] = [LinearRule(), AddmmRule(), MatmulRule(), EmbeddingRule(), ConvRule(),
                          LayerNormRule(), GroupNormRule(), RMSNormRule(), BroadcastRule(),
-                         MultiheadAttentionRule(), InplaceRule(), EmbeddingBagRule(), RecurrentRule()]
+                         MultiheadAttentionRule(), InplaceRule(), EmbeddingBagRule(), RecurrentRule(),
+                         GroupedExpertsRule()]
 
 _REGISTRY: Dict[object, List[Rule]] = {}
 for _rule in ALL_RULES:
