@@ -19,7 +19,7 @@ from fxdp.analysis.sample_mixing import check_sample_mixing
 from fxdp.analysis.virtuals import check_virtuals
 from fxdp.analysis.side_effects import in_analysis, report_side_effects
 
-PIPELINE = (capture_runs, infer_batch_layouts, check_virtuals, check_sample_mixing, check_gradient_mixing, plan_lifts, verify_lifts,
-            report_side_effects)
+PIPELINE = (capture_runs, infer_batch_layouts, check_virtuals, check_sample_mixing, check_gradient_mixing,
+            plan_lifts, verify_lifts, report_side_effects)
 
 __all__ = ["Analysis", "Entry", "PassResult", "PIPELINE", "in_analysis", "run_pipeline"]

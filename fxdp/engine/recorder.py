@@ -104,7 +104,8 @@ class RuntimeRecorder:
         if self.table is None:
             return None
         ordinal = len(ctx.uses) + ctx.virtual_sites
-        if not self.table.is_virtual(ordinal, call.name, virtual_binding(call).param_names):
+        if ordinal >= len(self.table.virtual) or not self.table.virtual[ordinal] \
+                or not self.table.is_virtual(ordinal, call.name, virtual_binding(call).param_names):
             return None
         out, made = make_virtuals(call, ordinal)
         if made is None:
