@@ -9,6 +9,7 @@ from fxdp.core.config import ClippingFn, ClippingStyle, DPConfig, LossReduction,
 from fxdp.core.version import VERSION
 from fxdp.core.errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
 from fxdp.report import Report, explain
+from fxdp.analysis.side_effects import in_analysis
 
 from fxdp.compile.backend import register as _register_backend
 
@@ -41,8 +42,8 @@ def __getattr__(name):
     raise AttributeError(f"module 'fxdp' has no attribute {name!r}")
 
 __all__ = [
-    "privatize", "unprivatize", "privacy_units", "explain", "is_privatized", "get_engine", "engine_of",
-    "clear_private_grads",
+    "privatize", "unprivatize", "privacy_units", "explain", "in_analysis", "is_privatized", "get_engine",
+    "engine_of", "clear_private_grads",
     "DPConfig", "ClippingStyle", "ClippingFn", "LossReduction", "make_config", "Report",
     "PrivacyError", "UncoveredParameterError", "SampleMixingError", "BatchLayoutError",
 ]

@@ -114,7 +114,8 @@ def infer_batch_layouts(analysis: Analysis) -> PassResult:
     """Give every entry (and every model output) its batch layout."""
     runs = analysis.runs
     base, roll, small = runs["base"], runs["roll"], runs["small"]
-    n, perm = len(base.samples), roll.samples
+    n = len(base.samples)
+    perm = [base.samples.index(s) for s in roll.samples]  # positions within the base run
     if [r.param_names for r in base.records] != [r.param_names for r in roll.records] or \
             [r.param_names for r in base.records] != [r.param_names for r in small.records]:
         analysis.problem(BatchLayoutError(
@@ -122,6 +123,8 @@ def infer_batch_layouts(analysis: Analysis) -> PassResult:
             "(data-dependent control flow over the batch); fxdp cannot match uses across batches."))
         return PassResult(analysis, False)
     for entry, rb, rr, rs in zip(analysis.entries, base.records, roll.records, small.records):
+        if entry.virtual:
+            continue  # batch-free by construction: checked by check_virtuals
         what = f"{entry.op} using {', '.join(entry.param_names)}"
         try:
             entry.layout = classify(rb.source, rr.source, rs.source_shape, n, perm, what)

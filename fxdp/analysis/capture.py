@@ -22,7 +22,12 @@ from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.runner import PassResult
+from fxdp.analysis.samples import distinct_samples, perturbed_inputs
+from fxdp.analysis.side_effects import analysis_forward
 from fxdp.analysis.state import Analysis
+from fxdp.analysis.taint import BatchTaint
+from fxdp.core.errors import BatchLayoutError, PrivacyError, UncoveredParameterError
+from fxdp.rules.virtual import batch_free_candidate, make_virtuals, root_names, virtual_binding
 
 DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
             torch.dropout, torch.Tensor.dropout if hasattr(torch.Tensor, "dropout") else F.dropout,
@@ -71,6 +76,8 @@ class Record:
     source_shape: tuple
     output_shape: tuple
     inputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample fallback: every tensor input
+    virtual: bool = False  # a batch-free call whose result is a virtual parameter
+    site: tuple = ()  # virtual only: (op, parameter names, occurrence)
 
 
 @dataclass
@@ -89,11 +96,42 @@ class ProbeRecorder:
     """Recorder of analysis runs: computes each op as is and records it."""
 
     def __init__(self, run: ProbeRun, analysis: Analysis, lifts: Optional[Dict[int, int]] = None,
-                 keep_graph: bool = False):
+                 keep_graph: bool = False, taint: Optional[BatchTaint] = None):
         self.run = run
         self.analysis = analysis
         self.lifts = lifts or {}
         self.keep_graph = keep_graph
+        self.taint = taint
+        self.seen: Dict[tuple, int] = {}  # (op, parameter names) -> occurrences of batch-free calls so far
+
+    def observe(self, func, args, kwargs, out):
+        if self.taint is not None:
+            self.taint.propagate(func, args, kwargs, out)
+
+    def virtual(self, call, interceptor):
+        """A batch-free call (no input depends on the samples) becomes a virtual parameter."""
+        if self.taint is None or self.taint.any((call.args, call.kwargs)) or not batch_free_candidate(call):
+            return None
+        binding = virtual_binding(call)
+        key = (call.name, binding.param_names)
+        self.seen[key] = self.seen.get(key, 0) + 1
+        site = key + (self.seen[key],)
+        if self.analysis is not None and site in self.analysis.not_virtual:
+            return None
+        ordinal = len(self.run.records)
+        out, made = make_virtuals(call, ordinal)
+        if made is None:
+            return None
+        for u, v in made:
+            interceptor.param_names[id(u)] = v.name
+            interceptor.virtual_leaves.append(u)
+        u, v = made[0]
+        binding.options["kind"] = v.kind
+        if self.keep_graph:
+            self.run.grad_targets.append(u)
+        self.run.records.append(Record(call.name, binding.param_names, binding, u.detach().clone(),
+                                       tuple(u.shape), tuple(u.shape), virtual=True, site=site))
+        return out
 
     def substitute(self, func, args, kwargs):
         if func in RANDOM_VALUES:
@@ -135,7 +173,12 @@ class ProbeRecorder:
         self.analysis.problem(exc)
         if func is None:
             return None
-        return out if out is not None else func(*args, **kwargs)
+        if out is not None:
+            return out
+        try:
+            return func(*args, **kwargs)
+        except Exception:  # the refused op cannot even run on the analysis inputs: report the refusal
+            raise exc from None
 
 
 def select_samples(args, kwargs, batch_dim, samples: List[int]):
@@ -169,6 +212,20 @@ def quiet_state(model):
                         b.copy_(buffers[n])
 
 
+def _refuse_virtual_outputs(analysis, interceptor, leaves):
+    """A model output computed from parameters alone would be a virtual parameter returned to the user: its
+    gradient would stop there, never reaching the parameters. Refused (it was never a per-sample term)."""
+    made = {id(u) for u in interceptor.virtual_leaves}
+    for i, t in enumerate(leaves):
+        if isinstance(t, torch.Tensor) and id(t) in made and analysis is not None:
+            names = ", ".join(root_names(interceptor.param_names[id(t)]))
+            analysis.problem(UncoveredParameterError(
+                f"fxdp: model output {i} is computed inside the privatized forward from trainable parameter(s) "
+                f"{names} alone, by ops no per-sample rule covers on their own; fxdp cannot tell such a term from "
+                "a data-dependent one. Compute parameter-only terms (regularizers) outside the model's forward: "
+                "their gradients are then public (DPOptimizer(public_grads='add'))."))
+
+
 def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bool = False,
               on_graph=None) -> ProbeRun:
     """Run the forward on ``samples`` of the example batch, recording every parameter use
@@ -178,15 +235,29 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     run = ProbeRun(list(samples))
     args, kwargs = select_samples(analysis.args, analysis.kwargs, analysis.batch_dim, samples)
     trainable = trainable_ids(model)
-    recorder = ProbeRecorder(run, analysis, lifts, keep_graph)
+    taint = BatchTaint()
+    _, _, dims = input_batch_dims(analysis.args, analysis.kwargs, analysis.batch_dim)
+    leaves = tree_flatten((args, kwargs))[0]
+    taint.mark([t for t, d in zip(leaves, dims) if isinstance(t, torch.Tensor) and d is not None])
+    recorder = ProbeRecorder(run, analysis, lifts, keep_graph, taint)
     engine = getattr(model, "_fxdp_engine", None)
     with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
         torch.manual_seed(20260)
-        with torch.enable_grad(), ParameterInterceptor(trainable, recorder), \
-                MixingMonitor(structural=False) as calls:
-            out = model(*args, **kwargs)
+        interceptor = ParameterInterceptor(trainable, recorder)
+        with torch.enable_grad(), analysis_forward(analysis), interceptor, MixingMonitor(structural=False) as calls:
+            try:
+                out = model(*args, **kwargs)
+            except PrivacyError:
+                raise
+            except Exception as exc:
+                raise BatchLayoutError(
+                    f"fxdp: the model's forward failed in fxdp's analysis run on samples {list(samples)} of the "
+                    f"batch: {type(exc).__name__}: {exc}. (The analysis splits every input along its batch "
+                    "dimension; if the model runs on the whole batch, an input may not be split that way: say "
+                    "where its batch is with batch_dim=.)") from exc
         run.signature = calls.signature
         leaves, _ = tree_flatten(out if not hasattr(out, "to_tuple") else out.to_tuple())
+        _refuse_virtual_outputs(analysis, interceptor, leaves)
         live = [t for t in leaves if isinstance(t, torch.Tensor) and t.is_floating_point()]
         run.outputs = [t.detach() for t in live]
         if keep_graph:
@@ -198,20 +269,75 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     return run
 
 
-def probe_plan(batch_size: int, probe_size: int = 3) -> Dict[str, List[int]]:
-    """Sample selections of the analysis runs for an example batch of size B >= 2."""
-    n = min(batch_size, max(probe_size, 2))
-    base = list(range(n))
-    return {"base": base, "roll": base[1:] + base[:1], "replace": [1] + base[1:], "small": base[:-1]}
+def probe_plan(base: List[int]) -> Dict[str, List[int]]:
+    """Sample selections of the analysis runs, from the samples ``base`` of the example batch (2 or 3 distinct
+    ones; all of them when an unseen call sequence is re-validated on the whole batch)."""
+    return {"base": base, "roll": base[1:] + base[:1], "replace": [base[1]] + base[1:], "small": base[:-1]}
+
+
+def _probe_samples(analysis: Analysis) -> List[int]:
+    """2 or 3 pairwise distinct samples; for a re-validation on the whole batch (``probe_size`` > 3), every
+    sample (duplicates included: that run checks mixing, the layouts are already known)."""
+    if analysis.probe_size > 3:
+        return list(range(min(analysis.batch_size, analysis.probe_size)))
+    return distinct_samples(analysis.args, analysis.kwargs, analysis.batch_dim, analysis.batch_size)
+
+
+def _batch_sized_virtuals(analysis: Analysis) -> bool:
+    """Batch-free results whose shape scales with the number of samples (``emb(zeros(B, T))``: BERT's default
+    token types) are left to the family rules, which place their batch dimension by shape: marks them in
+    ``analysis.not_virtual`` and returns True when the runs must be redone."""
+    base, small = analysis.runs["base"], analysis.runs["small"]
+    small_shapes = {r.site: r.source_shape for r in small.records if r.virtual}
+    scaled = [r.site for r in base.records if r.virtual and small_shapes.get(r.site, r.source_shape) != r.source_shape]
+    analysis.not_virtual.update(scaled)
+    return bool(scaled)
+
+
+def _rule_name(record: Record) -> str:
+    if record.virtual:  # how its per-sample gradients reach the parameters: fxdp.rules.virtual
+        return f"virtual ({record.binding.options.get('kind', 'vjp')})"
+    return record.binding.rule.name
+
+
+def _refuse_packed(analysis: Analysis):
+    from torch.nn.utils.rnn import PackedSequence
+
+    def packed(x):
+        if isinstance(x, PackedSequence):
+            return True
+        if isinstance(x, (list, tuple)):
+            return any(packed(y) for y in x)
+        if isinstance(x, dict):
+            return any(packed(y) for y in x.values())
+        return False
+
+    if packed((analysis.args, analysis.kwargs)):
+        raise BatchLayoutError(
+            "fxdp: a PackedSequence input holds the samples as ragged slices of one flat tensor, so fxdp cannot tell "
+            "which rows belong to which sample. Pass a padded batch instead (torch.nn.utils.rnn.pad_sequence, or "
+            "pad_packed_sequence) and mask the padded steps in the loss.")
 
 
 def capture_runs(analysis: Analysis) -> PassResult:
-    """Run the analysis forwards and record the call sites of the base run as entries."""
+    """Run the analysis forwards on distinct samples (:mod:`fxdp.analysis.samples`) and record the call
+    sites of the base run as entries."""
     from fxdp.analysis.state import Entry
 
-    for name, samples in probe_plan(analysis.batch_size, analysis.probe_size).items():
-        analysis.runs[name] = probe_run(analysis, samples)
+    _refuse_packed(analysis)
+    chosen = _probe_samples(analysis)
+    if len(chosen) < 2:
+        analysis.args, analysis.kwargs = perturbed_inputs(analysis.args, analysis.kwargs, analysis.batch_dim,
+                                                          analysis.batch_size)
+        analysis.log.append("capture: every sample is the same; floating-point inputs perturbed per sample")
+        _refuse_packed(analysis)
+        chosen = _probe_samples(analysis)
+    for _ in range(4):
+        for name, samples in probe_plan(chosen).items():
+            analysis.runs[name] = probe_run(analysis, samples)
+        if not _batch_sized_virtuals(analysis):
+            break
     base = analysis.runs["base"]
-    analysis.entries = [Entry(i, r.op, r.binding.rule.name, r.param_names, r.binding, r.source_shape,
-                              r.output_shape) for i, r in enumerate(base.records)]
+    analysis.entries = [Entry(i, r.op, _rule_name(r), r.param_names, r.binding, r.source_shape,
+                              r.output_shape, virtual=r.virtual) for i, r in enumerate(base.records)]
     return PassResult(analysis, True)

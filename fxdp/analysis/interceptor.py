@@ -8,9 +8,18 @@ layout analysis). A call no rule covers may still run when its result carries
 no gradient (metadata reads, ``detach``, comparisons); otherwise it is refused
 with an error naming the parameter and the op -- a parameter is never trained
 without clipping and never silently skipped.
+
+Two optional recorder hooks: ``observe(func, args, kwargs, out)`` sees every call
+(the analysis follows which tensors depend on the samples), and
+``virtual(call, interceptor)`` may turn a call that uses parameters only through
+batch-free ops (``W.t()``, ``table[index]``, ``scale.exp()``) into a *virtual
+parameter* (:mod:`fxdp.rules.virtual`): a fresh leaf the interceptor then treats
+like a trainable parameter (``param_names``) at the ops where it meets the batch.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Dict
 
 import torch
@@ -21,8 +30,14 @@ from torch.utils._pytree import tree_flatten
 from fxdp.core.errors import SampleMixingError, UncoveredParameterError
 from fxdp.rules import OpCall, bind, decomposition, func_name
 from fxdp.rules.functional import PerSampleFallbackRule
+from fxdp.rules.virtual import root_names
 
 FALLBACK = PerSampleFallbackRule()
+
+
+def _roots(names) -> tuple:
+    """The parameters behind (virtual) parameter names, for error reports."""
+    return tuple(sorted({r for n in names for r in root_names(n)}))
 
 BATCH_MIXING = {
     F.batch_norm: "BatchNorm in training mode normalises with statistics of the whole batch",
@@ -30,6 +45,38 @@ BATCH_MIXING = {
 }
 
 SUGGEST = "Replace BatchNorm with GroupNorm or LayerNorm (fxdp.fix_batchnorm(model) does it for you)."
+
+
+def in_checkpoint() -> bool:
+    """Inside the forward of a non-reentrant ``torch.utils.checkpoint`` (its saved-tensor hooks are active)."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and "checkpoint" in (getattr(hooks[0], "__module__", "") or "")
+
+
+def in_reentrant_checkpoint() -> bool:
+    """Inside the (no-grad) forward of a reentrant ``torch.utils.checkpoint``."""
+    frame = sys._getframe(1)
+    for _ in range(12):
+        frame = frame.f_back
+        if frame is None:
+            return False
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(os.path.join("utils", "checkpoint.py")):
+            return True
+    return False
+
+
+def checkpoint_refusal(names, func, reentrant: bool) -> UncoveredParameterError:
+    names = _roots(names)
+    kind = "reentrant" if reentrant else "non-reentrant"
+    exc = UncoveredParameterError(
+        f"fxdp: {', '.join(names)} used by {func_name(func)} inside a {kind} torch.utils.checkpoint region "
+        "(activation / gradient checkpointing): its recomputation in backward runs outside fxdp's interception, "
+        "so the parameters' gradients would not be clipped per sample. Activation checkpointing is not supported "
+        "yet: disable it (HuggingFace: model.gradient_checkpointing_disable()) and reduce the batch size with "
+        "fxdp.BatchMemoryManager (micro-batches, noise once per logical batch) instead.")
+    exc.param_names = names
+    return exc
 
 
 class ParameterInterceptor(TorchFunctionMode):
@@ -43,13 +90,26 @@ class ParameterInterceptor(TorchFunctionMode):
         super().__init__()
         self.param_names = param_names
         self.recorder = recorder
+        self.virtual_leaves = []  # keeps virtual parameters alive while their ids are in param_names
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        out = self._call(func, args, kwargs)
+        observe = getattr(self.recorder, "observe", None)
+        if observe is not None:
+            observe(func, args, kwargs, out)
+        return out
+
+    def _call(self, func, args, kwargs):
         substitute = self.recorder.substitute(func, args, kwargs)
         if substitute is not None:
             return substitute()
         if not torch.is_grad_enabled():
+            if in_reentrant_checkpoint():
+                leaves, _ = tree_flatten((args, kwargs))
+                names = [self.param_names[id(t)] for t in leaves if isinstance(t, torch.Tensor) and id(t) in self.param_names]
+                if names:
+                    return self.recorder.refuse(checkpoint_refusal(names, func, reentrant=True), func, args, kwargs)
             return func(*args, **kwargs)
         if func in BATCH_MIXING:
             self._refuse_batch_mixing(func, args, kwargs)
@@ -58,15 +118,22 @@ class ParameterInterceptor(TorchFunctionMode):
                      if isinstance(t, torch.Tensor) and id(t) in self.param_names}
         if not trainable:
             return func(*args, **kwargs)
+        if in_checkpoint():
+            return self.recorder.refuse(checkpoint_refusal(trainable.values(), func, reentrant=False), func, args, kwargs)
         call = OpCall(func, tuple(args), dict(kwargs), trainable)
         decomposed = decomposition(call)
         if decomposed is not None:
             with self:
                 return decomposed()
+        virtual = getattr(self.recorder, "virtual", None)
+        if virtual is not None:
+            made = virtual(call, self)
+            if made is not None:
+                return made
         try:
             binding = bind(call)
         except (UncoveredParameterError, SampleMixingError) as exc:
-            exc.param_names = tuple(sorted(set(trainable.values())))
+            exc.param_names = _roots(trainable.values())
             return self.recorder.refuse(exc, func, args, kwargs)
         if binding is not None:
             unbound = set(trainable) - {id(p) for p in binding.params.values()}
@@ -76,7 +143,7 @@ class ParameterInterceptor(TorchFunctionMode):
                     f"fxdp: trainable parameter(s) {names} enter {func_name(func)} in a position the "
                     f"{binding.rule.name} rule does not cover (e.g. as its input); their gradient would "
                     "bypass clipping. Freeze them or use them through a supported layer.")
-                exc.param_names = tuple(sorted({trainable[i] for i in unbound}))
+                exc.param_names = _roots(trainable[i] for i in unbound)
                 return self.recorder.refuse(exc, func, args, kwargs)
             return self.recorder.handle(call, binding)
         out = func(*args, **kwargs)
@@ -91,7 +158,7 @@ class ParameterInterceptor(TorchFunctionMode):
                 "covers; training it would leave its gradient unclipped. Use the parameter through a "
                 "supported layer (Linear, Conv, Embedding, LayerNorm/GroupNorm/RMSNorm, elementwise ops), "
                 "or freeze it (requires_grad=False).")
-            exc.param_names = tuple(sorted(set(trainable.values())))
+            exc.param_names = _roots(trainable.values())
             return self.recorder.refuse(exc, func, args, kwargs, out)
         return out
 

@@ -21,7 +21,7 @@ from fxdp.analysis.capture import probe_run
 def plan_lifts(analysis: Analysis) -> PassResult:
     modified = False
     for entry in analysis.entries:
-        if entry.layout is None or entry.layout.kind is not LayoutKind.NONE:
+        if entry.virtual or entry.layout is None or entry.layout.kind is not LayoutKind.NONE:
             continue
         if entry.binding.liftable and len(entry.source_shape) >= 1 and entry.source_shape[0] == 1:
             entry.lift = True

@@ -28,9 +28,10 @@ class Entry:
     made_by: str = ""
     changed_by: List[str] = field(default_factory=list)
     input_layouts: Dict[str, Any] = field(default_factory=dict)  # per-sample fallback only
+    virtual: bool = False  # batch-free: its result is a virtual parameter (fxdp.rules.virtual)
 
     def snapshot(self) -> tuple:
-        return (self.layout, self.lift, self.reason, self.source_shape, self.output_shape)
+        return (self.layout, self.lift, self.reason, self.source_shape, self.output_shape, self.virtual)
 
 
 @dataclass(eq=False)
@@ -49,6 +50,8 @@ class Analysis:
     output_layouts: List[Any] = field(default_factory=list)
     problems: List[PrivacyError] = field(default_factory=list)
     log: List[str] = field(default_factory=list)
+    forward_runs: int = 0  # analysis runs of the user's forward
+    not_virtual: set = field(default_factory=set)  # batch-free call sites left to the family rules (capture)
 
     def problem(self, exc: PrivacyError):
         """Raise in strict mode (privatize), collect otherwise (explain)."""

@@ -39,6 +39,8 @@ from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.plan_groups import GroupPlan
 from fxdp.engine import finalize, forward_checks, units
 from fxdp.engine.clip_bound import ClipBound
+from fxdp.rules import factors as F
+from fxdp.rules.virtual import resolve_virtuals
 from fxdp.engine.clipping import clip_groups
 from fxdp.engine.writers import WRITERS
 from fxdp.engine.compiled_hook import in_compiled_module, new_compiled_forwards
@@ -231,8 +233,15 @@ class Engine:
     def receive(self, use: LayerUse, grad_output: torch.Tensor, extra: dict):
         ctx = use.context
         if ctx.finalized:
-            raise PrivacyError("fxdp: backward ran twice through the same privatized forward pass; "
-                               "run a new forward pass for each backward.")
+            # a retained graph traversed again: an input-gradient pass (torch.autograd.grad(loss, x)) adds
+            # nothing and is fine; a pass that would accumulate into the parameters again is refused
+            if use.received and not self._targets.accumulates(use.binding.params.values()):
+                return
+            raise PrivacyError(
+                f"fxdp: a second backward pass through the same privatized forward pass reaches {use.op} "
+                f"({', '.join(use.binding.param_names)}) (retain_graph=True); the private gradients of a forward "
+                "pass are formed once, by its first backward, and a second one would count its samples twice. "
+                "Sum the losses and backpropagate once per forward pass (or run a new forward).")
         if torch.is_grad_enabled():
             raise PrivacyError(
                 "fxdp: a backward pass with create_graph=True (double backward, e.g. an input-gradient penalty) "
@@ -240,6 +249,7 @@ class Engine:
                 "with respect to the parameters would be silently missing. Compute input gradients with "
                 "torch.autograd.grad(loss, x) without create_graph (adversarial examples), or train without "
                 "the penalty.")
+        use.received = True
         task = _graph_task()
         if task != self._task:
             # a new backward pass; state left by one that failed midway is dropped
@@ -291,12 +301,16 @@ class Engine:
                     self._finalize_context(ctx)
 
     def _discard_received(self, ctx: ForwardContext) -> None:
-        """A backward pass that wanted no parameter gradient: what it handed to the taps is dropped
-        (and the forward pass closed, as after any backward: one backward per forward)."""
-        ctx.finalized = True
-        ctx.uses = []
+        """A backward pass that wanted no parameter gradient (``torch.autograd.grad(loss, x)``): what it
+        handed to the taps is dropped. An eager forward stays open, so that a later backward through its
+        retained graph forms its private gradients once; a compiled one is closed."""
         if ctx.compiled:
+            ctx.finalized = True
+            ctx.uses = []
             self.compiled_forwards.release(ctx)
+            return
+        for u in ctx.uses:
+            u.grad_output, u.extra_grads, u.received = None, {}, False
 
     @property
     def _weakself(self):
@@ -326,6 +340,15 @@ class Engine:
             (per_param, decisions), B = collected[0], ctx.batch_size
         params = write_targets(self.model)
         trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
+        if together and any(c.virtuals for c in together):
+            raise PrivacyError(
+                "fxdp: a privacy_units block with several forward passes uses parameters transformed before they meet "
+                "the batch (virtual parameters); fxdp does not combine those across forward passes yet. Run the "
+                "views in one forward pass (concatenate them along the batch, with privacy_units ids).")
+        if B > 0:
+            per_param = {n: F.merge_factors(fs) for n, fs in resolve_virtuals(per_param, ctx.virtuals, B).items()}
+        for c in (ctx,) + together:
+            c.virtuals = []
         loss_scale = self._loss_scale()
         scale = (float(B) if self.config.loss_reduction is LossReduction.MEAN else 1.0) / loss_scale
         group_sq = finalize.group_norms(per_param, self.plan.group_of, scale)

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 from typing import Optional, Sequence
 
+import weakref
+
 import torch
 import torch.nn as nn
 
@@ -24,10 +26,15 @@ from fxdp.engine.writers import WRITERS
 
 ENGINE_ATTR = "_fxdp_engine"
 
+# Privatized models, weakly (a deep copy or an unpickled model joins at its first forward), so that
+# privatizing a submodule of one is refused with the right reason.
+_ROOTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
+
 
 # Disabled for dynamo: ``torch.compile(model)`` then runs them outside the compiled frame (no graph break).
 @torch._dynamo.disable
 def _pre_hook(module, args, kwargs):
+    _ROOTS.add(module)
     module._fxdp_engine.before_forward(args, kwargs)
 
 
@@ -128,6 +135,14 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
     if inner:
         raise ValueError(f"fxdp: submodule(s) {inner[:3]} are already privatized; one loss must have one engine "
                          "(two would each clip a sample to R). Unprivatize them and privatize the whole model.")
+    for root in list(_ROOTS):
+        if root is not model and is_privatized(root):
+            where = next((name for name, m in root.named_modules() if m is model), None)
+            if where is not None:
+                raise ValueError(
+                    f"fxdp: this module is submodule {where!r} of a model that is already privatized ("
+                    f"{type(root).__name__}); one loss must have one engine (two would each clip a sample to R). "
+                    "Train it through the privatized model, or unprivatize that model first.")
     if config is None:
         config = make_config(style, max_grad_norm, clipping_fn, numerical_stability_constant, loss_reduction,
                              block_heads, batch_dim)
@@ -140,6 +155,7 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
     model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
     model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
     forward_checks.install_submodule_hooks(model)
+    _ROOTS.add(model)
     return model
 
 

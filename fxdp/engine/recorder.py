@@ -15,6 +15,7 @@ from torch.utils._pytree import tree_flatten
 from fxdp.core.inputs import input_batch_dims
 from fxdp.core.layout import BatchLayout, LayoutKind
 from fxdp.engine.tap import ForwardContext, LayerUse, TapFunction
+from fxdp.rules.virtual import make_virtuals, virtual_binding
 
 
 class LayoutTable:
@@ -28,6 +29,12 @@ class LayoutTable:
         self.layouts = [e.layout for e in entries]
         self.lifts = [e.lift for e in entries]
         self.input_layouts = [dict(e.input_layouts) for e in entries]
+        self.virtual = [e.virtual for e in entries]
+
+    def is_virtual(self, ordinal: int, op: str, param_names: tuple) -> bool:
+        """Whether the call site at ``ordinal`` makes a virtual parameter (fxdp.rules.virtual)."""
+        return ordinal < len(self.keys) and self.keys[ordinal][0] == op and self.virtual[ordinal] \
+            and tuple(self.keys[ordinal][1]) == tuple(param_names)
 
     def lookup(self, ordinal: int, op: str, param_names: tuple):
         if ordinal < len(self.keys) and self.keys[ordinal] == (op, param_names):
@@ -93,10 +100,29 @@ class RuntimeRecorder:
     def refuse(self, exc, func, args, kwargs, out=None):
         raise exc
 
+    def virtual(self, call, interceptor):
+        """At a call site the analysis found batch-free: a virtual parameter instead of a tap."""
+        ctx = self.context
+        if self.table is None:
+            return None
+        ordinal = len(ctx.uses) + ctx.virtual_sites
+        if ordinal >= len(self.table.virtual) or not self.table.virtual[ordinal] \
+                or not self.table.is_virtual(ordinal, call.name, virtual_binding(call).param_names):
+            return None
+        out, made = make_virtuals(call, ordinal)
+        if made is None:
+            return None
+        ctx.virtual_sites += 1
+        for u, v in made:
+            interceptor.param_names[id(u)] = v.name
+            interceptor.virtual_leaves.append(u)
+            ctx.virtuals.append(v)
+        return out
+
     @torch._dynamo.disable
     def handle(self, call, binding):
         ctx = self.context
-        ordinal = len(ctx.uses)
+        ordinal = len(ctx.uses) + ctx.virtual_sites
         B = ctx.batch_size
         layout, lift = (self.table.lookup(ordinal, call.name, binding.param_names)
                         if self.table is not None else (None, False))

@@ -7,6 +7,12 @@ plain weight gradient -- the bookkeeping trick. Its backward stores the output
 gradient on the :class:`LayerUse` record, returns the gradient of the op's
 non-parameter inputs (via the subgraph) and tells the engine that a backward
 pass is running, so the engine can finalize once at its end.
+
+A graph kept with ``retain_graph=True`` can be traversed again (``autograd.grad``
+for input gradients after ``backward``, a second ``backward``): the tap then
+gives its input gradients as usual, and the engine adds nothing to the private
+gradients, which the first pass through the forward has formed (see
+``Engine.receive``).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ from typing import Any, Dict, List, Optional
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from fxdp.core.errors import PrivacyError
 from fxdp.rules.base import Binding, OpCall
 from fxdp.core.errors import PrivacyError
 from fxdp.core.layout import BatchLayout
@@ -34,6 +41,7 @@ class LayerUse:
     grad_output: Optional[torch.Tensor] = None
     extra_grads: Dict[str, torch.Tensor] = field(default_factory=dict)
     versions: Dict[str, int] = field(default_factory=dict)
+    received: bool = False  # its output gradient reached the engine (in the first backward pass through it)
 
     @property
     def rule(self):
@@ -57,6 +65,8 @@ class ForwardContext:
     cid: int = 0
     by_ordinal: Dict[int, LayerUse] = field(default_factory=dict)
     batch_inputs: List[Any] = field(default_factory=list)  # (input tensor, batch dim), while the forward runs
+    virtuals: List[Any] = field(default_factory=list)  # VirtualParam records (fxdp.rules.virtual), in order made
+    virtual_sites: int = 0  # call sites that made virtual parameters (they take ordinals like taps)
     params: Dict[str, Any] = field(default_factory=dict)
     # fxdp.privacy_units: the block this forward ran in, and the unit id of each row
     unit_scope: Any = None
@@ -118,12 +128,14 @@ class TapFunction(torch.autograd.Function):
     def backward(ctx, grad_output):
         use = ctx.use
         if ctx.out is None:
-            raise PrivacyError("fxdp: backward ran twice through the same privatized forward pass (retain_graph=True); "
-                               "run a new forward pass for each backward.")
+            raise PrivacyError(
+                f"fxdp: backward reached {use.op} ({', '.join(use.binding.param_names)}) a second time, but its "
+                "graph was freed by the first backward pass. Pass retain_graph=True to the first one.")
+        keep = torch._C._autograd._get_current_graph_task_keep_graph()
         wanted = ctx.targets + ctx.broadcast_targets
         grads = ()
         if wanted and ctx.out.requires_grad:
-            grads = torch.autograd.grad(ctx.out, wanted, grad_output, allow_unused=True)
+            grads = torch.autograd.grad(ctx.out, wanted, grad_output, allow_unused=True, retain_graph=keep)
         input_grads = [None] * ctx.n
         for slot, g in zip(ctx.slots, grads[: len(ctx.targets)]):
             input_grads[slot] = g
@@ -134,5 +146,6 @@ class TapFunction(torch.autograd.Function):
         if engine is None:
             raise RuntimeError("fxdp: the privatized model was released before backward finished.")
         engine.receive(use, grad_output, extra)
-        ctx.out = None
+        if not keep:
+            ctx.out = None
         return (None, None, *input_grads)

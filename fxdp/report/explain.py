@@ -83,8 +83,10 @@ def explain(model, *example_args, **kwargs) -> Report:
     trace: Optional[Trace] = None
     if B >= 1 and plan.num_groups:
         lifts = {e.ordinal: e.lift for e in analysis.entries} if analysis is not None else {}
+        virtuals = {e.ordinal: e.virtual for e in analysis.entries} if analysis is not None else {}
         try:
-            trace = trace_model(model, example_args, kwargs, B, config.batch_dim_spec, lifts=lifts, count_flops=True)
+            trace = trace_model(model, example_args, kwargs, B, config.batch_dim_spec, lifts=lifts, count_flops=True,
+                                virtuals=virtuals)
         except Exception as exc:  # the model's own forward failed: the report says so instead of raising
             notes.append(f"the traced forward pass on the example batch failed: {type(exc).__name__}: {exc}")
     if analysis is not None:

@@ -32,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 from fxdp.analysis.capture import ProbeRecorder, ProbeRun, quiet_state, select_samples
 from fxdp.rules import func_name
 from fxdp.analysis.interceptor import ParameterInterceptor
+from fxdp.rules.virtual import make_virtuals, virtual_binding
 
 INPUT, OUTPUT = "input", "output"
 _INPLACE_DUNDERS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
@@ -115,6 +116,7 @@ class FlowRecorder(ProbeRecorder):
         self.provenance = provenance
         self.module_stack = module_stack
         self.lift_ordinals = lifts
+        self.virtual_ordinals: Dict[int, bool] = {}
         self.params = params
         self.num_bound = 0
         self.num_refused = 0
@@ -128,6 +130,24 @@ class FlowRecorder(ProbeRecorder):
     def _inputs(self, tree) -> List[Union[int, str]]:
         data = [t for t in _tensors(tree) if id(t) not in self.params]
         return sorted(self.provenance.of(data), key=str)
+
+    def virtual(self, call, interceptor):
+        """Batch-free call sites the analysis made virtual parameters: the same here (same ordinals)."""
+        ordinal = self.num_bound
+        if not self.virtual_ordinals.get(ordinal):
+            return None
+        out, made = make_virtuals(call, ordinal)
+        if made is None:
+            return None
+        self.num_bound += 1
+        for u, v in made:
+            interceptor.param_names[id(u)] = v.name
+            interceptor.virtual_leaves.append(u)
+        module, layer = self._where()
+        u = made[0][0]
+        self.trace.uses.append(TracedUse(ordinal, call.name, virtual_binding(call).param_names, module, layer,
+                                         tuple(u.shape), tuple(u.shape), [], rule="virtual"))
+        return out
 
     def handle(self, call, binding):
         ordinal = self.num_bound
@@ -190,14 +210,15 @@ def _module_tracking(model: torch.nn.Module, stack: List):
 
 def trace_model(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: int, batch_dim=0,
                 samples: Optional[List[int]] = None, lifts: Optional[Dict[int, bool]] = None,
-                count_flops: bool = False) -> Trace:
+                count_flops: bool = False, virtuals: Optional[Dict[int, bool]] = None) -> Trace:
     """Trace one forward pass on the example batch (or on ``samples`` of it).
 
     ``batch_dim`` is the batch-dimension spec of the inputs (an int or a dict,
     ``DPConfig.batch_dim_spec``; see ``fxdp.core.inputs``).
 
     ``lifts`` maps ordinals of uses whose index is expanded to the batch (as
-    the runtime does for lifted entries). With ``count_flops`` the forward's
+    the runtime does for lifted entries), ``virtuals`` those that make virtual
+    parameters (batch-free calls, ``fxdp.rules.virtual``). With ``count_flops`` the forward's
     FLOPs are counted by ``torch.utils.flop_counter.FlopCounterMode``.
     """
     if samples is not None:
@@ -208,6 +229,7 @@ def trace_model(model: torch.nn.Module, args: tuple, kwargs: dict, batch_size: i
     provenance = Provenance()
     stack: List = []
     recorder = FlowRecorder(trace, provenance, stack, dict(lifts or {}), params)
+    recorder.virtual_ordinals = dict(virtuals or {})  # batch-free call sites (analysis entries' ``virtual``)
     engine = model.__dict__.get("_fxdp_engine")
     provenance.tag((args, kwargs), frozenset([INPUT]))
     flops = None

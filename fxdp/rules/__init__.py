@@ -12,13 +12,17 @@ from fxdp.rules.attention import MultiheadAttentionRule
 from fxdp.rules.base import Binding, OpCall, Rule, func_name
 from fxdp.rules.broadcast import BroadcastRule
 from fxdp.rules.conv import ConvRule
-from fxdp.rules.embedding import EmbeddingRule
+from fxdp.rules.embedding import EmbeddingBagRule, EmbeddingRule
+from fxdp.rules.inplace import InplaceRule
 from fxdp.rules.linear import AddmmRule, LinearRule, MatmulRule
 from fxdp.rules.norms import GroupNormRule, LayerNormRule, RMSNormRule
+from fxdp.rules.moe import GroupedExpertsRule
+from fxdp.rules.recurrent import RecurrentRule
 
 ALL_RULES: List[Rule] = [LinearRule(), AddmmRule(), MatmulRule(), EmbeddingRule(), ConvRule(),
                          LayerNormRule(), GroupNormRule(), RMSNormRule(), BroadcastRule(),
-                         MultiheadAttentionRule()]
+                         MultiheadAttentionRule(), InplaceRule(), EmbeddingBagRule(), RecurrentRule(),
+                         GroupedExpertsRule()]
 
 _REGISTRY: Dict[object, List[Rule]] = {}
 for _rule in ALL_RULES:

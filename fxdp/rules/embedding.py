@@ -57,3 +57,26 @@ class EmbeddingRule(Rule):
 
     def shape_summary(self, binding):
         return {"V": binding.options["num_embeddings"], "n": binding.options["dim"]}
+
+
+class EmbeddingBagRule(Rule):
+    """``F.embedding_bag``: a 2-D (B, L) input goes to the per-sample fallback (each bag is one sample's
+    row); flat ids with ``offsets`` are refused -- the bags are ragged slices of one flat tensor, so
+    no dimension of any input carries the samples and the analysis cannot place them."""
+
+    name = "embedding_bag"
+    funcs = (F.embedding_bag,)
+
+    def bind(self, call: OpCall):
+        idx, w = call.arg(0, "input"), call.arg(1, "weight")
+        name = call.param_name(w)
+        if not name or idx is None or idx.dim() != 1:
+            return None
+        raise UncoveredParameterError(
+            f"fxdp: F.embedding_bag uses {name!r} with flat ids and offsets: the samples (bags) are ragged slices "
+            "of one 1-D tensor, so fxdp cannot tell which rows belong to which sample. Pass the ids as a 2-D "
+            "(batch, max_bag_length) tensor without offsets, padded with padding_idx (nn.EmbeddingBag(..., "
+            "padding_idx=...) ignores those entries), or freeze the parameter.")
+
+    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):  # pragma: no cover
+        raise NotImplementedError

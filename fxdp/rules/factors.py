@@ -113,7 +113,8 @@ def sq_norm(f) -> torch.Tensor:
     if isinstance(f, EmbeddingGrad):
         return inner(f, f)
     if isinstance(f, DenseGrad):
-        return f.materialize().flatten(1).square().sum(1)
+        g = f.materialize()
+        return g.reshape(g.shape[0], -1).square().sum(1)
     raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")
 
 
@@ -162,7 +163,7 @@ def inner(a, b) -> torch.Tensor:
         return inner(b, a)
     ga, gb = a.materialize(), b.materialize()
     dt = compute_dtype(ga, gb)
-    return (ga.to(dt).flatten(1) * gb.to(dt).flatten(1)).sum(1)
+    return (ga.to(dt).reshape(ga.shape[0], -1) * gb.to(dt).reshape(gb.shape[0], -1)).sum(1)
 
 
 def _mask_rows(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
@@ -198,3 +199,31 @@ def clipped_sum(f, coef: torch.Tensor, keep: Optional[torch.Tensor] = None) -> t
         g = _mask_rows(g, keep)
         return torch.tensordot(coef.to(g.dtype), g, dims=1)
     raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")
+
+
+def merge_factors(factors: list, at_least: int = 3) -> list:
+    """One low-rank factor for many uses of a parameter with the same shapes (a recurrent weight used at
+    every time step): ``sum_k L_k^T R_k == [L_1; ..; L_K]^T [R_1; ..; R_K]``, so the norm of the sum over
+    uses -- cross terms included -- is one Gram (ghost) or instantiated norm over the T x B rows instead
+    of K^2 pairwise inner products. Groups smaller than ``at_least`` are left as they are; merged factors
+    are marked ``decision = "merged"``."""
+    groups: dict = {}
+    rest = []
+    for f in factors:
+        if isinstance(f, LowRankGrad):
+            key = (f.left.shape[0], f.left.shape[1], f.left.shape[-1], f.right.shape[-1], tuple(f.shape))
+            groups.setdefault(key, []).append(f)
+        else:
+            rest.append(f)
+    out = list(rest)
+    for group in groups.values():
+        if len(group) < at_least:
+            out.extend(group)
+            continue
+        dt = compute_dtype(*[g.left for g in group], *[g.right for g in group])
+        left = torch.cat([g.left.to(dt) for g in group], 2)
+        right = torch.cat([g.right.to(dt) for g in group], 2)
+        for g in group:
+            g.decision = "merged"
+        out.append(LowRankGrad(left, right, group[0].shape))
+    return out

@@ -100,19 +100,51 @@ class TableBias(nn.Module):
         return self.fc(x) + self.bias(rel).sum(-1)[None, :, :4]
 
 
-def test_parameter_applied_to_batch_free_index_is_refused_not_summed():
-    with pytest.raises(fxdp.UncoveredParameterError, match="does not depend on the samples"):
-        _analyse(TableBias(), torch.randn(3, 4, 4))
+def test_parameter_applied_to_batch_free_index_is_a_virtual_parameter_and_exact():
+    """Was refused; now the lookup is a virtual parameter whose per-sample gradient is formed where it
+    meets the batch (fxdp.rules.virtual)."""
+    analysis = _analyse(TableBias(), torch.randn(3, 4, 4))
+    assert [e.virtual for e in analysis.entries][:2] == [False, True]
+    torch.set_default_dtype(torch.float64)
+    try:
+        torch.manual_seed(0)
+        x, y = torch.randn(5, 4, 4), torch.randn(5, 4, 4)
+        check_against_reference(TableBias(), (x,), {}, y, lambda o, t: ((o - t) ** 2).sum(), loss_reduction="sum")
+    finally:
+        torch.set_default_dtype(torch.float32)
 
 
-def test_identical_samples_in_flattened_rows_are_refused_as_ambiguous():
+class ViaPython(nn.Module):
+    """An id computed from all samples that reaches the lookup through Python: invisible to the dataflow."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Embedding(2, 4)
+
+    def forward(self, x):
+        k = int((x[:, 0] > 0).sum()) % 2
+        return x + self.table(torch.tensor([k, k])).sum(0)
+
+
+def test_parameter_on_sample_values_routed_through_python_is_refused():
+    x = torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [2.0, 1, 0, 0]])
+    with pytest.raises(fxdp.UncoveredParameterError, match="changes with them"):
+        _analyse(ViaPython(), x)
+
+
+def test_identical_samples_in_flattened_rows_are_located_from_perturbed_copies():
+    """A batch of one repeated sample tells nothing about the layout; the analysis perturbs its own copy."""
     x = torch.randn(1, 3, 5).expand(4, 3, 5).contiguous()
-    with pytest.raises(fxdp.BatchLayoutError, match="cannot be determined|could not locate"):
-        _analyse(SeqFirst(), x)
+    analysis = _analyse(SeqFirst(), x)
+    assert [e.layout for e in analysis.entries] == [BatchLayout(LayoutKind.BATCH, 1),
+                                                    BatchLayout(LayoutKind.ROWS_MINOR, 0),
+                                                    BatchLayout(LayoutKind.BATCH, 0)]
+    assert any("perturbed" in line for line in analysis.log)
 
 
 def test_explain_mode_collects_problems_instead_of_raising():
-    analysis = _analyse(TableBias(), torch.randn(3, 4, 4), strict=False)
+    x = torch.tensor([[1.0, 0, 0, 0], [-1.0, 0, 0, 0], [2.0, 1, 0, 0]])
+    analysis = _analyse(ViaPython(), x, strict=False)
     assert analysis.problems and isinstance(analysis.problems[0], fxdp.UncoveredParameterError)
 
 

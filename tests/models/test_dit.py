@@ -54,15 +54,18 @@ def test_dit_timestep_shared_by_the_batch_is_not_taken_for_a_batch_dimension():
     check_against_reference(model, (x, t, y), {}, noise, diffusion_loss, samples=samples)
 
 
-def test_dit_broadcasting_a_shared_timestep_embedding_is_refused():
-    """The t-MLP then runs on a (1, F) input and its output is summed over the batch by
-    broadcasting: per-sample gradients of the MLP no longer exist -> loud refusal."""
+def test_dit_broadcasting_a_shared_timestep_embedding_equals_reference():
+    """The t-MLP runs on a (1, F) input and its output is broadcast over the batch: it was refused
+    (per-sample gradients no longer exist after the broadcast); the t-MLP's output is now a virtual
+    parameter whose per-sample gradient is taken where it meets the batch (fxdp.rules.virtual)."""
     torch.manual_seed(0)
     model = TinyDiT(broadcast_shared_t=True).double()
     x, _, y, noise = batch()
-    fxdp.privatize(model)
-    with pytest.raises(fxdp.UncoveredParameterError, match="t_mlp"):
-        diffusion_loss(model(x, torch.tensor(417), y), noise).backward()
+    t = torch.tensor(417)
+    samples = [((x[i:i + 1], t, y[i:i + 1]), {}, noise[i:i + 1]) for i in range(B)]
+    r = check_against_reference(model, (x, t, y), {}, noise, diffusion_loss, samples=samples)
+    table = next(iter(r["engine"].tables.values()))
+    assert any(v and "t_mlp" in "".join(names) for v, (_, names) in zip(table.virtual, table.keys))
 
 
 def test_dit_with_keyword_inputs_equals_positional():

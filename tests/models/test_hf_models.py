@@ -1,7 +1,7 @@
 """HuggingFace models built from config (random weights, tiny sizes, no dropout)
 under fxdp, against the per-sample reference (float64, R near the median norm):
 GPT-2 with padding, BERT masked LM, ViT, Llama (RMSNorm, rotary, GQA), T5
-(relative attention bias: refused loudly, exact once frozen), PEFT LoRA."""
+(trainable relative attention bias: a virtual parameter; and frozen), PEFT LoRA."""
 
 import pytest
 import torch
@@ -103,17 +103,16 @@ def t5_loss(out, labels):
 
 
 @pytest.mark.parametrize("batch,seq", [(4, 7), (3, 3)])
-def test_t5_relative_attention_bias_is_refused_loudly(batch, seq):
-    """The bias embedding is looked up with a (T, T) index that has no batch dimension and is
-    broadcast over the batch afterwards: per-sample gradients do not exist at the lookup.
-    Also with B == T, where a size-based guess would take T for the batch."""
-    model = t5()
-    fxdp.privatize(model)
+def test_t5_trainable_relative_attention_bias_equals_reference(batch, seq):
+    """The bias table is looked up with a (T, T) index that has no batch dimension and broadcast over the
+    batch afterwards (it was refused): now a virtual parameter, gathered per sample where it meets the
+    attention scores. Also with B == T, where a size-based guess would take T for the batch."""
+    torch.manual_seed(2)
     ids = torch.randint(1, 40, (batch, seq))
     labels = torch.randint(1, 40, (batch, seq))
-    with pytest.raises(fxdp.UncoveredParameterError, match="relative_attention_bias"):
-        t5_loss(model(input_ids=ids, labels=labels), labels).backward()
-    assert all(not hasattr(p, "private_grad") for p in model.parameters())
+    r = check_against_reference(t5(), (), {"input_ids": ids, "labels": labels}, labels, t5_loss,
+                                style="param-wise")
+    assert any("relative_attention_bias" in n for n in r["engine"].plan.group_of)
 
 
 def test_t5_with_frozen_relative_attention_bias_equals_reference():

@@ -6,18 +6,19 @@ import torch.nn as nn
 
 
 class UncoveredParam(nn.Module):
-    """A trainable parameter split by torch.unbind: a tuple result, which neither a rule
-    nor the per-sample fallback covers."""
+    """A trainable parameter broadcast against the batch by torch.broadcast_tensors: a tuple result,
+    which neither a rule nor the per-sample fallback covers. (A batch-free ``torch.unbind(self.w)``
+    is covered: a virtual parameter.)"""
 
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(6, 6)
-        self.w = nn.Parameter(torch.randn(6, 4) / 3)
+        self.w = nn.Parameter(torch.randn(4) / 3)
         self.head = nn.Linear(4, 2)
 
     def forward(self, x):
-        cols = torch.unbind(self.w, 1)
-        return self.head(self.fc(x) @ torch.stack(cols, 1))
+        h, w = torch.broadcast_tensors(self.fc(x)[:, :4], self.w)
+        return self.head(h * w)
 
 
 class BatchNormTrain(nn.Module):

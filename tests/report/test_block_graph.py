@@ -61,7 +61,7 @@ def test_refused_use_is_a_coloured_node_in_the_data_flow(tmp_path):
     g = rep.block_graph
     refused = [k for k, a in g.nodes(data=True) if a.get("kind") == "refused"]
     assert len(refused) == 1 and g.nodes[refused[0]]["status"] == "uncovered"
-    assert list(g.predecessors(refused[0])) == [] and list(g.successors(refused[0])) == [1]
+    assert list(g.predecessors(refused[0])) == [0] and list(g.successors(refused[0])) == [1]
     path = tmp_path / "g.dot"
     rep.write_dot(path)
     nodes, _, _ = parse_dot(path.read_text())

@@ -69,7 +69,7 @@ def test_cli_explains_the_example_factory_as_json_and_writes_dot(tmp_path):
 def test_cli_prints_the_table_and_fails_on_a_refused_model_given_by_path():
     res = run_cli(str(Path(__file__).with_name("models.py")) + ":refused_factory", "--batch", "3")
     assert res.returncode == 1, res.stderr
-    assert "torch.unbind" in res.stdout and "UNCOVERED parameters (privatize refuses): w" in res.stdout
+    assert "torch.broadcast_tensors" in res.stdout and "UNCOVERED parameters (privatize refuses): w" in res.stdout
 
 
 def test_cli_usage_errors_exit_2(capsys):
