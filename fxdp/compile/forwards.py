@@ -80,21 +80,31 @@ class CompiledForwards:
         self._contexts.pop(ctx.cid, None)
         ctx.by_ordinal = {}
 
-    def enter_region(self, first_ordinal: int, num_sites: int) -> torch.Tensor:
-        """Run time, start of a compiled region: its token (see :mod:`fxdp.compile.graph_ops`)."""
+    def enter_region(self, plan, params) -> torch.Tensor:
+        """Run time, start of a compiled region whose parameters this engine's open forward pass holds
+        (see :func:`fxdp.compile.graph_ops.owner_of`): its token ``(engine id, forward id)``.
+
+        The graph may have been compiled for another instance (dynamo reuses graphs across instances of a
+        class): its call sites are checked against *this* forward's analysis once per layout table."""
         ctx = self.engine.current_forward
-        if ctx is None or not ctx.compiled:
-            raise PrivacyError(
-                "fxdp: a compiled region that uses the privatized model's parameters ran outside a forward pass "
-                "of the model in grad mode (fxdp did not see the pass start). Call the compiled model itself: "
-                "torch.compile(model, backend=\"fxdp\")(inputs).")
-        if ctx.next_ordinal != first_ordinal:
+        if ctx.next_ordinal != plan.first_ordinal:
             raise BatchLayoutError(
-                f"fxdp: a compiled region starts at parameter use {first_ordinal}, but this forward pass has made "
-                f"{ctx.next_ordinal}: the forward takes another path than when it was compiled (data-dependent "
-                "control flow between graph breaks).")
-        ctx.next_ordinal += num_sites
-        return torch.tensor(ctx.cid, dtype=torch.int64)
+                f"fxdp: a compiled region starts at parameter use {plan.first_ordinal}, but this forward pass has "
+                f"made {ctx.next_ordinal}: the forward takes another path than when it was compiled "
+                "(data-dependent control flow between graph breaks).")
+        table = ctx.table
+        if table is not None and table not in plan.verified:
+            for site in plan.sites:
+                if not table.matches(site.ordinal, site.rule, site.param_names) or \
+                        bool(table.lifts[site.ordinal]) != site.lift:
+                    raise PrivacyError(
+                        f"fxdp: compiled call site {site.ordinal} ({site.rule} rule using "
+                        f"{', '.join(site.param_names)}) does not match the analysis of this model's forward pass: "
+                        "dynamo reused a graph compiled for a model that differs from this one. Compile this "
+                        "model separately (torch._dynamo.reset()) and please report the model.")
+            plan.verified.add(table)
+        ctx.next_ordinal += len(plan.sites)
+        return torch.tensor([self.uid, ctx.cid], dtype=torch.int64)
 
     def receive(self, cid: int, site: CompiledSite, slot: int, grad: torch.Tensor, saved: list):
         """Backward: one capture of a compiled call site; feeds the same path as the eager taps."""

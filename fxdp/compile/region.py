@@ -191,6 +191,17 @@ class _NodeTracking(fx.Interpreter):
         return result
 
 
+def _concrete(v):
+    """An example input the graph can run on: tensors other than parameters copied; a symbolic size
+    (dynamo passes SymInts for dynamic dimensions) replaced by its value in this call."""
+    if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+        return v.clone()
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+        return guarding_hint_or_throw(v)
+    return v
+
+
 def bind_call_sites(region: Region) -> PassResult:
     """Bind every call that uses a trainable parameter, by running the graph once (RNG forked,
     inputs other than parameters copied, so the run leaves no trace)."""
@@ -200,8 +211,7 @@ def bind_call_sites(region: Region) -> PassResult:
     interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites)
     recorder = _SiteRecorder(interp)
     ids = {id(region.values[n]): name for n, name in region.param_nodes.items()}
-    inputs = [v.clone() if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) else v
-              for v in region.example_inputs]
+    inputs = [_concrete(v) for v in region.example_inputs]
     devices = [v.device for v in inputs if isinstance(v, torch.Tensor) and v.device.type == "cuda"]
     with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})), torch.enable_grad(), \
             ParameterInterceptor(ids, recorder):

@@ -6,13 +6,6 @@ import fxdp
 from tests.compile.models import case
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", ["gpt2", "encoder"])
 def test_privatized_model_traces_as_one_graph(name):
     base, args, target, loss_fn, kw = case(name, B=3)

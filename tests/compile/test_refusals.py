@@ -8,13 +8,6 @@ from fxdp.core.errors import PrivacyError
 from tests.compile.models import case
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compiling_an_unprivatized_model_is_refused():
     model = case("mlp")[0]
     with pytest.raises(Exception, match="not privatized"):
