@@ -94,29 +94,37 @@ def register_region(plan: RegionPlan) -> int:
     return plan.uid
 
 
+def _same(p, q) -> bool:
+    return p is q or (p.shape == q.shape and p.dtype == q.dtype and p.device == q.device
+                      and p.data_ptr() == q.data_ptr())
+
+
 def owner_of(plan: RegionPlan, params: List[torch.Tensor]):
-    """The engine whose open compiled forward pass holds exactly ``params`` under ``plan``'s names."""
+    """The engine whose open compiled forward pass this region is part of.
+
+    Candidates are the engines with an open compiled forward pass whose model names every parameter
+    of ``plan`` with the shape and dtype the region receives, and at least one of them is the very
+    tensor received (identity for all is too strict: inductor may hand the op a re-laid-out copy of
+    a conv weight). Anything else -- no such engine, or two -- is refused."""
     owners = []
     for engine in live_engines():
         ctx = engine.current_forward
-        if ctx is not None and ctx.compiled and any(ctx.params.get(n) is p for n, p in zip(plan.param_names, params)):
-            owners.append((engine, ctx))
+        if ctx is None or not ctx.compiled:
+            continue
+        mine = [ctx.params.get(n) for n in plan.param_names]
+        if all(q is not None and q.shape == p.shape and q.dtype == p.dtype for q, p in zip(mine, params)):
+            owners.append((engine, mine))
+    owners = [(e, mine) for e, mine in owners if any(_same(p, q) for p, q in zip(params, mine))]
     if not owners:
         raise PrivacyError(
             "fxdp: a compiled region that uses a privatized model's parameters ran outside a forward pass of that "
-            "model in grad mode (fxdp did not see the pass start). Call the compiled model itself: "
-            "torch.compile(model, backend=\"fxdp\")(inputs).")
+            "model in grad mode (fxdp did not see the pass start), or in a forward pass of a model that does not "
+            "have these parameters. Call the compiled model itself: torch.compile(model, backend=\"fxdp\")(inputs).")
     if len(owners) > 1:
-        raise PrivacyError("fxdp: one compiled region uses parameters of two privatized models' open forward "
-                           "passes; one loss must have one engine. Privatize the module that contains both.")
-    engine, ctx = owners[0]
-    wrong = [n for n, p in zip(plan.param_names, params) if ctx.params.get(n) is not p]
-    if wrong:
-        raise PrivacyError(
-            f"fxdp: a compiled graph reused for another model receives parameters that model does not name "
-            f"{', '.join(wrong[:3])}; applying it would clip with the wrong layout or groups. Compile this model "
-            "separately (torch._dynamo.reset()) and please report the model.")
-    return engine
+        raise PrivacyError("fxdp: a compiled region ran while forward passes of several privatized models with "
+                           "these parameters were open; fxdp cannot tell which one it belongs to. Run one "
+                           "privatized model's forward pass at a time.")
+    return owners[0][0]
 
 
 @dataclass(eq=False)

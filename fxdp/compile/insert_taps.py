@@ -9,7 +9,11 @@ For call site ``y = op(x, W, b)`` of a region (see :mod:`fxdp.compile.region`):
 A parameter broadcast inside an elementwise op is replaced by
 ``capture(expand_for(p.detach(), *other inputs), token, site, slot, 1, p)``;
 a (1, T) layout source the analysis lifted is expanded to the batch size read
-from the model input's (symbolic) size. After the rewrite
+from the model input's (symbolic) size. An output the graph later modifies in
+place (``ReLU(inplace=True)``, ``h += residual``; found when the region was
+bound) is read through a ``clone`` of the capture: autograd forbids in-place
+changes of a custom Function's view, and the copy is what the in-place op
+changes (inductor fuses it with that op). After the rewrite
 :func:`check_no_direct_use` proves that every path from a trainable
 parameter to the graph's outputs goes through a capture.
 """
@@ -107,7 +111,11 @@ def insert_taps(region) -> PassResult:
         with g.inserting_after(n):
             cap = g.call_function(C.capture, (n, token, uid, C.OUTPUT_SLOT, len(params), *params,
                                               *saved.values()))
-        n.replace_all_uses_with(cap, delete_user_cb=lambda user: user is not cap)
+        out = cap
+        if site.mutated:  # a capture's output is a view autograd cannot let be modified: modify a copy
+            with g.inserting_after(cap):
+                out = g.call_method("clone", (cap,))
+        n.replace_all_uses_with(out, delete_user_cb=lambda user: user is not cap)
     for n, inner in composites.items():
         leaves, _ = tree_flatten((n.args, n.kwargs))
         positions = tuple(i for i, a in enumerate(leaves) if a in region.param_nodes)

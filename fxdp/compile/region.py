@@ -54,6 +54,7 @@ class BoundSite:
     composite: bool = False  # an inner call of a decomposed node: tensors located by argument position
     param_positions: tuple = ()
     saved_positions: tuple = ()
+    mutated: bool = False  # the graph modifies the call's output in place (ReLU(inplace=True), ``h += r``)
 
 
 @dataclass
@@ -176,10 +177,17 @@ class _NodeTracking(fx.Interpreter):
         self.param_nodes = set(param_nodes)
         self.recorder_sites = recorder_sites
         self.benign = set()
+        self.outputs = {}  # call-site node -> its output tensors and their versions when made
+
+    def mutated(self, node) -> bool:
+        """Whether the rest of the graph modified the call site's output (or a view of it) in place."""
+        return any(t._version != v for t, v in self.outputs.get(node, ()))
 
     def run_node(self, n):
         self.current = n
         result = super().run_node(n)
+        if any(s.node is n for s in self.recorder_sites()):
+            self.outputs[n] = [(t, t._version) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
             leaves, _ = tree_flatten(result)
@@ -218,6 +226,8 @@ def bind_call_sites(region: Region) -> PassResult:
         interp.run(*inputs)
     region.benign = interp.benign
     region.sites = recorder.sites
+    for site in region.sites:
+        site.mutated = interp.mutated(site.node)
     return PassResult(region, False)
 
 
