@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from fxdp.core.errors import BatchLayoutError, PrivacyError
-from fxdp.compile.graph_ops import OUTPUT_SLOT, CompiledSite, register_engine
+from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, CompiledSite, register_engine
 from fxdp.engine.recorder import single_sample_layout
 from fxdp.engine.compiled_hook import install_compiled_forwards
 from fxdp.engine.tap import ForwardContext, LayerUse
@@ -62,16 +62,28 @@ class CompiledForwards:
         expected = len(ctx.table.keys) if ctx.table is not None else None
         if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
+            if type(self.engine.model) not in COMPILED_CLASSES:
+                raise PrivacyError(
+                    "fxdp: the privatized model ran under torch.compile, but no compiled region reported its "
+                    "parameter uses: it was compiled with a backend other than \"fxdp\", so its gradients would "
+                    "not be clipped. Use torch.compile(model, backend=\"fxdp\").")
             raise PrivacyError(
-                "fxdp: the privatized model ran under torch.compile, but no compiled region reported its parameter "
-                "uses: it was compiled with a backend other than \"fxdp\", so its gradients would not be clipped. "
-                "Use torch.compile(model, backend=\"fxdp\").")
+                "fxdp: the privatized model ran under torch.compile, but this forward pass ran no graph compiled "
+                "by backend \"fxdp\": dynamo ran the model's code without compiling it (most often it gave up on "
+                "a frame after hitting torch._dynamo.config.recompile_limit -- look for 'torch._dynamo hit "
+                "config.recompile_limit' in the log; a forward wrapper shared by many models, such as "
+                "HuggingFace's, reaches it first), or the model was compiled again with another backend. "
+                "Its gradients would not be clipped. Raise the limit (torch._dynamo.config.recompile_limit), "
+                "mark the varying dimension dynamic (torch._dynamo.mark_dynamic), or train this model without "
+                "torch.compile.")
         if expected is not None and ctx.next_ordinal != expected:
             self._contexts.pop(ctx.cid, None)
             raise PrivacyError(
                 f"fxdp: the analysis found {expected} parameter uses in this forward pass, but compiled regions "
-                f"tapped {ctx.next_ordinal}; the others ran outside a compiled graph (eager code between graph "
-                "breaks) where fxdp cannot see them. Move parameter uses out of the code dynamo cannot trace.")
+                f"tapped {ctx.next_ordinal}; the others ran outside any compiled graph (code dynamo does not "
+                "trace: a torch._dynamo.disable'd / torch.compiler.disable'd function or module, an op dynamo "
+                "cannot trace, a frame dynamo gave up on), where fxdp cannot see them under torch.compile. "
+                "Let dynamo trace the code that uses parameters, or train this model with eager fxdp.privatize.")
         if not _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
 

@@ -40,6 +40,9 @@ _ENGINES: Dict[int, "weakref.ref"] = {}
 _SITES: Dict[int, "CompiledSite"] = {}
 _REGIONS: Dict[int, "RegionPlan"] = {}
 _uids = itertools.count(1)
+# Model classes backend "fxdp" has compiled a region for (graphs are shared by the instances of a class):
+# tells "compiled with another backend" from "dynamo ran the frame uncompiled" in refusals.
+COMPILED_CLASSES: "weakref.WeakSet" = weakref.WeakSet()
 
 
 def register_engine(engine) -> int:

@@ -23,6 +23,8 @@ anything; the inner compiler (inductor by default) gets the rewritten graph.
 """
 from __future__ import annotations
 
+import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +35,7 @@ from torch.utils._pytree import tree_flatten
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.runner import PassError, PassResult, run_passes
+from fxdp.compile import graph_ops as C
 from fxdp.compile.composite_taps import is_composite, positions_of
 
 
@@ -77,6 +80,56 @@ def _placeholders(gm):
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
+def _inline(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Replace a higher-order call ``hop(body, *operands)`` by the nodes of ``body``."""
+    body = getattr(gm, node.args[0].target)
+    env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[1:]))
+    g = gm.graph
+    outputs = None
+    with g.inserting_before(node):
+        for inner in body.graph.nodes:
+            if inner.op == "placeholder":
+                continue
+            if inner.op == "output":
+                outputs = fx.node.map_arg(inner.args[0], lambda a: env[a])
+                continue
+            if inner.op == "get_attr":
+                raise UncoveredParameterError("fxdp backend: a checkpointed body reads a module attribute; "
+                                              "fxdp cannot inline it.")
+            new = g.node_copy(inner, lambda a: env[a])
+            env[inner] = new
+    for user in list(node.users):
+        if user.op == "call_function" and user.target is operator.getitem:
+            user.replace_all_uses_with(outputs[user.args[1]])
+            g.erase_node(user)
+        else:
+            raise UncoveredParameterError("fxdp backend: a checkpointed region's result is used as a whole; "
+                                          "fxdp cannot inline it.")
+    getter = node.args[0]
+    g.erase_node(node)
+    if not getter.users:
+        g.erase_node(getter)
+
+
+def inline_checkpoints(region: Region) -> PassResult:
+    """Activation checkpointing (``torch.utils.checkpoint`` / HF ``gradient_checkpointing_enable``) reaches a
+    region as a ``tag_activation_checkpoint`` call of a body graph. Parameter uses inside it must be tapped
+    like any other, so the body is inlined: exact, but its activations are kept, not recomputed (warned)."""
+    hops = [n for n in region.gm.graph.nodes if n.op == "call_function"
+            and n.target is getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)]
+    if not hops:
+        return PassResult(region, False)
+    params = {id(v) for v in region.example_inputs if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+    if not params:
+        return PassResult(region, False)
+    for node in hops:
+        _inline(region.gm, node)
+    warnings.warn("fxdp backend: activation checkpointing inside a compiled region is inlined -- gradients are "
+                  "exact, but the checkpointed activations are kept instead of recomputed (no memory saving). "
+                  "Eager fxdp.privatize does not support checkpointing either.", UserWarning, stacklevel=2)
+    return PassResult(region, True)
+
+
 def find_parameters(region: Region) -> PassResult:
     """Map trainable-parameter graph inputs to their privatized model's engine and names."""
     from fxdp.compile.graph_ops import _ENGINES
@@ -113,6 +166,7 @@ def find_parameters(region: Region) -> PassResult:
                 "model was compiled through an enclosing function. Compile the privatized model itself: "
                 "torch.compile(model, backend=\"fxdp\").")
         region.context = ctx
+        C.COMPILED_CLASSES.add(type(region.engine.model))
     return PassResult(region, False)
 
 
@@ -258,7 +312,7 @@ def match_analysis(region: Region) -> PassResult:
 
 
 def run_region_passes(region: Region) -> Region:
-    """find_parameters -> bind_call_sites -> match_analysis -> insert_taps -> check_no_direct_use,
+    """inline_checkpoints -> find_parameters -> bind_call_sites -> match_analysis -> insert_taps -> check_no_direct_use,
     linting after each rewrite, dumping each pass's graph with FXDP_DEBUG >= 2, naming a failing pass."""
     from fxdp.analysis.dumps import debug_level, new_dump_folder
     from fxdp.compile.insert_taps import check_no_direct_use, insert_taps
@@ -266,7 +320,8 @@ def run_region_passes(region: Region) -> Region:
     folder = new_dump_folder("compile") if debug_level() >= 2 else None
     if folder is not None:
         (folder / "00_dynamo_graph.txt").write_text(region.gm.print_readable(print_output=False))
-    passes = (find_parameters, bind_call_sites, match_analysis, insert_taps, check_no_direct_use)
+    passes = (inline_checkpoints, find_parameters, bind_call_sites, match_analysis, insert_taps,
+              check_no_direct_use)
 
     def recompile(_name, result: PassResult):
         if result.modified:

@@ -40,7 +40,7 @@ def _untraced(layer, x):
 def test_parameter_use_between_graph_breaks_is_refused():
     model = fxdp.privatize(EagerIsland().double())
     compiled = torch.compile(model, backend="fxdp", options={"compiler": "eager"})
-    with pytest.raises(Exception, match="ran outside the compiled graph"):
+    with pytest.raises(Exception, match="ran outside (the|any) compiled graph"):
         compiled(torch.randn(4, 6, dtype=torch.float64))
 
 
