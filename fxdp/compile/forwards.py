@@ -30,6 +30,24 @@ MAX_COMPILED_FORWARDS = 64
 _context_ids = itertools.count(1)
 
 
+def _frames_past_recompile_limit(model) -> list:
+    """The forward functions of ``model``'s modules whose dynamo cache is full: dynamo runs them uncompiled."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+        limit = torch._dynamo.config.recompile_limit
+    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+        return []
+    out, seen = [], set()
+    for m in model.modules():
+        code = getattr(type(m).forward, "__code__", None)
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        if len(_debug_get_cache_entry_list(code)) >= limit:
+            out.append(f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})")
+    return out
+
+
 def _requires_grad(output) -> bool:
     from torch.utils._pytree import tree_flatten
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0])
@@ -62,6 +80,15 @@ class CompiledForwards:
         expected = len(ctx.table.keys) if ctx.table is not None else None
         if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
+            given_up = _frames_past_recompile_limit(self.engine.model)
+            if given_up:
+                raise PrivacyError(
+                    f"fxdp: the privatized model ran under torch.compile, but dynamo hit its recompile limit "
+                    f"(torch._dynamo.config.recompile_limit) on {', '.join(given_up[:3])} and ran it without "
+                    "compiling it, so no graph of backend \"fxdp\" tapped this forward pass and its gradients "
+                    "would not be clipped. (A forward wrapper shared by many models, such as HuggingFace's, "
+                    "reaches the limit first.) Raise the limit, mark the varying dimension dynamic "
+                    "(torch._dynamo.mark_dynamic), or train this model without torch.compile.")
             if type(self.engine.model) not in COMPILED_CLASSES:
                 raise PrivacyError(
                     "fxdp: the privatized model ran under torch.compile, but no compiled region reported its "
@@ -69,13 +96,9 @@ class CompiledForwards:
                     "not be clipped. Use torch.compile(model, backend=\"fxdp\").")
             raise PrivacyError(
                 "fxdp: the privatized model ran under torch.compile, but this forward pass ran no graph compiled "
-                "by backend \"fxdp\": dynamo ran the model's code without compiling it (most often it gave up on "
-                "a frame after hitting torch._dynamo.config.recompile_limit -- look for 'torch._dynamo hit "
-                "config.recompile_limit' in the log; a forward wrapper shared by many models, such as "
-                "HuggingFace's, reaches it first), or the model was compiled again with another backend. "
-                "Its gradients would not be clipped. Raise the limit (torch._dynamo.config.recompile_limit), "
-                "mark the varying dimension dynamic (torch._dynamo.mark_dynamic), or train this model without "
-                "torch.compile.")
+                "by backend \"fxdp\": it was compiled again with a backend other than \"fxdp\", or dynamo ran "
+                "the model's code without compiling it. Its gradients would not be clipped. Use "
+                "torch.compile(model, backend=\"fxdp\"), or train this model without torch.compile.")
         if expected is not None and ctx.next_ordinal != expected:
             self._contexts.pop(ctx.cid, None)
             raise PrivacyError(

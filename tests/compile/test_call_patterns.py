@@ -10,37 +10,55 @@ import torch.nn as nn
 import fxdp
 from fxdp.core.errors import PrivacyError
 from tests import models_zoo as Z
-from tests.compile.models import assert_same_private_grads, case
+from tests.compile.models import assert_same_private_grads
 from tests.training.stack_helpers import make_loader
 
 
-def _exact(make, name="mlp", R=0.05, **kw):
+class ModeMLP(nn.Module):
+    """MLPs with forward code objects of their own: dynamo's cache, and its recompile limit (8), is per code
+    object, and every pattern below compiles anew."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class GraphMLP(ModeMLP):
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _exact(make, cls, R=0.05):
     torch.manual_seed(30)
-    base, args, target, loss_fn, ckw = case(name)
-    eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=R, **ckw, **kw)
-    loss_fn(eager(*args), target).backward()
-    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=R, **ckw, **kw)
-    loss_fn(make(model)(*args), target).backward()
+    base = cls().double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=R)
+    Z.ce_sum(eager(x), y).backward()
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=R)
+    Z.ce_sum(make(model)(x), y).backward()
     assert_same_private_grads(model, eager, rtol=1e-9)
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune-no-cudagraphs"])
 def test_torch_compile_modes_apply_to_inductor(mode):
-    _exact(lambda m: torch.compile(m, backend="fxdp", mode=mode))
+    _exact(lambda m: torch.compile(m, backend="fxdp", mode=mode), ModeMLP)
 
 
 @pytest.mark.parametrize("dynamic", [True, False, None])
 def test_dynamic_flag(dynamic):
-    _exact(lambda m: torch.compile(m, backend="fxdp", dynamic=dynamic, options={"compiler": "aot_eager"}))
+    _exact(lambda m: torch.compile(m, backend="fxdp", dynamic=dynamic, options={"compiler": "aot_eager"}), ModeMLP)
 
 
 def test_fullgraph_and_module_compile_in_place():
-    _exact(lambda m: torch.compile(m, backend="fxdp", fullgraph=True, options={"compiler": "aot_eager"}))
+    _exact(lambda m: torch.compile(m, backend="fxdp", fullgraph=True, options={"compiler": "aot_eager"}), GraphMLP)
 
     def in_place(m):
         m.compile(backend="fxdp", options={"compiler": "aot_eager"})
         return m
-    _exact(in_place)
+    _exact(in_place, GraphMLP)
 
 
 def test_mode_with_a_non_inductor_compiler_is_refused():
@@ -93,22 +111,23 @@ def test_huggingface_gradient_checkpointing():
 
 
 def test_lora_under_compile():
+    """PEFT LoRA: frozen base weights, trainable adapters (the same peft layers as on a transformer)."""
     from peft import LoraConfig, get_peft_model
     torch.manual_seed(33)
-    peft_model = get_peft_model(Z.gpt2(), LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True))
-    ids = torch.randint(0, 40, (4, 8))
+    peft_model = get_peft_model(GraphMLP().double(), LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
     eager = fxdp.privatize(copy.deepcopy(peft_model), max_grad_norm=0.01)
-    Z.lm_sum(eager(input_ids=ids), ids).backward()
+    Z.ce_sum(eager(x), y).backward()
     model = fxdp.privatize(copy.deepcopy(peft_model), max_grad_norm=0.01)
     compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
-    Z.lm_sum(compiled(input_ids=ids), ids).backward()
+    Z.ce_sum(compiled(x), y).backward()
+    assert sum(p.requires_grad for p in model.parameters()) == 4
     assert_same_private_grads(model, eager)
 
 
 def test_fp16_autocast_with_grad_scaler():
     torch.manual_seed(34)
-    base, (x,), y, loss_fn, _ = case("mlp")
-    base, x = base.float(), x.float()
+    base, x, y, loss_fn = GraphMLP(), torch.randn(5, 6), torch.randint(0, 3, (5,)), Z.ce_sum
     eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
     loss_fn(eager(x), y).backward()
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)

@@ -62,6 +62,7 @@ def test_inplace_block_equals_eager_for_other_styles(style):
     assert_same_private_grads(model, eager)
 
 
+@pytest.mark.slow  # ~10 s; the in-place patterns are covered by InplaceBlock above
 def test_huggingface_resnet_with_fixed_batchnorm():
     from transformers import ResNetConfig, ResNetForImageClassification
     torch.manual_seed(22)
