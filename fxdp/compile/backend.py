@@ -61,6 +61,10 @@ def _inner_compiler(name: str, mode: Optional[str], example_inputs):
                       "would skip the taps' hand-over of gradients to the engine. The rest of the mode applies.",
                       UserWarning, stacklevel=2)
     patches["triton.cudagraphs"] = False  # also when turned on globally (see the warning above)
+    # fxdp::stash hands the engine references to backward buffers (output gradients, saved or recomputed
+    # activations) that live until the end of backward; inductor must not write another result into them.
+    patches["allow_buffer_reuse"] = False
+    patches["inplace_buffers"] = False
 
     def compile_inductor(gm, inputs):
         from torch._inductor.compile_fx import compile_fx

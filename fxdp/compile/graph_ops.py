@@ -190,15 +190,16 @@ def _forward_token_fake(region_uid, params):
 def stash(token: torch.Tensor, site_uid: int, slot: int, grad: torch.Tensor, saved: List[torch.Tensor]) -> None:
     """Backward: hand one captured gradient (and the rule's tensors) to the engine named by ``token``.
 
-    Everything is copied: a compiled backward may reuse a buffer once this op,
-    its last reader in the graph, has run -- the gradient, and saved tensors
-    the partitioner chose to recompute in the backward."""
+    No copies: the engine keeps references to the tensors until the end of backward. That is safe
+    because nothing writes into them afterwards -- the graph is functional, and the backend turns off
+    inductor's buffer reuse and in-place buffers for fxdp graphs (which would otherwise store another
+    result in a buffer once this op, its last reader in the graph, has run)."""
     site = _SITES.get(site_uid)
     if site is None:
         raise PrivacyError("fxdp: backward through a compiled graph whose call sites were released; "
                            "compile the model again.")
     engine_uid, cid = (int(v) for v in token.tolist())
-    engine_by_uid(engine_uid).compiled_forwards.receive(cid, site, slot, grad.clone(), [t.clone() for t in saved])
+    engine_by_uid(engine_uid).compiled_forwards.receive(cid, site, slot, grad, list(saved))
 
 
 @stash.register_fake
