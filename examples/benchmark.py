@@ -28,11 +28,11 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def build(device, dtype=torch.float32, vocab=50257):
+def build(device, dtype=torch.float32, vocab=50257, tied=True):
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
     logging.set_verbosity_error()
-    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=vocab)
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=vocab, tie_word_embeddings=tied)
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg).to(device=device, dtype=dtype)
 
@@ -55,7 +55,9 @@ def _peak_rss_mib() -> float:
 
 
 def _opacus_step(model, mode, ids, B):
-    """Opacus 1.6: make_private on a fixed batch, noise off; one optimizer step (clip, sum, noise 0)."""
+    """Opacus 1.6: make_private on a fixed batch, noise off; one optimizer step (clip, sum, noise 0).
+    Opacus refuses tied weights with ghost clipping, so its rows use an untied GPT-2 (lm_head its own
+    V x d weight: a little more work than the tied model of the other rows)."""
     import torch.nn as nn
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
@@ -68,8 +70,10 @@ def _opacus_step(model, mode, ids, B):
     module, opt = out[0], out[1]
     criterion = out[2] if mode == "opacus-ghost" else None
 
+    positions = torch.arange(ids.shape[1], device=ids.device).expand(B, -1)  # (1, T) ids break Opacus's hooks
+
     def step():
-        logits = module(ids).logits[:, :-1]
+        logits = module(ids, position_ids=positions).logits[:, :-1]
         if criterion is not None:  # per-sequence mean of token losses, as lm_loss
             loss = criterion(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), shape=logits.shape)
         else:
@@ -96,7 +100,7 @@ def _vmap_step(model, ids, B, R=1.0):
         x = x.unsqueeze(0)
         return _lm(functional_call(model, ps, (x,)).logits[:, :-1], x)
 
-    per_sample = vmap(grad(one), in_dims=(None, 0))
+    per_sample = vmap(grad(one), in_dims=(None, 0), randomness="different")  # dropout per sample
 
     def step():
         g = per_sample({n: p.detach() for n, p in params.items()}, ids)
@@ -111,7 +115,7 @@ def _vmap_step(model, ids, B, R=1.0):
 
 def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257, profile=False):
     import fxdp
-    model = build(device, vocab=vocab)
+    model = build(device, vocab=vocab, tied=not mode.startswith("opacus"))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g).to(device)
     if mode.startswith("opacus"):
