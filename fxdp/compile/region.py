@@ -2,13 +2,17 @@
 
 Pipeline, each a small function ``Region -> PassResult(region, modified)``:
 
+0. :func:`inline_checkpoints` -- activation-checkpointed bodies
+   (``tag_activation_checkpoint``) inlined, so that their parameter uses are
+   tapped like any other (exact; activations kept, warned).
 1. :func:`find_parameters` -- which graph inputs are trainable parameters of a
    privatized model, and that model's open forward pass (compiled regions of
    an unprivatized model are refused: never non-private training).
 2. :func:`bind_call_sites` -- runs the graph once on its example inputs under
    the same interceptor as eager ``privatize``: every call that uses a
    trainable parameter is bound by the same rule registry (or refused with the
-   same error), and mapped to its graph node.
+   same error), and mapped to its graph node; outputs the graph later modifies
+   in place are marked.
 3. :func:`match_analysis` -- call sites are numbered in graph order, after
    those of earlier regions of the same forward pass, and checked against the
    eager analysis of the forward (batch layouts, lifts) by parameter names.
@@ -17,6 +21,10 @@ Pipeline, each a small function ``Region -> PassResult(region, modified)``:
    position ids, one forward token.
 5. :func:`check_no_direct_use` -- no trainable parameter reaches a node that
    could carry its gradient except through a capture.
+
+Nothing about the compiling model is baked into the graph: dynamo reuses it for
+other instances of the class, whose engine is found (and whose analysis is
+checked against the region's call sites) at run time.
 
 All of it runs on the torch-level graph, before aot_autograd decomposes
 anything; the inner compiler (inductor by default) gets the rewritten graph.
