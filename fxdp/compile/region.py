@@ -140,13 +140,8 @@ def inline_checkpoints(region: Region) -> PassResult:
 
 def find_parameters(region: Region) -> PassResult:
     """Map trainable-parameter graph inputs to their privatized model's engine and names."""
-    from fxdp.compile.graph_ops import _ENGINES
-
-    engines = [ref() for ref in list(_ENGINES.values())]
     owners = {}
-    for engine in engines:
-        if engine is None:
-            continue
+    for engine in C.live_engines():
         for name, p in engine.model.named_parameters():
             if p.requires_grad:
                 owners[id(p)] = (engine, name)
