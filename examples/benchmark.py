@@ -70,7 +70,7 @@ def _opacus_step(model, mode, ids, B):
     module, opt = out[0], out[1]
     criterion = out[2] if mode == "opacus-ghost" else None
 
-    positions = torch.arange(ids.shape[1], device=ids.device).expand(B, -1)  # (1, T) ids break Opacus's hooks
+    positions = torch.arange(ids.shape[1], device=ids.device).repeat(B, 1)  # (1, T) or expanded ids break Opacus
 
     def step():
         logits = module(ids, position_ids=positions).logits[:, :-1]
