@@ -1,16 +1,14 @@
 """Benchmark: one training step of GPT-2 (4 layers, d=256, T=128, B=16),
-non-private (eager and inductor) vs fxdp.privatize (eager and backend "fxdp"),
-printed as ratios to non-private eager.
+non-private (eager and inductor) vs fxdp.privatize (eager and backend "fxdp"), and the peers:
+Opacus 1.6 (hooks and ghost clipping) and per-sample gradients by torch.func (vmap over grad),
+printed as ratios to non-private eager and to non-private compiled.
 
-    python examples/benchmark.py [--steps 10] [--warmup 3] [--device cpu|cuda]
+    python examples/benchmark.py [--steps 10] [--warmup 3] [--rounds 2] [--device cpu|cuda] [--vocab 5000]
+    python examples/benchmark.py --profile fxdp-compiled      # per-phase breakdown (torch.profiler)
 
-Mode ``fxdp-dpopt`` is ``fxdp`` stepped through ``fxdp.DPOptimizer`` (noise off) with the
-step invariants of a loader fxdp owns (drawn = clipped, parameter ownership, clearing; see
-fxdp/training/step_check.py): its ratio to ``fxdp`` is the cost of the optimizer and its checks.
-
-Median step time over ``--steps`` steps after ``--warmup`` steps, and peak
-memory (CUDA: max allocated; CPU: peak RSS growth of the step, measured by a
-fresh process per configuration).
+Each configuration runs in a fresh process; ``--rounds`` repeats the whole set, interleaved, and
+reports the median over rounds of each process's median step time after ``--warmup`` steps. Peak
+memory: CUDA max allocated; CPU the process's peak RSS (VmHWM), so compare it to the plain rows.
 """
 from __future__ import annotations
 
@@ -30,51 +28,119 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def build(device, dtype=torch.float32, vocab=50257):
+def build(device, dtype=torch.float32, vocab=50257, tied=True):
     from transformers import GPT2Config, GPT2LMHeadModel
     from transformers.utils import logging
     logging.set_verbosity_error()
-    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=vocab)
+    cfg = GPT2Config(n_layer=4, n_embd=256, n_head=4, n_positions=128, vocab_size=vocab, tie_word_embeddings=tied)
     torch.manual_seed(0)
     return GPT2LMHeadModel(cfg).to(device=device, dtype=dtype)
 
 
 def lm_loss(logits, ids):
     """Per-sample loss (mean over each sample's tokens), averaged over the batch."""
-    lg = logits[:, :-1]
+    return _lm(logits[:, :-1], ids)
+
+
+MODES = ("plain", "plain-compiled", "fxdp", "fxdp-compiled", "opacus-hooks", "opacus-ghost", "vmap")
+
+
+def _peak_rss_mib() -> float:
+    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _opacus_step(model, mode, ids, B):
+    """Opacus 1.6: make_private on a fixed batch, noise off; one optimizer step (clip, sum, noise 0).
+    Opacus refuses tied weights with ghost clipping, so its rows use an untied GPT-2 (lm_head its own
+    V x d weight: a little more work than the tied model of the other rows)."""
+    import torch.nn as nn
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    loader = DataLoader(TensorDataset(ids.cpu()), batch_size=B)
+    engine = PrivacyEngine(accountant="rdp")
+    out = engine.make_private(module=model, optimizer=opt, data_loader=loader, noise_multiplier=0.0,
+                              max_grad_norm=1.0, poisson_sampling=False, criterion=nn.CrossEntropyLoss(),
+                              grad_sample_mode="ghost" if mode == "opacus-ghost" else "hooks")
+    module, opt = out[0], out[1]
+    criterion = out[2] if mode == "opacus-ghost" else None
+
+    positions = torch.arange(ids.shape[1], device=ids.device).repeat(B, 1)  # (1, T) or expanded ids break Opacus
+
+    def step():
+        logits = module(ids, position_ids=positions).logits[:, :-1]
+        if criterion is not None:  # per-sequence mean of token losses, as lm_loss
+            loss = criterion(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), shape=logits.shape)
+        else:
+            loss = _lm(logits, ids)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
+
+
+def _lm(lg, ids):
     tok = F.cross_entropy(lg.reshape(-1, lg.shape[-1]), ids[:, 1:].reshape(-1), reduction="none")
     return tok.view(ids.shape[0], -1).mean(1).mean()
 
 
-def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257):
-    import fxdp
-    model = build(device, vocab=vocab)
-    if mode.startswith("fxdp"):
-        fxdp.privatize(model, style="all-layer", max_grad_norm=1.0)
-    fwd = model
-    if mode.endswith("compiled"):
-        fwd = torch.compile(model, backend="fxdp" if mode.startswith("fxdp") else "inductor")
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.SGD(params, lr=1e-3)
-    if mode == "fxdp-dpopt":
-        from fxdp.training.step_check import DrawnBatchCheck
-        opt = fxdp.DPOptimizer(opt, noise_multiplier=0.0, max_grad_norm=1.0, expected_batch_size=B)
-        opt.batch_check = DrawnBatchCheck("the benchmark's batches")
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (B, T), generator=g).to(device)
+def _vmap_step(model, ids, B, R=1.0):
+    """Per-sample gradients by torch.func (vmap over grad), all-layer clipping, clipped sum."""
+    from torch.func import functional_call, grad, vmap
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.SGD(params.values(), lr=1e-3)
+
+    def one(ps, x):
+        x = x.unsqueeze(0)
+        return _lm(functional_call(model, ps, (x,)).logits[:, :-1], x)
+
+    per_sample = vmap(grad(one), in_dims=(None, 0), randomness="different")  # dropout per sample
 
     def step():
-        if mode == "fxdp-dpopt":
-            opt.notify_batch(ends_logical_batch=True, num_examples=B)  # what fxdp's loaders report
-        loss = lm_loss(fwd(ids).logits, ids)
-        loss.backward()
-        if mode in ("fxdp", "fxdp-compiled"):
-            for p in params:
-                p.grad = p.private_grad / B
-                del p.private_grad
+        g = per_sample({n: p.detach() for n, p in params.items()}, ids)
+        norms = torch.sqrt(sum(v.flatten(1).pow(2).sum(1) for v in g.values()))
+        c = (R / (norms + 1e-6)).clamp(max=1.0)
+        for n, p in params.items():
+            p.grad = torch.einsum("b,b...->...", c, g[n]) / B
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return loss
+    return step
+
+
+def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257, profile=False):
+    import fxdp
+    model = build(device, vocab=vocab, tied=not mode.startswith("opacus"))
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (B, T), generator=g).to(device)
+    if mode.startswith("opacus"):
+        step = _opacus_step(model, mode, ids, B)
+    elif mode == "vmap":
+        step = _vmap_step(model, ids, B)
+    else:
+        if mode.startswith("fxdp"):
+            fxdp.privatize(model, style="all-layer", max_grad_norm=1.0)
+        fwd = model
+        if mode.endswith("compiled"):
+            fwd = torch.compile(model, backend="fxdp" if mode.startswith("fxdp") else "inductor")
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.SGD(params, lr=1e-3)
+
+        def step():
+            loss = lm_loss(fwd(ids).logits, ids)
+            loss.backward()
+            if mode.startswith("fxdp"):
+                for p in params:
+                    p.grad = p.private_grad / B
+                    del p.private_grad
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return loss
 
     t_compile = time.perf_counter()
     step()
@@ -95,7 +161,10 @@ def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257):
     if device == "cuda":
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB (Linux: KiB)
+        peak = _peak_rss_mib()
+    if profile:
+        from examples.profile_phases import profile_steps
+        profile_steps(step, steps=3)
     return {"mode": mode, "median_ms": 1000 * statistics.median(times), "peak_mib": peak,
             "first_step_s": t_compile}
 
@@ -104,33 +173,39 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=2, help="repeat the set of configurations, interleaved")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--modes", default="plain,plain-compiled,fxdp,fxdp-compiled",
-                    help="comma-separated: plain, plain-compiled (inductor), fxdp, fxdp-compiled (backend 'fxdp'), "
-                         "fxdp-dpopt (fxdp + DPOptimizer with its step checks)")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
     ap.add_argument("--vocab", type=int, default=50257)
+    ap.add_argument("--profile", metavar="MODE", help="profile one configuration per phase instead")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one:
-        print(json.dumps(run_one(args.one, args.steps, args.warmup, args.device, vocab=args.vocab)))
+    if args.one or args.profile:
+        print(json.dumps(run_one(args.one or args.profile, args.steps, args.warmup, args.device, vocab=args.vocab,
+                                 profile=bool(args.profile))))
         return
-    results = []
-    for mode in args.modes.split(","):
-        out = subprocess.run([sys.executable, __file__, "--one", mode, "--steps", str(args.steps),
-                              "--warmup", str(args.warmup), "--device", args.device, "--vocab", str(args.vocab)],
-                             capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{mode}: failed\n{out.stderr[-2000:]}")
-            continue
-        results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    runs = {}
+    for _ in range(args.rounds):
+        for mode in args.modes.split(","):
+            out = subprocess.run([sys.executable, __file__, "--one", mode, "--steps", str(args.steps),
+                                  "--warmup", str(args.warmup), "--device", args.device, "--vocab", str(args.vocab)],
+                                 capture_output=True, text=True)
+            if out.returncode != 0:
+                print(f"{mode}: failed\n{out.stderr[-2000:]}")
+                continue
+            runs.setdefault(mode, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
+    results = {m: {k: statistics.median(r[k] for r in rs) for k in ("median_ms", "peak_mib", "first_step_s")}
+               for m, rs in runs.items()}
     from tabulate import tabulate
-    base = next((r for r in results if r["mode"] == "plain"), results[0])
-    rows = [[r["mode"], f"{r['median_ms']:.1f}", f"{r['median_ms'] / base['median_ms']:.2f}x",
-             f"{r['peak_mib']:.0f}", f"{r['peak_mib'] / base['peak_mib']:.2f}x", f"{r['first_step_s']:.1f}"]
-            for r in results]
-    print(f"GPT-2 4x256, T=128, B=16, vocab {args.vocab} on {args.device} ({torch.get_num_threads()} threads)")
-    print(tabulate(rows, headers=["mode", "step ms (median)", "vs plain eager", "peak MiB", "vs plain eager",
-                                  "first step s (incl. compile)"]))
+    base = results.get("plain") or next(iter(results.values()))
+    comp = results.get("plain-compiled") or base
+    rows = [[m, f"{r['median_ms']:.1f}", f"{r['median_ms'] / base['median_ms']:.2f}x",
+             f"{r['median_ms'] / comp['median_ms']:.2f}x", f"{r['peak_mib']:.0f}",
+             f"{r['peak_mib'] / base['peak_mib']:.2f}x", f"{r['first_step_s']:.1f}"] for m, r in results.items()]
+    print(f"GPT-2 4x256, T=128, B=16, vocab {args.vocab} on {args.device} ({torch.get_num_threads()} threads), "
+          f"median of {args.rounds} interleaved rounds")
+    print(tabulate(rows, headers=["mode", "step ms", "vs plain eager", "vs plain compiled", "peak MiB",
+                                  "vs plain eager", "first step s (incl. compile)"]))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ pass, ``$FXDP_DUMP_DIR/compile_<k>/<NN>_<pass>.txt`` (``print_readable``).
 """
 from __future__ import annotations
 
+import warnings
 import weakref
 from typing import Any, Dict, List, Optional
 
@@ -37,24 +38,51 @@ import torch
 from fxdp.compile.graph_ops import release_sites
 
 INNER = ("inductor", "aot_eager", "eager")
+MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def _inner_compiler(name: str):
+def _inner_compiler(name: str, mode: Optional[str], example_inputs):
     if name not in INNER:
         raise ValueError(f"fxdp backend: unknown inner compiler {name!r}; expected one of {INNER}.")
+    if mode is not None and mode not in MODES:
+        raise ValueError(f"fxdp backend: unknown mode {mode!r}; expected one of {MODES}.")
+    if mode not in (None, "default") and name != "inductor":
+        raise ValueError(f"fxdp backend: mode={mode!r} tunes inductor; it does not apply to the {name!r} compiler.")
     if name == "eager":
         return lambda gm, inputs: gm.forward
-    from torch._dynamo.backends.registry import lookup_backend
-    return lookup_backend(name)
+    if name == "aot_eager":
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend(name)
+    from torch._inductor import list_mode_options
+    patches = dict(list_mode_options(mode or "default"))
+    if patches.pop("triton.cudagraphs", False) and any(
+            isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        warnings.warn(f"fxdp backend: mode={mode!r} asks for CUDA graphs, which fxdp turns off: a graph replay "
+                      "would skip the taps' hand-over of gradients to the engine. The rest of the mode applies.",
+                      UserWarning, stacklevel=2)
+    patches["triton.cudagraphs"] = False  # also when turned on globally (see the warning above)
+    # fxdp::stash hands the engine references to backward buffers (output gradients, saved or recomputed
+    # activations) that live until the end of backward; inductor must not write another result into them.
+    patches["allow_buffer_reuse"] = False
+    patches["inplace_buffers"] = False
+
+    def compile_inductor(gm, inputs):
+        from torch._inductor.compile_fx import compile_fx
+        return compile_fx(gm, inputs, config_patches=patches)
+    return compile_inductor
 
 
-def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: Optional[Dict[str, Any]] = None):
-    """Rewrite one dynamo region's parameter uses into taps, then compile it with the inner compiler."""
+def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: Optional[Dict[str, Any]] = None,
+                 mode: Optional[str] = None):
+    """Rewrite one dynamo region's parameter uses into taps, then compile it with the inner compiler.
+
+    ``mode`` is ``torch.compile``'s (``"reduce-overhead"``, ``"max-autotune"``, ...): inductor's settings for
+    it apply, except CUDA graphs (see :func:`_inner_compiler`)."""
     options = dict(options or {})
     compiler = options.pop("compiler", "inductor")
     if options:
         raise ValueError(f"fxdp backend: unknown options {sorted(options)}; supported: 'compiler'.")
-    inner = _inner_compiler(compiler)
+    inner = _inner_compiler(compiler, mode, example_inputs)
     from fxdp.compile.region import Region, run_region_passes
 
     region = run_region_passes(Region(gm, list(example_inputs)))

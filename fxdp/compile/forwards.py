@@ -20,7 +20,7 @@ from collections import OrderedDict
 import torch
 
 from fxdp.core.errors import BatchLayoutError, PrivacyError
-from fxdp.compile.graph_ops import OUTPUT_SLOT, CompiledSite, register_engine
+from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, CompiledSite, register_engine
 from fxdp.engine.recorder import single_sample_layout
 from fxdp.engine.compiled_hook import install_compiled_forwards
 from fxdp.engine.tap import ForwardContext, LayerUse
@@ -28,6 +28,24 @@ from fxdp.engine.tap import ForwardContext, LayerUse
 # Compiled forward passes kept for their backward; older ones are dropped (their backward then fails loudly).
 MAX_COMPILED_FORWARDS = 64
 _context_ids = itertools.count(1)
+
+
+def _frames_past_recompile_limit(model) -> list:
+    """The forward functions of ``model``'s modules whose dynamo cache is full: dynamo runs them uncompiled."""
+    try:
+        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
+        limit = torch._dynamo.config.recompile_limit
+    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
+        return []
+    out, seen = [], set()
+    for m in model.modules():
+        code = getattr(type(m).forward, "__code__", None)
+        if code is None or code in seen:
+            continue
+        seen.add(code)
+        if len(_debug_get_cache_entry_list(code)) >= limit:
+            out.append(f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})")
+    return out
 
 
 def _requires_grad(output) -> bool:
@@ -62,16 +80,33 @@ class CompiledForwards:
         expected = len(ctx.table.keys) if ctx.table is not None else None
         if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
+            given_up = _frames_past_recompile_limit(self.engine.model)
+            if given_up:
+                raise PrivacyError(
+                    f"fxdp: the privatized model ran under torch.compile, but dynamo hit its recompile limit "
+                    f"(torch._dynamo.config.recompile_limit) on {', '.join(given_up[:3])} and ran it without "
+                    "compiling it, so no graph of backend \"fxdp\" tapped this forward pass and its gradients "
+                    "would not be clipped. (A forward wrapper shared by many models, such as HuggingFace's, "
+                    "reaches the limit first.) Raise the limit, mark the varying dimension dynamic "
+                    "(torch._dynamo.mark_dynamic), or train this model without torch.compile.")
+            if type(self.engine.model) not in COMPILED_CLASSES:
+                raise PrivacyError(
+                    "fxdp: the privatized model ran under torch.compile, but no compiled region reported its "
+                    "parameter uses: it was compiled with a backend other than \"fxdp\", so its gradients would "
+                    "not be clipped. Use torch.compile(model, backend=\"fxdp\").")
             raise PrivacyError(
-                "fxdp: the privatized model ran under torch.compile, but no compiled region reported its parameter "
-                "uses: it was compiled with a backend other than \"fxdp\", so its gradients would not be clipped. "
-                "Use torch.compile(model, backend=\"fxdp\").")
+                "fxdp: the privatized model ran under torch.compile, but this forward pass ran no graph compiled "
+                "by backend \"fxdp\": it was compiled again with a backend other than \"fxdp\", or dynamo ran "
+                "the model's code without compiling it. Its gradients would not be clipped. Use "
+                "torch.compile(model, backend=\"fxdp\"), or train this model without torch.compile.")
         if expected is not None and ctx.next_ordinal != expected:
             self._contexts.pop(ctx.cid, None)
             raise PrivacyError(
                 f"fxdp: the analysis found {expected} parameter uses in this forward pass, but compiled regions "
-                f"tapped {ctx.next_ordinal}; the others ran outside a compiled graph (eager code between graph "
-                "breaks) where fxdp cannot see them. Move parameter uses out of the code dynamo cannot trace.")
+                f"tapped {ctx.next_ordinal}; the others ran outside any compiled graph (code dynamo does not "
+                "trace: a torch._dynamo.disable'd / torch.compiler.disable'd function or module, an op dynamo "
+                "cannot trace, a frame dynamo gave up on), where fxdp cannot see them under torch.compile. "
+                "Let dynamo trace the code that uses parameters, or train this model with eager fxdp.privatize.")
         if not _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
 
@@ -80,21 +115,31 @@ class CompiledForwards:
         self._contexts.pop(ctx.cid, None)
         ctx.by_ordinal = {}
 
-    def enter_region(self, first_ordinal: int, num_sites: int) -> torch.Tensor:
-        """Run time, start of a compiled region: its token (see :mod:`fxdp.compile.graph_ops`)."""
+    def enter_region(self, plan, params) -> torch.Tensor:
+        """Run time, start of a compiled region whose parameters this engine's open forward pass holds
+        (see :func:`fxdp.compile.graph_ops.owner_of`): its token ``(engine id, forward id)``.
+
+        The graph may have been compiled for another instance (dynamo reuses graphs across instances of a
+        class): its call sites are checked against *this* forward's analysis once per layout table."""
         ctx = self.engine.current_forward
-        if ctx is None or not ctx.compiled:
-            raise PrivacyError(
-                "fxdp: a compiled region that uses the privatized model's parameters ran outside a forward pass "
-                "of the model in grad mode (fxdp did not see the pass start). Call the compiled model itself: "
-                "torch.compile(model, backend=\"fxdp\")(inputs).")
-        if ctx.next_ordinal != first_ordinal:
+        if ctx.next_ordinal != plan.first_ordinal:
             raise BatchLayoutError(
-                f"fxdp: a compiled region starts at parameter use {first_ordinal}, but this forward pass has made "
-                f"{ctx.next_ordinal}: the forward takes another path than when it was compiled (data-dependent "
-                "control flow between graph breaks).")
-        ctx.next_ordinal += num_sites
-        return torch.tensor(ctx.cid, dtype=torch.int64)
+                f"fxdp: a compiled region starts at parameter use {plan.first_ordinal}, but this forward pass has "
+                f"made {ctx.next_ordinal}: the forward takes another path than when it was compiled "
+                "(data-dependent control flow between graph breaks).")
+        table = ctx.table
+        if table is not None and table not in plan.verified:
+            for site in plan.sites:
+                if not table.matches(site.ordinal, site.rule, site.param_names) or \
+                        bool(table.lifts[site.ordinal]) != site.lift:
+                    raise PrivacyError(
+                        f"fxdp: compiled call site {site.ordinal} ({site.rule} rule using "
+                        f"{', '.join(site.param_names)}) does not match the analysis of this model's forward pass: "
+                        "dynamo reused a graph compiled for a model that differs from this one. Compile this "
+                        "model separately (torch._dynamo.reset()) and please report the model.")
+            plan.verified.add(table)
+        ctx.next_ordinal += len(plan.sites)
+        return torch.tensor([self.uid, ctx.cid], dtype=torch.int64)
 
     def receive(self, cid: int, site: CompiledSite, slot: int, grad: torch.Tensor, saved: list):
         """Backward: one capture of a compiled call site; feeds the same path as the eager taps."""

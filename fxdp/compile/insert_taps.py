@@ -2,14 +2,18 @@
 
 For call site ``y = op(x, W, b)`` of a region (see :mod:`fxdp.compile.region`):
 
-    token = fxdp::forward_token(engine, first_ordinal, num_sites)   # once per region
+    token = fxdp::forward_token(region, [W, b, ...])   # once per region: finds the engine owning W, b
     y  = op(x, W.detach(), b.detach())
     y' = capture(y, token, site, OUTPUT, 2, W, b, x)                 # users of y read y'
 
 A parameter broadcast inside an elementwise op is replaced by
 ``capture(expand_for(p.detach(), *other inputs), token, site, slot, 1, p)``;
 a (1, T) layout source the analysis lifted is expanded to the batch size read
-from the model input's (symbolic) size. After the rewrite
+from the model input's (symbolic) size. An output the graph later modifies in
+place (``ReLU(inplace=True)``, ``h += residual``; found when the region was
+bound) is read through a ``clone`` of the capture: autograd forbids in-place
+changes of a custom Function's view, and the copy is what the in-place op
+changes (inductor fuses it with that op). After the rewrite
 :func:`check_no_direct_use` proves that every path from a trainable
 parameter to the graph's outputs goes through a capture.
 """
@@ -43,8 +47,7 @@ def _batch_size_node(region, g: fx.Graph, after: fx.Node) -> fx.Node:
 def _register(region, site, source_name) -> int:
     b = site.binding
     template = replace(b, params={}, saved={}, layout_source=None, options=dict(b.options))
-    compiled_site = C.CompiledSite(region.engine.compiled_forwards.uid, site.ordinal, site.op, template, tuple(b.saved),
-                                   source_name, tuple(b.broadcast))
+    compiled_site = C.CompiledSite(site.ordinal, site.op, template, tuple(b.saved), source_name, tuple(b.broadcast))
     uid = C.register_site(compiled_site)
     region.site_uids.append(uid)
     return uid
@@ -56,9 +59,13 @@ def insert_taps(region) -> PassResult:
         return PassResult(region, False)
     g = region.gm.graph
     last = [n for n in g.nodes if n.op == "placeholder"][-1]
+    params = list(region.param_nodes)
+    plan = C.RegionPlan(tuple(region.param_nodes[p] for p in params), region.first_ordinal,
+                        tuple(C.SiteCheck(s.ordinal, s.binding.rule.name, tuple(s.binding.param_names), bool(s.lift))
+                              for s in region.sites))
+    region.site_uids.append(C.register_region(plan))
     with g.inserting_after(last):
-        token = g.call_function(torch.ops.fxdp.forward_token.default,
-                                (region.engine.compiled_forwards.uid, region.first_ordinal, len(region.sites)))
+        token = g.call_function(torch.ops.fxdp.forward_token.default, (plan.uid, params))
     detached, batch_size = {}, []
 
     def detach(p: fx.Node) -> fx.Node:
@@ -104,7 +111,11 @@ def insert_taps(region) -> PassResult:
         with g.inserting_after(n):
             cap = g.call_function(C.capture, (n, token, uid, C.OUTPUT_SLOT, len(params), *params,
                                               *saved.values()))
-        n.replace_all_uses_with(cap, delete_user_cb=lambda user: user is not cap)
+        out = cap
+        if site.mutated:  # a capture's output is a view autograd cannot let be modified: modify a copy
+            with g.inserting_after(cap):
+                out = g.call_method("clone", (cap,))
+        n.replace_all_uses_with(out, delete_user_cb=lambda user: user is not cap)
     for n, inner in composites.items():
         leaves, _ = tree_flatten((n.args, n.kwargs))
         positions = tuple(i for i, a in enumerate(leaves) if a in region.param_nodes)
@@ -118,7 +129,8 @@ def check_no_direct_use(region) -> PassResult:
     for p in region.param_nodes:
         for user in p.users:
             ok = (user.op == "call_method" and user.target == "detach") or user.target is C.capture \
-                or user.target is run_composite or user in region.benign
+                or user.target is run_composite or user in region.benign \
+                or user.target is torch.ops.fxdp.forward_token.default
             if not ok:
                 raise PrivacyError(
                     f"fxdp backend: after the rewrite, graph node {user.name} ({user.target}) still reads trainable "

@@ -2,13 +2,17 @@
 
 Pipeline, each a small function ``Region -> PassResult(region, modified)``:
 
+0. :func:`inline_checkpoints` -- activation-checkpointed bodies
+   (``tag_activation_checkpoint``) inlined, so that their parameter uses are
+   tapped like any other (exact; activations kept, warned).
 1. :func:`find_parameters` -- which graph inputs are trainable parameters of a
    privatized model, and that model's open forward pass (compiled regions of
    an unprivatized model are refused: never non-private training).
 2. :func:`bind_call_sites` -- runs the graph once on its example inputs under
    the same interceptor as eager ``privatize``: every call that uses a
    trainable parameter is bound by the same rule registry (or refused with the
-   same error), and mapped to its graph node.
+   same error), and mapped to its graph node; outputs the graph later modifies
+   in place are marked.
 3. :func:`match_analysis` -- call sites are numbered in graph order, after
    those of earlier regions of the same forward pass, and checked against the
    eager analysis of the forward (batch layouts, lifts) by parameter names.
@@ -18,11 +22,17 @@ Pipeline, each a small function ``Region -> PassResult(region, modified)``:
 5. :func:`check_no_direct_use` -- no trainable parameter reaches a node that
    could carry its gradient except through a capture.
 
+Nothing about the compiling model is baked into the graph: dynamo reuses it for
+other instances of the class, whose engine is found (and whose analysis is
+checked against the region's call sites) at run time.
+
 All of it runs on the torch-level graph, before aot_autograd decomposes
 anything; the inner compiler (inductor by default) gets the rewritten graph.
 """
 from __future__ import annotations
 
+import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +43,7 @@ from torch.utils._pytree import tree_flatten
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.runner import PassError, PassResult, run_passes
+from fxdp.compile import graph_ops as C
 from fxdp.compile.composite_taps import is_composite, positions_of
 
 
@@ -54,6 +65,7 @@ class BoundSite:
     composite: bool = False  # an inner call of a decomposed node: tensors located by argument position
     param_positions: tuple = ()
     saved_positions: tuple = ()
+    mutated: bool = False  # the graph modifies the call's output in place (ReLU(inplace=True), ``h += r``)
 
 
 @dataclass
@@ -76,15 +88,60 @@ def _placeholders(gm):
     return [n for n in gm.graph.nodes if n.op == "placeholder"]
 
 
+def _inline(gm: fx.GraphModule, node: fx.Node) -> None:
+    """Replace a higher-order call ``hop(body, *operands)`` by the nodes of ``body``."""
+    body = getattr(gm, node.args[0].target)
+    env = dict(zip([n for n in body.graph.nodes if n.op == "placeholder"], node.args[1:]))
+    g = gm.graph
+    outputs = None
+    with g.inserting_before(node):
+        for inner in body.graph.nodes:
+            if inner.op == "placeholder":
+                continue
+            if inner.op == "output":
+                outputs = fx.node.map_arg(inner.args[0], lambda a: env[a])
+                continue
+            if inner.op == "get_attr":
+                raise UncoveredParameterError("fxdp backend: a checkpointed body reads a module attribute; "
+                                              "fxdp cannot inline it.")
+            new = g.node_copy(inner, lambda a: env[a])
+            env[inner] = new
+    for user in list(node.users):
+        if user.op == "call_function" and user.target is operator.getitem:
+            user.replace_all_uses_with(outputs[user.args[1]])
+            g.erase_node(user)
+        else:
+            raise UncoveredParameterError("fxdp backend: a checkpointed region's result is used as a whole; "
+                                          "fxdp cannot inline it.")
+    getter = node.args[0]
+    g.erase_node(node)
+    if not getter.users:
+        g.erase_node(getter)
+
+
+def inline_checkpoints(region: Region) -> PassResult:
+    """Activation checkpointing (``torch.utils.checkpoint`` / HF ``gradient_checkpointing_enable``) reaches a
+    region as a ``tag_activation_checkpoint`` call of a body graph. Parameter uses inside it must be tapped
+    like any other, so the body is inlined: exact, but its activations are kept, not recomputed (warned)."""
+    hops = [n for n in region.gm.graph.nodes if n.op == "call_function"
+            and n.target is getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)]
+    if not hops:
+        return PassResult(region, False)
+    params = {id(v) for v in region.example_inputs if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+    if not params:
+        return PassResult(region, False)
+    for node in hops:
+        _inline(region.gm, node)
+    warnings.warn("fxdp backend: activation checkpointing inside a compiled region is inlined -- gradients are "
+                  "exact, but the checkpointed activations are kept instead of recomputed (no memory saving). "
+                  "Eager fxdp.privatize does not support checkpointing either.", UserWarning, stacklevel=2)
+    return PassResult(region, True)
+
+
 def find_parameters(region: Region) -> PassResult:
     """Map trainable-parameter graph inputs to their privatized model's engine and names."""
-    from fxdp.compile.graph_ops import _ENGINES
-
-    engines = [ref() for ref in list(_ENGINES.values())]
     owners = {}
-    for engine in engines:
-        if engine is None:
-            continue
+    for engine in C.live_engines():
         for name, p in engine.model.named_parameters():
             if p.requires_grad:
                 owners[id(p)] = (engine, name)
@@ -112,6 +169,7 @@ def find_parameters(region: Region) -> PassResult:
                 "model was compiled through an enclosing function. Compile the privatized model itself: "
                 "torch.compile(model, backend=\"fxdp\").")
         region.context = ctx
+        C.COMPILED_CLASSES.add(type(region.engine.model))
     return PassResult(region, False)
 
 
@@ -176,10 +234,17 @@ class _NodeTracking(fx.Interpreter):
         self.param_nodes = set(param_nodes)
         self.recorder_sites = recorder_sites
         self.benign = set()
+        self.outputs = {}  # call-site node -> its output tensors and their versions when made
+
+    def mutated(self, node) -> bool:
+        """Whether the rest of the graph modified the call site's output (or a view of it) in place."""
+        return any(t._version != v for t, v in self.outputs.get(node, ()))
 
     def run_node(self, n):
         self.current = n
         result = super().run_node(n)
+        if any(s.node is n for s in self.recorder_sites()):
+            self.outputs[n] = [(t, t._version) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
             leaves, _ = tree_flatten(result)
@@ -191,6 +256,17 @@ class _NodeTracking(fx.Interpreter):
         return result
 
 
+def _concrete(v):
+    """An example input the graph can run on: tensors other than parameters copied; a symbolic size
+    (dynamo passes SymInts for dynamic dimensions) replaced by its value in this call."""
+    if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter):
+        return v.clone()
+    if isinstance(v, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+        from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+        return guarding_hint_or_throw(v)
+    return v
+
+
 def bind_call_sites(region: Region) -> PassResult:
     """Bind every call that uses a trainable parameter, by running the graph once (RNG forked,
     inputs other than parameters copied, so the run leaves no trace)."""
@@ -200,14 +276,15 @@ def bind_call_sites(region: Region) -> PassResult:
     interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites)
     recorder = _SiteRecorder(interp)
     ids = {id(region.values[n]): name for n, name in region.param_nodes.items()}
-    inputs = [v.clone() if isinstance(v, torch.Tensor) and not isinstance(v, torch.nn.Parameter) else v
-              for v in region.example_inputs]
+    inputs = [_concrete(v) for v in region.example_inputs]
     devices = [v.device for v in inputs if isinstance(v, torch.Tensor) and v.device.type == "cuda"]
     with torch.random.fork_rng(devices=sorted({d.index or 0 for d in devices})), torch.enable_grad(), \
             ParameterInterceptor(ids, recorder):
         interp.run(*inputs)
     region.benign = interp.benign
     region.sites = recorder.sites
+    for site in region.sites:
+        site.mutated = interp.mutated(site.node)
     return PassResult(region, False)
 
 
@@ -238,7 +315,7 @@ def match_analysis(region: Region) -> PassResult:
 
 
 def run_region_passes(region: Region) -> Region:
-    """find_parameters -> bind_call_sites -> match_analysis -> insert_taps -> check_no_direct_use,
+    """inline_checkpoints -> find_parameters -> bind_call_sites -> match_analysis -> insert_taps -> check_no_direct_use,
     linting after each rewrite, dumping each pass's graph with FXDP_DEBUG >= 2, naming a failing pass."""
     from fxdp.analysis.dumps import debug_level, new_dump_folder
     from fxdp.compile.insert_taps import check_no_direct_use, insert_taps
@@ -246,7 +323,8 @@ def run_region_passes(region: Region) -> Region:
     folder = new_dump_folder("compile") if debug_level() >= 2 else None
     if folder is not None:
         (folder / "00_dynamo_graph.txt").write_text(region.gm.print_readable(print_output=False))
-    passes = (find_parameters, bind_call_sites, match_analysis, insert_taps, check_no_direct_use)
+    passes = (inline_checkpoints, find_parameters, bind_call_sites, match_analysis, insert_taps,
+              check_no_direct_use)
 
     def recompile(_name, result: PassResult):
         if result.modified:

@@ -10,13 +10,6 @@ from tests import reference as ref
 from tests.compile.models import assert_same_private_grads, case, compiled_and_eager
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", ["mlp", "cnn", "seq", "raw", "gpt2", "bert", "encoder"])
 def test_fullgraph_compile_equals_eager_privatize(name):
     torch.manual_seed(0)

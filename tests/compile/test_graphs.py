@@ -6,13 +6,6 @@ import fxdp
 from tests.compile.models import case
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 @pytest.mark.parametrize("name", ["gpt2", "encoder"])
 def test_privatized_model_traces_as_one_graph(name):
     base, args, target, loss_fn, kw = case(name, B=3)
@@ -43,9 +36,10 @@ def test_every_pass_dumps_its_graph(tmp_path, monkeypatch):
     loss_fn(compiled(*args), target).backward()
     folder = sorted(tmp_path.glob("compile_*"))[0]
     names = sorted(p.name for p in folder.iterdir())
-    assert names == ["00_dynamo_graph.txt", "01_find_parameters.txt", "02_bind_call_sites.txt",
-                     "03_match_analysis.txt", "04_insert_taps.txt", "05_check_no_direct_use.txt"]
-    assert "capture" in (folder / "04_insert_taps.txt").read_text()
+    assert names == ["00_dynamo_graph.txt", "01_inline_checkpoints.txt", "02_find_parameters.txt",
+                     "03_bind_call_sites.txt", "04_match_analysis.txt", "05_insert_taps.txt",
+                     "06_check_no_direct_use.txt"]
+    assert "capture" in (folder / "05_insert_taps.txt").read_text()
     assert "capture" not in (folder / "00_dynamo_graph.txt").read_text()
 
 

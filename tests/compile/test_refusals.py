@@ -8,13 +8,6 @@ from fxdp.core.errors import PrivacyError
 from tests.compile.models import case
 
 
-@pytest.fixture(autouse=True)
-def _reset_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
-
-
 def test_compiling_an_unprivatized_model_is_refused():
     model = case("mlp")[0]
     with pytest.raises(Exception, match="not privatized"):
@@ -47,7 +40,7 @@ def _untraced(layer, x):
 def test_parameter_use_between_graph_breaks_is_refused():
     model = fxdp.privatize(EagerIsland().double())
     compiled = torch.compile(model, backend="fxdp", options={"compiler": "eager"})
-    with pytest.raises(Exception, match="ran outside the compiled graph"):
+    with pytest.raises(Exception, match="ran outside (the|any) compiled graph"):
         compiled(torch.randn(4, 6, dtype=torch.float64))
 
 

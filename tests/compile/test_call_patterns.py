@@ -1,0 +1,205 @@
+"""How people call torch.compile (the README's table): each pattern trains exactly or is refused with an
+fxdp error that says what happened."""
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxdp
+from fxdp.core.errors import PrivacyError
+from tests import models_zoo as Z
+from tests.compile.models import assert_same_private_grads
+from tests.training.stack_helpers import make_loader
+
+
+class ModeMLP(nn.Module):
+    """MLPs with forward code objects of their own: dynamo's cache, and its recompile limit (8), is per code
+    object, and every pattern below compiles anew."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class GraphMLP(ModeMLP):
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def _exact(make, cls, R=0.05):
+    torch.manual_seed(30)
+    base = cls().double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=R)
+    Z.ce_sum(eager(x), y).backward()
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=R)
+    Z.ce_sum(make(model)(x), y).backward()
+    assert_same_private_grads(model, eager, rtol=1e-9)
+
+
+def test_torch_compile_mode_applies_to_inductor():
+    _exact(lambda m: torch.compile(m, backend="fxdp", mode="reduce-overhead"), ModeMLP)
+
+
+def test_every_mode_has_inductor_settings_without_cuda_graphs():
+    from fxdp.compile.backend import MODES, _inner_compiler
+    for mode in MODES:  # builds the inner compiler (settings checked), compiles nothing
+        assert callable(_inner_compiler("inductor", mode, []))
+    with pytest.raises(ValueError, match="unknown mode"):
+        _inner_compiler("inductor", "fastest", [])
+
+
+@pytest.mark.parametrize("dynamic", [True, False, None])
+def test_dynamic_flag(dynamic):
+    _exact(lambda m: torch.compile(m, backend="fxdp", dynamic=dynamic, options={"compiler": "aot_eager"}), ModeMLP)
+
+
+def test_fullgraph_and_module_compile_in_place():
+    _exact(lambda m: torch.compile(m, backend="fxdp", fullgraph=True, options={"compiler": "aot_eager"}), GraphMLP)
+
+    def in_place(m):
+        m.compile(backend="fxdp", options={"compiler": "aot_eager"})
+        return m
+    _exact(in_place, GraphMLP)
+
+
+def test_mode_with_a_non_inductor_compiler_is_refused():
+    from fxdp.compile.backend import fxdp_backend
+    with pytest.raises(ValueError, match="tunes inductor"):
+        fxdp_backend(None, [], {"compiler": "aot_eager"}, mode="max-autotune")
+
+
+class Checkpointed(nn.Module):
+    def __init__(self, checkpointed=True):
+        super().__init__()
+        self.a, self.b, self.checkpointed = nn.Linear(6, 8), nn.Linear(8, 3), checkpointed
+
+    def forward(self, x):
+        def body(z):
+            return torch.tanh(self.a(z))
+        h = torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False) if self.checkpointed else body(x)
+        return self.b(h)
+
+
+def test_activation_checkpointing_is_inlined_exact_with_a_warning():
+    torch.manual_seed(31)
+    base = Checkpointed().double()
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    plain = copy.deepcopy(base)
+    plain.checkpointed = False  # eager privatize does not support checkpointing: compare with the plain model
+    eager = fxdp.privatize(plain, max_grad_norm=0.1)
+    Z.ce_sum(eager(x), y).backward()
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
+    with pytest.warns(UserWarning, match="checkpointing inside a compiled region is inlined"):
+        Z.ce_sum(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(x), y).backward()
+    assert_same_private_grads(model, eager)
+
+
+@pytest.mark.slow  # ~15 s; the inlining itself is covered by the test above
+def test_huggingface_gradient_checkpointing():
+    torch.manual_seed(32)
+    base = Z.gpt2()
+    ids = torch.randint(0, 40, (4, 8))
+    eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
+    Z.lm_sum(eager(ids), ids).backward()
+    ck = copy.deepcopy(base)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = fxdp.privatize(ck.train(), max_grad_norm=0.1)
+    with pytest.warns(UserWarning, match="inlined"):
+        Z.lm_sum(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(ids), ids).backward()
+    assert_same_private_grads(model, eager)
+
+
+def test_lora_under_compile():
+    """PEFT LoRA: frozen base weights, trainable adapters (the same peft layers as on a transformer)."""
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(33)
+    peft_model = get_peft_model(GraphMLP().double(), LoraConfig(r=2, target_modules=["fc1", "fc2"]))
+    x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
+    eager = fxdp.privatize(copy.deepcopy(peft_model), max_grad_norm=0.01)
+    Z.ce_sum(eager(x), y).backward()
+    model = fxdp.privatize(copy.deepcopy(peft_model), max_grad_norm=0.01)
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    Z.ce_sum(compiled(x), y).backward()
+    assert sum(p.requires_grad for p in model.parameters()) == 4
+    assert_same_private_grads(model, eager)
+
+
+def test_fp16_autocast_with_grad_scaler():
+    torch.manual_seed(34)
+    base, x, y, loss_fn = GraphMLP(), torch.randn(5, 6), torch.randint(0, 3, (5,)), Z.ce_sum
+    eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
+    loss_fn(eager(x), y).backward()
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1, grad_scaler=scaler)
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = compiled(x)
+    scaler.scale(loss_fn(out.float(), y)).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert p.private_grad.dtype == torch.float32
+        torch.testing.assert_close(p.private_grad, q.private_grad, rtol=0.05, atol=5e-3, msg=name)
+
+
+class OwnMLP(nn.Module):
+    """A forward code object of its own: dynamo's cache (and its recompile limit) is per code object."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+class OtherMLP(OwnMLP):
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_a_frame_dynamo_gives_up_on_is_refused_saying_so():
+    """Past dynamo's recompile limit the forward runs uncompiled: refused, and the error says why."""
+    model = fxdp.privatize(OwnMLP().double(), max_grad_norm=0.1)
+    compiled = torch.compile(model, backend="fxdp", dynamic=False, options={"compiler": "eager"})
+    with torch._dynamo.config.patch(recompile_limit=1):
+        Z.ce_sum(compiled(torch.randn(3, 6, dtype=torch.float64)), torch.randint(0, 3, (3,))).backward()
+        with pytest.raises(PrivacyError, match="recompile_limit"):
+            compiled(torch.randn(4, 6, dtype=torch.float64))
+
+
+def test_poisson_training_recompiles_a_bounded_number_of_times():
+    """50 steps of make_private training with a compiled model: batch sizes vary (0 and 1 included)."""
+    torch.manual_seed(35)
+    model = OtherMLP().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    engine = fxdp.PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(module=model, optimizer=opt, data_loader=make_loader(n=40, batch_size=4),
+                                             noise_multiplier=1.0, max_grad_norm=1.0)
+    compiles = []
+
+    def counting(gm, inputs):
+        compiles.append(1)
+        from fxdp.compile.backend import fxdp_backend
+        return fxdp_backend(gm, inputs, {"compiler": "aot_eager"})
+
+    compiled = torch.compile(model, backend=counting)
+    sizes, steps = set(), 0
+    while steps < 50:
+        for x, y in loader:
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(compiled(x), y).backward()
+            opt.step()
+            sizes.add(len(x))
+            steps += 1
+            if steps == 50:
+                break
+    assert len(sizes) >= 4 and {0, 1} & sizes
+    assert len(compiles) <= 4  # static first size, one dynamic-B graph, B = 1 and B = 0 (specialised)
+    assert sum(n for _, _, n in engine.accountant.history) == 50
