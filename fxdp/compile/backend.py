@@ -35,6 +35,7 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
+from fxdp.compile.composite_taps import release_plans
 from fxdp.compile.graph_ops import release_sites
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -88,6 +89,8 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     region = run_region_passes(Region(gm, list(example_inputs)))
     if region.site_uids:
         weakref.finalize(region.gm, release_sites, list(region.site_uids))
+    if region.plan_ids:
+        weakref.finalize(region.gm, release_plans, list(region.plan_ids))
     return inner(region.gm, example_inputs)
 
 

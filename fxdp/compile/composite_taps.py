@@ -64,6 +64,12 @@ def register_plan(func, sites) -> int:
     return plan_id
 
 
+def release_plans(plan_ids) -> None:
+    """Forget the plans of a compiled graph that no longer exists."""
+    for plan_id in plan_ids:
+        PLANS.pop(plan_id, None)
+
+
 class CompositeTaps(TorchFunctionMode):
     """Replays a decomposition, tapping each inner call that uses one of ``params``."""
 

@@ -119,7 +119,9 @@ def insert_taps(region) -> PassResult:
     for n, inner in composites.items():
         leaves, _ = tree_flatten((n.args, n.kwargs))
         positions = tuple(i for i, a in enumerate(leaves) if a in region.param_nodes)
-        n.args = (token, register_plan(n.target, inner), positions) + tuple(n.args)
+        plan_id = register_plan(n.target, inner)
+        region.plan_ids.append(plan_id)
+        n.args = (token, plan_id, positions) + tuple(n.args)
         n.target = run_composite
     return PassResult(region, True)
 

@@ -82,6 +82,7 @@ class Region:
     benign: set = field(default_factory=set)  # nodes that read trainable parameters without a gradient
     first_ordinal: int = 0
     site_uids: List[int] = field(default_factory=list)
+    plan_ids: List[int] = field(default_factory=list)  # composite-op plans, released with the graph
 
 
 def _placeholders(gm):

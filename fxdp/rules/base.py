@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
@@ -53,6 +53,11 @@ class OpCall:
     @property
     def name(self) -> str:
         return func_name(self.func)
+
+
+def root_names(name: str) -> List[str]:
+    """The parameters a (virtual) parameter name stands for (see :mod:`fxdp.rules.virtual`)."""
+    return name.split("~", 1)[0].split("+") if "~v" in name else [name]
 
 
 def trainable_roles(call: "OpCall", pairs):

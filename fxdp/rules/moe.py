@@ -12,8 +12,7 @@ from __future__ import annotations
 import torch
 
 from fxdp.core.errors import UncoveredParameterError
-from fxdp.rules.base import OpCall, Rule
-from fxdp.rules.virtual import root_names
+from fxdp.rules.base import OpCall, Rule, root_names
 
 GROUPED = tuple(f for f in (getattr(torch, "_grouped_mm", None),) if f is not None)
 

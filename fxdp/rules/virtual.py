@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fxdp.rules.base import OpCall
+from fxdp.rules.base import OpCall, root_names
 from fxdp.rules.factors import DenseGrad, EmbeddingGrad, LowRankGrad, compute_dtype
 
 T = torch.Tensor
@@ -86,11 +86,6 @@ class _Slot:
 def virtual_name(roots, ordinal: int) -> str:
     """Name of the virtual parameter made at call site ``ordinal`` from parameters ``roots``."""
     return f"{'+'.join(sorted(roots))}~v{ordinal}"
-
-
-def root_names(name: str) -> List[str]:
-    """The parameters a (virtual) parameter name stands for."""
-    return name.split("~", 1)[0].split("+") if "~v" in name else [name]
 
 
 def make_virtuals(call: OpCall, ordinal: int):
