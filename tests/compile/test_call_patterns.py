@@ -86,21 +86,17 @@ class Checkpointed(nn.Module):
         return self.b(h)
 
 
-def test_activation_checkpointing_is_inlined_exact_with_a_warning():
+def test_activation_checkpointing_is_refused_under_compile_as_in_eager_mode():
+    """The analysis of each input structure runs eagerly, where checkpointing is refused (its recomputation
+    runs outside the interceptor); the region pass that inlines checkpoints is kept for when it is not."""
     torch.manual_seed(31)
-    base = Checkpointed().double()
+    model = fxdp.privatize(Checkpointed().double(), max_grad_norm=0.1)
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    plain = copy.deepcopy(base)
-    plain.checkpointed = False  # eager privatize does not support checkpointing: compare with the plain model
-    eager = fxdp.privatize(plain, max_grad_norm=0.1)
-    Z.ce_sum(eager(x), y).backward()
-    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
-    with pytest.warns(UserWarning, match="checkpointing inside a compiled region is inlined"):
+    with pytest.raises(fxdp.UncoveredParameterError, match="checkpoint"):
         Z.ce_sum(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(x), y).backward()
-    assert_same_private_grads(model, eager)
 
 
-@pytest.mark.slow  # ~15 s; the inlining itself is covered by the test above
+@pytest.mark.skip(reason="activation checkpointing is refused by the eager analysis (issue #18 §3 open)")
 def test_huggingface_gradient_checkpointing():
     torch.manual_seed(32)
     base = Z.gpt2()
