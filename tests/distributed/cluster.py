@@ -64,8 +64,6 @@ def _serve(rank: int, world_size: int, port: int, inbox, outbox) -> None:
             outbox.put((rank, "ok", value, ""))
         except BaseException as exc:  # report everything, keep serving
             outbox.put((rank, type(exc).__name__, str(exc), traceback.format_exc()))
-        finally:
-            torch._dynamo.reset()
     dist.destroy_process_group()
 
 
