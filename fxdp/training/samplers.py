@@ -18,7 +18,7 @@ from typing import List, Optional, Sequence
 
 import torch
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler, SubsetRandomSampler
+from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
 
 from fxdp.core.errors import PrivacyError
 
@@ -44,12 +44,26 @@ class DrawnSizes:
         return self._queue.popleft()
 
 
+def refuse_repeated_subset(dataset) -> None:
+    """A ``Subset`` (at any depth) that lists an underlying example more than once would let that example
+    enter one Poisson batch several times (k·R) while q is charged once: refused."""
+    while isinstance(dataset, Subset):
+        indices = [int(i) for i in dataset.indices]
+        if len(set(indices)) != len(indices):
+            raise PrivacyError(
+                "fxdp: the data set is a Subset that lists an example more than once; each copy would be sampled "
+                "independently, so one example could contribute several times R to a step while the accountant "
+                "charges it once. Pass a Subset of distinct indices (oversampling is not private).")
+        dataset = dataset.dataset
+
+
 def visited_indices(data_loader) -> Optional[List[int]]:
     """The dataset indices ``data_loader`` visits (None: all of ``range(len(dataset))``).
 
     Raises:
         PrivacyError: a sampler whose set of visited examples fxdp cannot read.
     """
+    refuse_repeated_subset(data_loader.dataset)
     sampler = data_loader.batch_sampler
     if isinstance(sampler, IndexedPoissonSampler):
         return None if sampler.indices is None else list(sampler.indices)

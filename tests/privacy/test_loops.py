@@ -463,3 +463,15 @@ def test_fastdp_attach_with_a_loader_checks_every_step():
     with pytest.raises(ValueError, match="sample_size"):
         FastDPEngine(model, batch_size=4, sample_size=10, epochs=1, noise_multiplier=1.0).attach(
             torch.optim.SGD(model.parameters(), lr=0.1), data_loader=DataLoader(TensorDataset(x, y), batch_size=4))
+
+
+def test_a_subset_listing_an_example_twice_is_refused():
+    from torch.utils.data import DataLoader, Subset, TensorDataset
+
+    X, Y = torch.randn(20, 4), torch.randint(0, 2, (20,))
+    train = Subset(TensorDataset(X, Y), [0, 0] + list(range(1, 10)))
+    model = torch.nn.Linear(4, 2)
+    with pytest.raises(fxdp.PrivacyError, match="more than once"):
+        fxdp.PrivacyEngine(accountant="rdp").make_private(
+            module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+            data_loader=DataLoader(train, batch_size=4), noise_multiplier=1.0, max_grad_norm=1.0)
