@@ -17,6 +17,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 
+from fxdp.core.errors import PrivacyError
+
 
 def func_name(func) -> str:
     """Readable name of a torch function or Tensor method ("F.linear", "torch.addmm", "Tensor.expand")."""
@@ -131,3 +133,12 @@ class Rule(abc.ABC):
     def shape_summary(self, binding: Binding) -> Dict[str, int]:
         """Sizes (T, m, n, ...) used by reports and the cost model; rule-specific."""
         return {}
+
+
+class NoFactorsRule(Rule):
+    """A rule that never binds a call for per-sample factors: it only refuses (``bind`` raises) or
+    decomposes the call into covered ops (``decompose``). ``factors`` is unreachable by construction."""
+
+    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
+        raise PrivacyError(f"fxdp: internal error: the {self.name} rule produced a binding, but it only refuses or "
+                           "decomposes calls; please report this.")

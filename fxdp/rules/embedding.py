@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from fxdp.core.errors import SampleMixingError, UncoveredParameterError
-from fxdp.rules.base import Binding, OpCall, Rule
+from fxdp.rules.base import Binding, OpCall, NoFactorsRule, Rule
 from fxdp.rules.factors import EmbeddingGrad
 
 
@@ -59,7 +59,7 @@ class EmbeddingRule(Rule):
         return {"V": binding.options["num_embeddings"], "n": binding.options["dim"]}
 
 
-class EmbeddingBagRule(Rule):
+class EmbeddingBagRule(NoFactorsRule):
     """``F.embedding_bag``: a 2-D (B, L) input goes to the per-sample fallback (each bag is one sample's
     row); flat ids with ``offsets`` are refused -- the bags are ragged slices of one flat tensor, so
     no dimension of any input carries the samples and the analysis cannot place them."""
@@ -78,5 +78,3 @@ class EmbeddingBagRule(Rule):
             "(batch, max_bag_length) tensor without offsets, padded with padding_idx (nn.EmbeddingBag(..., "
             "padding_idx=...) ignores those entries), or freeze the parameter.")
 
-    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):  # pragma: no cover
-        raise NotImplementedError

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from fxdp.core.errors import UncoveredParameterError
-from fxdp.rules.base import OpCall, Rule
+from fxdp.rules.base import OpCall, NoFactorsRule
 
 T = torch.Tensor
 DUNDER = {"__iadd__": "add", "__isub__": "sub", "__imul__": "mul", "__itruediv__": "div", "__idiv__": "div"}
@@ -36,7 +36,7 @@ def _pairs():
 OUT_OF_PLACE = _pairs()
 
 
-class InplaceRule(Rule):
+class InplaceRule(NoFactorsRule):
     """Decomposes in-place ops with a trainable argument (see module docstring); never binds a call itself."""
 
     name = "in-place"
@@ -45,8 +45,6 @@ class InplaceRule(Rule):
     def bind(self, call: OpCall):
         return None
 
-    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):  # pragma: no cover
-        raise NotImplementedError
 
     def decompose(self, call: OpCall):
         target = call.args[0] if call.args else call.kwargs.get("self")

@@ -12,12 +12,12 @@ from __future__ import annotations
 import torch
 
 from fxdp.core.errors import UncoveredParameterError
-from fxdp.rules.base import OpCall, Rule, root_names
+from fxdp.rules.base import OpCall, NoFactorsRule, root_names
 
 GROUPED = tuple(f for f in (getattr(torch, "_grouped_mm", None),) if f is not None)
 
 
-class GroupedExpertsRule(Rule):
+class GroupedExpertsRule(NoFactorsRule):
     name = "grouped experts"
     funcs = GROUPED
 
@@ -29,5 +29,3 @@ class GroupedExpertsRule(Rule):
             "on every sample's routing, so fxdp cannot form per-sample gradients. Freeze the experts (train the "
             "router, attention and norms, or LoRA adapters), or use a dense MLP.")
 
-    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):  # pragma: no cover
-        raise NotImplementedError

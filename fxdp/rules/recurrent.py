@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fxdp.core.errors import UncoveredParameterError
-from fxdp.rules.base import OpCall, Rule
+from fxdp.rules.base import OpCall, NoFactorsRule
 
 MODES = {torch.lstm: "LSTM", torch.gru: "GRU", torch.rnn_tanh: "RNN_TANH", torch.rnn_relu: "RNN_RELU"}
 
@@ -91,7 +91,7 @@ def run_recurrent(mode, x, hx, params, has_biases, num_layers, dropout, train, b
     return output, torch.stack(hs, 0)
 
 
-class RecurrentRule(Rule):
+class RecurrentRule(NoFactorsRule):
     """Decomposes the fused recurrent ops (see module docstring); never binds a call itself."""
 
     name = "recurrent"
@@ -100,8 +100,6 @@ class RecurrentRule(Rule):
     def bind(self, call: OpCall):
         return None
 
-    def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):  # pragma: no cover
-        raise NotImplementedError
 
     def decompose(self, call: OpCall):
         mode = MODES[call.func]
