@@ -1,4 +1,4 @@
-"""Many privatized models compiled in one process, with no ``torch._dynamo.reset()``: dynamo reuses a
+"""Many privatized models compiled in one process, with no dynamo cache reset: dynamo reuses a
 graph for every instance of a class, and each run must feed the engine of the model it ran for."""
 import copy
 import gc
