@@ -36,13 +36,13 @@ import hashlib
 from typing import Optional
 
 import torch
-from opacus.data_loader import CollateFnWithEmpty, dtype_safe, shape_safe, wrap_collate_with_empty
+from opacus.data_loader import CollateFnWithEmpty
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler
 from torch.utils.data import DataLoader, IterableDataset
-from torch.utils.data._utils.collate import default_collate
 
+from fxdp.training.loaders import empty_aware_collate, notifying
 from fxdp.training.noise import generator_from_os_entropy, seed_from_global_rng
-from fxdp.training.samplers import DrawnSizes, rows_of_empty_batch, visited_indices
+from fxdp.training.samplers import DrawnSizes, visited_indices
 
 
 def mix_seed(seed: int, rank: int) -> int:
@@ -132,21 +132,12 @@ class DistributedPoissonDataLoader(DataLoader):
             raise ValueError("fxdp: Poisson sampling needs a map-style dataset, not an IterableDataset.")
         if isinstance(collate_fn, CollateFnWithEmpty):
             collate_fn = collate_fn.wrapped_collator_fn
-        first = dataset[0]
-        shapes = [(0, *shape_safe(x)) for x in first] if isinstance(first, (tuple, list)) else None
-        dtypes = [dtype_safe(x) for x in first] if isinstance(first, (tuple, list)) else None
-        super().__init__(dataset=dataset, batch_sampler=batch_sampler, collate_fn=wrap_collate_with_empty(
-            collate_fn=collate_fn if collate_fn is not None else default_collate, batch_first=batch_first,
-            rand_on_empty=rand_on_empty, sample_empty_shapes=shapes, dtypes=dtypes), **kwargs)
+        super().__init__(dataset=dataset, batch_sampler=batch_sampler,
+                         collate_fn=empty_aware_collate(dataset[0], collate_fn, batch_first, rand_on_empty), **kwargs)
         self.sample_rate = batch_sampler.sample_rate
 
     def __iter__(self):
-        for batch in super().__iter__():
-            n, _ = self.batch_sampler.drawn.pop()
-            if self.dp_optimizer is not None:
-                self.dp_optimizer.notify_batch(ends_logical_batch=True,
-                                               num_examples=n or rows_of_empty_batch(self.collate_fn))
-            yield batch
+        yield from notifying(self, super().__iter__())
 
 
 def make_distributed_loader(data_loader: DataLoader, *, sample_rate: float, generator: torch.Generator,

@@ -37,6 +37,28 @@ from torch.utils.data._utils.collate import default_collate
 from fxdp.training.samplers import DrawnSizes, IndexedPoissonSampler, rows_of_empty_batch, visited_indices
 
 
+def empty_aware_collate(first_example, collate_fn, batch_first: bool, rand_on_empty: bool):
+    """The user's collate (default_collate if None) wrapped so that an empty Poisson batch collates to
+    zero-row tensors shaped like ``first_example``'s fields (Opacus's wrapper)."""
+    fields = isinstance(first_example, (tuple, list))
+    shapes = [(0, *shape_safe(x)) for x in first_example] if fields else None
+    dtypes = [dtype_safe(x) for x in first_example] if fields else None
+    return wrap_collate_with_empty(collate_fn=collate_fn if collate_fn is not None else default_collate,
+                                   batch_first=batch_first, rand_on_empty=rand_on_empty,
+                                   sample_empty_shapes=shapes, dtypes=dtypes)
+
+
+def notifying(loader, batches):
+    """Yield ``batches`` of a Poisson ``loader``, telling its ``dp_optimizer`` how many examples each one drew
+    (each batch is one logical batch; an empty one counts its zero rows)."""
+    for batch in batches:
+        n, _ = loader.batch_sampler.drawn.pop()
+        if loader.dp_optimizer is not None:
+            loader.dp_optimizer.notify_batch(ends_logical_batch=True,
+                                             num_examples=n or rows_of_empty_batch(loader.collate_fn))
+        yield batch
+
+
 class PoissonDataLoader(DPDataLoader):
     """Opacus's ``DPDataLoader`` (Poisson sampling, empty batches supported) over ``indices``
     (None: the whole dataset), which notifies ``dp_optimizer`` of every batch it hands out and of
@@ -50,22 +72,13 @@ class PoissonDataLoader(DPDataLoader):
         sampler = IndexedPoissonSampler(num_samples=len(dataset), sample_rate=sample_rate, indices=indices,
                                         generator=generator)
         first = dataset[sampler.indices[0] if sampler.indices else 0]
-        shapes = [(0, *shape_safe(x)) for x in first] if isinstance(first, (tuple, list)) else None
-        dtypes = [dtype_safe(x) for x in first] if isinstance(first, (tuple, list)) else None
-        DataLoader.__init__(self, dataset=dataset, batch_sampler=sampler, generator=generator, collate_fn=(
-            wrap_collate_with_empty(collate_fn=collate_fn if collate_fn is not None else default_collate,
-                                    batch_first=batch_first, rand_on_empty=rand_on_empty,
-                                    sample_empty_shapes=shapes, dtypes=dtypes)), **kwargs)
+        DataLoader.__init__(self, dataset=dataset, batch_sampler=sampler, generator=generator,
+                            collate_fn=empty_aware_collate(first, collate_fn, batch_first, rand_on_empty), **kwargs)
         self.sample_rate = sample_rate
         self.distributed = False
 
     def __iter__(self):
-        for batch in super().__iter__():
-            n, _ = self.batch_sampler.drawn.pop()
-            if self.dp_optimizer is not None:
-                self.dp_optimizer.notify_batch(ends_logical_batch=True,
-                                               num_examples=n or rows_of_empty_batch(self.collate_fn))
-            yield batch
+        yield from notifying(self, super().__iter__())
 
 
 def make_poisson_loader(data_loader: DataLoader, *, sample_rate: Optional[float] = None,
