@@ -35,7 +35,8 @@ DPTrainer therefore runs what :class:`fxdp.DPDistributed` runs, inside the Train
 
 Refused before training, with what to do instead (:func:`refuse_unsupported_parallelism`):
 FSDP, DeepSpeed and tensor/context parallelism through TrainingArguments or an accelerate
-config, and ``nn.DataParallel`` (several GPUs in one process).
+config, ``nn.DataParallel`` (several GPUs in one process), and a process group of several
+ranks that the Trainer does not see (no torchrun environment: each rank would train alone).
 """
 from __future__ import annotations
 
@@ -81,6 +82,13 @@ def refuse_unsupported_parallelism(args, trainer=None) -> None:
         raise PrivacyError(f"fxdp: DPTrainer does not support {what}: these shard or reduce p.grad inside backward "
                            "(reduce-scatter / ZeRO partitions), while fxdp's clipped per-sample sums are in "
                            f"p.private_grad and must be noised once before they are combined. {_ALTERNATIVE}")
+    if (trainer is not None and not is_multi_process(args) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1):
+        raise PrivacyError(f"fxdp: torch.distributed has {dist.get_world_size()} ranks but the Trainer runs as a "
+                           "single process (no RANK / WORLD_SIZE / LOCAL_RANK in the environment): every rank would "
+                           "train its own model on the whole data set, each spending the full ε (releasing them all "
+                           "costs more than the accountant reports). Launch with torchrun or accelerate launch, so "
+                           "that the ranks share each logical batch.")
     if int(getattr(args, "n_gpu", 1)) > 1:
         raise PrivacyError("fxdp: DPTrainer does not run nn.DataParallel (several GPUs in one process: it replicates "
                            "the model and sums p.grad, not fxdp's private gradients). Launch one process per GPU: "

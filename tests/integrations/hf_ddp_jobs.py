@@ -54,7 +54,8 @@ def train(rank, world_size, *, out_dir, n=16, dtype=torch.float64, privacy=None,
     trainer.train(resume_from_checkpoint=resume)
     logs = [e for e in trainer.state.log_history if "loss" in e]
     return {"params": trainable(model), "seen": data.seen, "epsilon": trainer.get_epsilon(),
-            "logged_epsilon": [e["epsilon"] for e in logs], "history": list(trainer.budget.accountant.history),
+            "logged_epsilon": [e["epsilon"] for e in logs],
+            "clipped_fraction": [e["clipped_fraction"] for e in logs if "clipped_fraction" in e], "history": list(trainer.budget.accountant.history),
             "sigma": trainer.budget.sigma, "sample_rate": trainer.budget.sample_rate,
             "expected_batch_size": trainer.dp_optimizer.expected_batch_size,
             "optimizer": type(trainer.dp_optimizer).__name__, "wrapped": type(trainer.model_wrapped).__name__,
@@ -73,3 +74,13 @@ def noise_of_one_step(rank, world_size, *, out_dir, sigma, R, lr, **targs):
     diff = torch.cat([(quiet["params"][k] - noisy["params"][k]).reshape(-1) for k in start])
     moved = torch.cat([(start[k] - noisy["params"][k]).reshape(-1) for k in start])
     return {"diff": diff, "moved": moved, "L": noisy["expected_batch_size"]}
+
+
+def unlaunched(rank, world_size, *, out_dir):
+    """DPTrainer in a process group of ``world_size`` ranks, without torchrun's environment variables."""
+    from fxdp.integrations import DPTrainer, PrivacyArguments
+
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE"):
+        os.environ.pop(name, None)
+    DPTrainer(model=tiny_gpt2(), args=args(out_dir), train_dataset=padded_texts(8),
+              privacy_args=PrivacyArguments(noise_multiplier=1.0))
