@@ -89,7 +89,7 @@ def refuse_unsupported_parallelism(args, trainer=None) -> None:
                            "train its own model on the whole data set, each spending the full ε (releasing them all "
                            "costs more than the accountant reports). Launch with torchrun or accelerate launch, so "
                            "that the ranks share each logical batch.")
-    if int(getattr(args, "n_gpu", 1)) > 1:
+    if trainer is not None and int(args.n_gpu) > 1:
         raise PrivacyError("fxdp: DPTrainer does not run nn.DataParallel (several GPUs in one process: it replicates "
                            "the model and sums p.grad, not fxdp's private gradients). Launch one process per GPU: "
                            "torchrun --nproc_per_node=<GPUs> train.py.")
@@ -103,9 +103,9 @@ def refuse_ddp_wrapped(model: nn.Module) -> None:
                            "itself; do not wrap the model (or override _wrap_model) yourself.")
 
 
-def rank_sampler_generator(args, seed: int, secure: bool) -> torch.Generator:
+def rank_sampler_generator(seed: int, secure: bool) -> torch.Generator:
     """This rank's Poisson selection generator: ``seed`` mixed with the rank (OS entropy in secure mode)."""
-    return rank_generator(args.process_index, secure=secure, base=torch.Generator().manual_seed(int(seed)))
+    return rank_generator(dist.get_rank(), secure=secure, base=torch.Generator().manual_seed(int(seed)))
 
 
 def distributed_sampler(args, num_samples: int, sample_rate: float, steps_per_epoch: int,
@@ -114,7 +114,7 @@ def distributed_sampler(args, num_samples: int, sample_rate: float, steps_per_ep
     seeded by ``seed``, public and the same on every rank)."""
     logical = DistributedPoissonSampler(total_size=num_samples, sample_rate=sample_rate, generator=generator,
                                         shuffle_seed=int(args.seed), steps=steps_per_epoch,
-                                        num_replicas=args.world_size, rank=args.process_index)
+                                        num_replicas=dist.get_world_size(), rank=dist.get_rank())
     return MicroBatchSampler(logical, args.gradient_accumulation_steps)
 
 
@@ -124,11 +124,13 @@ def distributed_optimizer(inner, sigma: float, max_grad_norm: float, expected_ba
                                   bucket_cap_mb=25.0 if bucket_cap_mb is None else float(bucket_cap_mb))
 
 
-def agree_and_broadcast(model: nn.Module, optimizer, privacy_args, sampling, sigma: float, steps: int,
-                        error: Optional[BaseException] = None) -> None:
-    """Collective: every rank raises if one failed (``error``) or if the ranks' setups differ; then rank 0's
+def agree_and_broadcast(model: nn.Module, dp_optimizer, privacy_args, sampling, budget,
+                        error: Optional[BaseException]) -> None:
+    """Collective: every rank raises if one failed to build its optimizer (``error``: that rank raises it,
+    the others PeerRankError) or if the ranks' setups differ (RankMismatchError); then rank 0's
     parameters and buffers overwrite every rank's (module docstring)."""
-    agree(error, "DPTrainer optimizer setup")
+    agree(error, "DPTrainer optimizer setup (σ calibration, optimizer)")
+    optimizer = dp_optimizer.original_optimizer
     names = {id(p): n for n, p in model.named_parameters()}
     groups = [({k: v for k, v in g.items() if k != "params"}, [names.get(id(p), "?") for p in g["params"]])
               for g in optimizer.param_groups]
@@ -141,8 +143,8 @@ def agree_and_broadcast(model: nn.Module, optimizer, privacy_args, sampling, sig
         "model buffers": repr([(n_, tuple(b.shape), str(b.dtype)) for n_, b in model.named_buffers()]),
         "privacy arguments": repr(privacy_args),
         "optimizer": f"{type(optimizer).__name__} {groups!r}",
-        "noise and sampling": f"sigma={sigma!r} sample_rate={q!r} logical_batch={logical} dataset_size={n} "
-                              f"steps={steps}",
+        "noise and sampling": f"sigma={budget.sigma!r} delta={budget.delta!r} sample_rate={q!r} "
+                              f"logical_batch={logical} dataset_size={n} steps={budget.steps}",
     })
     broadcast_state(list(model.parameters()) + list(model.buffers()), src=0)
 
@@ -161,5 +163,6 @@ def sum_over_ranks(counts: List[int]) -> List[int]:
     return [int(v) for v in t.cpu()]
 
 
-__all__ = ["agree_and_broadcast", "distributed_optimizer", "distributed_sampler", "is_multi_process", "rank_sampler_generator",
-           "refuse_ddp_wrapped", "refuse_unsupported_parallelism", "sampler_states", "sum_over_ranks"]
+__all__ = ["agree_and_broadcast", "distributed_optimizer", "distributed_sampler", "is_multi_process",
+           "rank_sampler_generator", "refuse_ddp_wrapped", "refuse_unsupported_parallelism", "sampler_states",
+           "sum_over_ranks"]

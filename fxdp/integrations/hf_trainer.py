@@ -192,7 +192,7 @@ class DPTrainer(Trainer):
         if self.sampler_generator is None:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
             if multi:  # independent streams per rank (a shared seed would correlate the ranks' draws)
-                self.sampler_generator = ddp.rank_sampler_generator(self.args, int(seed), self.privacy_args.secure_mode)
+                self.sampler_generator = ddp.rank_sampler_generator(int(seed), self.privacy_args.secure_mode)
             else:
                 self.sampler_generator = (generator_from_os_entropy() if self.privacy_args.secure_mode
                                           else torch.Generator().manual_seed(int(seed)))
@@ -220,6 +220,19 @@ class DPTrainer(Trainer):
         """The Trainer's optimizer wrapped in :class:`fxdp.DPOptimizer`, with σ calibrated for the run."""
         if self.dp_optimizer is not None:
             return self.optimizer
+        if not ddp.is_multi_process(self.args):
+            dp = self._build_dp_optimizer(model)
+        else:  # the ranks fail together: an error on one rank must not leave the others waiting
+            dp, error = None, None
+            try:
+                dp = self._build_dp_optimizer(model)
+            except Exception as exc:
+                error = exc
+            ddp.agree_and_broadcast(self.model, dp, self.privacy_args, self._sampling, self.budget, error)
+        self.optimizer = self.dp_optimizer = dp
+        return dp
+
+    def _build_dp_optimizer(self, model):
         inner = super().create_optimizer(model)
         if self._sampling is None or self._planned_steps is None:
             raise ValueError("fxdp: DPTrainer builds its optimizer inside train() (it needs the sampling rate and the "
@@ -244,13 +257,11 @@ class DPTrainer(Trainer):
         if ddp.is_multi_process(self.args):  # noise once on rank 0, bucketed sum of the clipped sums
             dp = ddp.distributed_optimizer(inner, sigma, pa.config.max_grad_norm, logical, secure=pa.secure_mode,
                                            bucket_cap_mb=self.args.ddp_bucket_cap_mb)
-            ddp.agree_and_broadcast(self.model, inner, pa, self._sampling, sigma, steps)
         else:
             dp = DPOptimizer(inner, sigma, pa.config.max_grad_norm, expected_batch_size=logical,
                              loss_reduction="mean", secure_mode=pa.secure_mode)
         dp.attach_step_hook(PoissonCharge(accountant, q))
         dp.set_param_names(self.model)
-        self.optimizer = self.dp_optimizer = dp
         return dp
 
     # -------------------------------------------------------------- the step

@@ -158,6 +158,12 @@ def test_ranks_built_with_different_privacy_arguments_fail_together_instead_of_h
                            perturb={1: dict(max_grad_norm=2.0)}, max_steps=1)
     assert [o.error_type for o in outcomes] == ["RankMismatchError"] * 2
     assert all("privacy arguments" in o.message for o in outcomes)
+    # a setup error on one rank only (its σ overspends its target): it raises, the other rank too
+    outcomes = cluster.run(JOB + "train", timeout=120, out_dir=str(tmp_path), n=16,
+                           privacy=dict(noise_multiplier=1.0, max_grad_norm=1.0),
+                           perturb={1: dict(target_epsilon=0.01)}, max_steps=1)
+    assert [o.error_type for o in outcomes] == ["PeerRankError", "PrivacyError"]
+    assert "target_epsilon" in outcomes[0].message and "target_epsilon" in outcomes[1].message
 
 
 def test_a_process_group_the_trainer_does_not_see_is_refused(cluster, tmp_path):
