@@ -152,6 +152,32 @@ def test_noise_is_drawn_once_per_logical_batch_not_once_per_rank(cluster, tmp_pa
     assert abs(float(diff.mean())) < 4 * lr * sigma * R / L / math.sqrt(diff.numel())
 
 
+@pytest.fixture(scope="module")
+def eager_float32(cluster, tmp_path_factory):
+    return _values(cluster, "train", out_dir=str(tmp_path_factory.mktemp("eager")), **FLOAT32)
+
+
+FLOAT32 = dict(n=16, dtype=torch.float32, privacy=dict(noise_multiplier=0.0, max_grad_norm=0.05), max_steps=2,
+               per_device_train_batch_size=4, gradient_accumulation_steps=2, learning_rate=0.5, **SGD)
+
+
+@pytest.mark.parametrize("option, tol", [
+    ("bf16", 1e-3),
+    pytest.param("torch_compile", 1e-6, marks=pytest.mark.slow),  # inductor on 2 ranks: ~1 min
+])
+def test_bf16_and_torch_compile_run_under_two_ranks(cluster, eager_float32, tmp_path, option, tol):
+    """bf16 autocast / torch.compile(backend="fxdp") on both ranks: same parameters on the ranks, close to eager
+    float32 (bf16: 2 noiseless steps move the LoRA weights by ~1e-2, autocast changes them by ~1e-4)."""
+    out = _values(cluster, "train", timeout=600, out_dir=str(tmp_path), **FLOAT32, **{option: True})
+    if option == "torch_compile":
+        assert out[0]["wrapped"] == "OptimizedModule"
+    else:  # accelerate's autocast is applied although the model is not DDP-wrapped
+        assert any(not torch.equal(out[0]["params"][n], p) for n, p in eager_float32[0]["params"].items())
+    for name, want in eager_float32[0]["params"].items():
+        assert torch.equal(out[0]["params"][name], out[1]["params"][name])
+        torch.testing.assert_close(out[0]["params"][name], want, rtol=0, atol=tol)
+
+
 def test_ranks_built_with_different_privacy_arguments_fail_together_instead_of_hanging(cluster, tmp_path):
     outcomes = cluster.run(JOB + "train", timeout=120, out_dir=str(tmp_path), n=16,
                            privacy=dict(noise_multiplier=1.0, max_grad_norm=1.0),
