@@ -85,3 +85,20 @@ def unlaunched(rank, world_size, *, out_dir):
         os.environ.pop(name, None)
     DPTrainer(model=tiny_gpt2(), args=args(out_dir), train_dataset=padded_texts(8),
               privacy_args=PrivacyArguments(noise_multiplier=1.0))
+
+
+def ddp_wrapped(rank, world_size, *, out_dir):
+    """A DPTrainer subclass that wraps the training model in DistributedDataParallel itself."""
+    from fxdp.integrations import DPTrainer, PrivacyArguments
+
+    class WrapsInDDP(DPTrainer):
+        def _wrap_model(self, model, training=True, dataloader=None):
+            return torch.nn.parallel.DistributedDataParallel(model) if training else model
+
+    _torchrun_env(rank, world_size)
+    trainer = WrapsInDDP(model=tiny_gpt2(), args=args(out_dir, max_steps=1), train_dataset=padded_texts(16),
+                         privacy_args=PrivacyArguments(noise_multiplier=1.0))
+    try:
+        trainer.train()
+    finally:
+        assert len(trainer.budget.accountant) == 0  # nothing released nor charged

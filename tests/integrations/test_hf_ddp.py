@@ -199,6 +199,12 @@ def test_a_process_group_the_trainer_does_not_see_is_refused(cluster, tmp_path):
     assert all("torchrun" in o.message for o in outcomes)
 
 
+def test_a_ddp_wrapped_training_model_is_refused_before_any_release(cluster, tmp_path):
+    outcomes = cluster.run(JOB + "ddp_wrapped", timeout=60, out_dir=str(tmp_path))
+    assert [o.error_type for o in outcomes] == ["PrivacyError"] * 2
+    assert all("DistributedDataParallel" in o.message and "private_grad" in o.message for o in outcomes)
+
+
 def test_fsdp_through_training_arguments_is_refused(tmp_path):
     with pytest.raises(fxdp.PrivacyError, match="FSDP.*fxdp.DPDistributed"):
         DPTrainer(model=tiny_gpt2(), args=args(tmp_path, fsdp=True), train_dataset=padded_texts(8),
