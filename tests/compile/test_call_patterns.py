@@ -104,7 +104,8 @@ def test_activation_checkpointing_is_inlined_under_compile_and_exact(reentrant):
     assert_same_private_grads(model, eager)
 
 
-def test_huggingface_gradient_checkpointing():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_huggingface_gradient_checkpointing(reentrant):
     torch.manual_seed(32)
     base = Z.gpt2()
     ids = torch.randint(0, 40, (4, 8))
@@ -113,7 +114,7 @@ def test_huggingface_gradient_checkpointing():
     ck = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model = fxdp.privatize(ck.train(), max_grad_norm=0.1)
     with pytest.warns(UserWarning, match="inlined"):
         Z.lm_sum(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(ids), ids).backward()
