@@ -73,18 +73,20 @@ def in_recomputation() -> bool:
     return _is_checkpoint_hook(_top_pack_hook(), "_recomputation_hook")
 
 
-def reentrant_checkpoint(depth: int = 24) -> Optional[Any]:
-    """The autograd context of the reentrant ``CheckpointFunction`` whose forward is running (its
-    ``run_function`` is re-run in backward), or None."""
+def reentrant_checkpoint() -> Optional[Any]:
+    """The autograd context of the innermost reentrant ``CheckpointFunction`` whose forward is running (its
+    ``run_function`` is re-run in backward), or None. Walks the whole Python stack (no depth limit: a use
+    deep inside a checkpointed block must not be missed); only no-grad calls that use trainable parameters
+    inside a private forward ask."""
     frame = sys._getframe(1)
-    for _ in range(depth):
-        frame = frame.f_back
-        if frame is None:
-            return None
+    while frame is not None:
         code = frame.f_code
-        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE):
+        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE) \
+                and getattr(code, "co_qualname", "CheckpointFunction.forward") == "CheckpointFunction.forward":
             ctx = frame.f_locals.get("ctx")
-            return ctx if ctx is not None and hasattr(ctx, "run_function") else None
+            if ctx is not None and hasattr(ctx, "run_function"):
+                return ctx
+        frame = frame.f_back
     return None
 
 

@@ -144,6 +144,7 @@ class _Replay:
     def __init__(self, region: Region):
         self.region = region
         self.next = 0
+        self.plain = 0  # inside the no-grad forward of a reentrant checkpoint nested in this region
 
     def substitute(self, func, args, kwargs):
         return None
@@ -156,8 +157,11 @@ class _Replay:
 
     @contextlib.contextmanager
     def reentrant(self, owner):
-        raise PrivacyError("fxdp: a reentrant torch.utils.checkpoint nested inside the recomputation of another "
-                           "checkpoint is not supported; use one level of checkpointing.")
+        """A reentrant checkpoint nested in the region, made again by its re-run (see the subclasses)."""
+        raise PrivacyError(
+            "fxdp: a reentrant torch.utils.checkpoint nested inside a reentrant checkpoint region is not supported "
+            "(its re-run in backward could not be matched to the forward's records); use one level of "
+            "checkpointing, or the non-reentrant flavour (use_reentrant=False) for the outer one.")
         yield  # pragma: no cover
 
     def match(self, call, binding):
@@ -185,7 +189,20 @@ class NonReentrantReplay(_Replay):
     """Re-applies each tap on a throw-away record: the checkpoint's recomputation then saves the same
     tensors as the forward did, and the forward's taps receive them (nothing is collected here)."""
 
+    @contextlib.contextmanager
+    def reentrant(self, owner):
+        """Made again by a non-reentrant recomputation, a nested reentrant checkpoint only runs without grad
+        (its inputs are what the recomputation saves); backward re-runs the forward's own nested region."""
+        self.plain += 1
+        try:
+            yield
+        finally:
+            self.plain -= 1
+
     def handle(self, call, binding):
+        if self.plain:
+            with torch.no_grad():
+                return call.func(*call.args, **call.kwargs)
         if checkpoint_frame() is not None:
             # a checkpoint nested in this region, made again by the recomputation: its saved tensors are not
             # the ones backward will read, and its own taps belong to the forward's inner region
@@ -215,6 +232,11 @@ class ReentrantReplay(_Replay):
             engine.expect_backward(self.task)
 
     def handle(self, call, binding):
+        if checkpoint_frame() is not None:
+            raise PrivacyError(
+                f"fxdp: a non-reentrant torch.utils.checkpoint nested inside a reentrant checkpoint region uses "
+                f"{', '.join(binding.param_names)} ({call.name}); fxdp does not replay such nesting. Use one level of "
+                "checkpointing, or the non-reentrant flavour (use_reentrant=False) for the outer one.")
         use, lift = self.match(call, binding)
         if lift:
             lift_operand(call, binding, use.context.batch_size)

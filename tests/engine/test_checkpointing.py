@@ -197,3 +197,60 @@ def test_a_parameter_transformed_before_the_batch_inside_a_region_is_refused():
     x, y = torch.randn(4, 6, dtype=torch.float64), torch.randint(0, 3, (4,))
     with pytest.raises(fxdp.UncoveredParameterError, match="inside a torch.utils.checkpoint region"):
         ce_sum(model(x), y).backward()
+
+
+class Nested(nn.Module):
+    """A checkpoint inside a checkpointed function (``inner`` / ``outer`` flavours), or ``checkpoint_sequential``."""
+
+    def __init__(self, inner: bool, outer: bool, sequential: bool = False):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(6, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        self.seq = nn.Sequential(nn.Linear(6, 6), nn.Tanh(), nn.LayerNorm(6), nn.Linear(6, 6), nn.Tanh())
+        self.inner, self.outer, self.sequential, self.checkpointing = inner, outer, sequential, True
+
+    def body(self, h):
+        h = torch.tanh(self.a(h))
+        b = lambda t: torch.tanh(self.b(t))  # noqa: E731
+        return checkpoint(b, h, use_reentrant=self.inner) if self.checkpointing else b(h)
+
+    def forward(self, x):
+        if self.sequential:
+            h = torch.utils.checkpoint.checkpoint_sequential(self.seq, 2, x, use_reentrant=self.outer) \
+                if self.checkpointing else self.seq(x)
+        else:
+            h = checkpoint(self.body, x, use_reentrant=self.outer) if self.checkpointing else self.body(x)
+        return self.head(h)
+
+
+def _float_data(B=5):
+    g = torch.Generator().manual_seed(6)
+    return torch.randn(B, 6, generator=g, dtype=torch.float64, requires_grad=True), torch.randint(0, 3, (B,), generator=g)
+
+
+@pytest.mark.parametrize("inner,outer,sequential", [(False, False, False), (True, False, False),
+                                                    (False, False, True), (False, True, True)],
+                         ids=["nested-non-reentrant", "reentrant-in-non-reentrant", "sequential", "sequential-reentrant"])
+def test_nested_checkpoints_and_checkpoint_sequential_are_exact(inner, outer, sequential):
+    torch.manual_seed(7)
+    template = Nested(inner, outer, sequential).double()
+    x, y = _float_data()
+    plain = copy.deepcopy(template)
+    plain.checkpointing = False
+    per_sample = per_sample_gradients(plain, split_batch((x,), {}, y), ce_sum)
+    groups = [[n for n, _ in template.named_parameters()]]
+    R = median_threshold(per_sample, groups)
+    expected, _ = reference_private_grads(per_sample, groups, R)
+    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
+    (ce_sum(model(x), y) / len(x)).backward()
+    scale = max(float(e.abs().max()) for e in expected.values())
+    for name, p in model.named_parameters():
+        assert float((p.private_grad - expected[name]).abs().max()) <= 1e-10 * scale, name
+
+
+@pytest.mark.parametrize("inner", [False, True], ids=["non-reentrant-inside", "reentrant-inside"])
+def test_a_checkpoint_nested_in_a_reentrant_region_is_refused(inner):
+    model = fxdp.privatize(Nested(inner, outer=True).double())
+    x, y = _float_data()
+    with pytest.raises(fxdp.PrivacyError, match="nested inside a reentrant checkpoint region"):
+        ce_sum(model(x), y).backward()
+    assert all(getattr(p, "private_grad", None) is None and p.grad is None for p in model.parameters())
