@@ -15,6 +15,13 @@ Two optional recorder hooks: ``observe(func, args, kwargs, out)`` sees every cal
 batch-free ops (``W.t()``, ``table[index]``, ``scale.exp()``) into a *virtual
 parameter* (:mod:`fxdp.rules.virtual`): a fresh leaf the interceptor then treats
 like a trainable parameter (``param_names``) at the ops where it meets the batch.
+
+Activation checkpointing (:mod:`fxdp.analysis.checkpointing`): inside the forward of a non-reentrant
+``torch.utils.checkpoint`` region calls are handled as usual, but only a recorder that replays the
+recomputation (``recorder.replays_checkpoints``, the engine's) may tap them; any other refuses. In the
+no-grad forward of a reentrant region a parameter use is bound as in grad mode and handed to the
+recorder inside ``recorder.reentrant(region)`` (the engine reserves its tap for the re-run in backward);
+its result is detached, as the no-grad forward would have made it.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from typing import Dict
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fxdp.core.errors import SampleMixingError, UncoveredParameterError
 from fxdp.rules import OpCall, bind, decomposition, func_name
@@ -151,7 +158,7 @@ class ParameterInterceptor(TorchFunctionMode):
             return self.recorder.refuse(checkpoint_refusal(names, func, reentrant=True), func, args, kwargs)
         with self.recorder.reentrant(region), torch.enable_grad():
             out = self._call(func, args, kwargs)
-        return out.detach() if isinstance(out, torch.Tensor) else out
+        return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
     def _refuse_batch_mixing(self, func, args, kwargs):
         training = kwargs.get("training", args[5] if len(args) > 5 else False)
