@@ -36,7 +36,7 @@ from fxdp.core.errors import SampleMixingError, UncoveredParameterError
 from fxdp.rules import OpCall, bind, decomposition, func_name
 from fxdp.rules.functional import PerSampleFallbackRule
 from fxdp.rules.virtual import root_names
-from fxdp.analysis.checkpointing import in_checkpoint, in_reentrant_checkpoint, reentrant_checkpoint  # noqa: F401 (re-exported)
+from fxdp.analysis.checkpointing import in_checkpoint, reentrant_checkpoint
 
 FALLBACK = PerSampleFallbackRule()
 
