@@ -16,6 +16,7 @@ gradients, which the first pass through the forward has formed (see
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -184,6 +185,7 @@ def _checkpointed_forward(ctx, use: LayerUse, call: OpCall, tensors):
     ctx.leaf_slots = [slot_of.get(id(x)) if isinstance(x, torch.Tensor) else None for x in leaves]
     ctx.leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
     ctx.spec, ctx.func, ctx.use, ctx.n = spec, call.func, use, len(tensors)
+    ctx.autocast = _autocast_state(tensors)
     with torch.no_grad():
         values = {i: t.detach() for i, t in enumerate(tensors)}
         for i, role in ctx.roles.items():
@@ -195,10 +197,21 @@ def _checkpointed_forward(ctx, use: LayerUse, call: OpCall, tensors):
     return out
 
 
+def _autocast_state(tensors) -> list:
+    """(device type, enabled, dtype) of autocast for the devices of ``tensors``: the op is run again in
+    backward, where the forward's autocast is no longer active."""
+    devices = sorted({t.device.type for t in tensors} | {"cpu"})
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices
+            if torch.amp.is_autocast_available(d)]
+
+
 def _run(ctx, values: Dict[int, torch.Tensor]):
     leaves = [values[s] if s is not None else x for s, x in zip(ctx.leaf_slots, ctx.leaves)]
     args, kwargs = tree_unflatten(leaves, ctx.spec)
-    return ctx.func(*args, **kwargs)
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in getattr(ctx, "autocast", ()):
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        return ctx.func(*args, **kwargs)
 
 
 def _checkpointed_backward(ctx, use: LayerUse, grad_output):

@@ -254,3 +254,21 @@ def test_a_checkpoint_nested_in_a_reentrant_region_is_refused(inner):
     with pytest.raises(fxdp.PrivacyError, match="nested inside a reentrant checkpoint region"):
         ce_sum(model(x), y).backward()
     assert all(getattr(p, "private_grad", None) is None and p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_bf16_autocast_gives_the_private_gradients_of_the_uncheckpointed_model(flavour):
+    """The tap's op runs again in backward (for its input gradients) under the forward's autocast state."""
+    torch.manual_seed(8)
+    template = Checkpointed(FLAVOURS[flavour])
+    ids, y = data()
+    grads = {}
+    for checkpointing in (False, True):
+        model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=0.05)
+        model.checkpointing = checkpointing
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = model(ids)
+        (ce_sum(out.float(), y) / len(ids)).backward()
+        grads[checkpointing] = {n: p.private_grad for n, p in model.named_parameters()}
+    for n, g in grads[False].items():
+        assert torch.allclose(grads[True][n], g, rtol=1e-5, atol=1e-6 * float(g.abs().max())), n
