@@ -272,3 +272,37 @@ def test_bf16_autocast_gives_the_private_gradients_of_the_uncheckpointed_model(f
         grads[checkpointing] = {n: p.private_grad for n, p in model.named_parameters()}
     for n, g in grads[False].items():
         assert torch.allclose(grads[True][n], g, rtol=1e-5, atol=1e-6 * float(g.abs().max())), n
+
+
+class Elementwise(nn.Module):
+    """In-place and broadcast elementwise parameter uses inside the region (``h += b``, ``tanh(h) * g``)."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.a, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.b, self.g = nn.Parameter(torch.randn(6)), nn.Parameter(torch.randn(6))
+        self.reentrant, self.checkpointing = reentrant, True
+
+    def body(self, x):
+        h = self.a(x)
+        h += self.b
+        return torch.tanh(h) * self.g
+
+    def forward(self, x):
+        return self.head(checkpoint(self.body, x, use_reentrant=self.reentrant) if self.checkpointing else self.body(x))
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_elementwise_and_in_place_parameter_uses_in_a_region_are_exact(flavour):
+    torch.manual_seed(9)
+    template = Elementwise(FLAVOURS[flavour]).double()
+    x, y = _float_data()
+    plain = copy.deepcopy(template)
+    plain.checkpointing = False
+    per_sample = per_sample_gradients(plain, split_batch((x,), {}, y), ce_sum)
+    groups = [[n for n, _ in template.named_parameters()]]
+    R = median_threshold(per_sample, groups)
+    expected, _ = reference_private_grads(per_sample, groups, R)
+    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
+    (ce_sum(model(x), y) / len(x)).backward()
+    assert_matches(model, expected)
