@@ -114,7 +114,9 @@ def transparent_checkpoints():
 
     For fxdp's analysis runs only: they must see the forward's calls in grad mode and a graph without
     recomputation (the gradient-reach check backpropagates through it). Checkpointing changes where
-    activations live, not which calls run or what they compute."""
+    activations live, not which calls run or what they compute. The two module attributes are swapped for
+    the block (process-wide): a checkpoint another thread calls meanwhile runs as a plain call too -- the same
+    gradients, without its memory saving."""
     saved = _ckpt.CheckpointFunction, _ckpt._checkpoint_without_reentrant_generator
     _ckpt.CheckpointFunction, _ckpt._checkpoint_without_reentrant_generator = _PlainFunction, _plain_generator
     try:
