@@ -29,7 +29,6 @@ a region; a region whose recomputation differs from its forward.
 from __future__ import annotations
 
 import contextlib
-import weakref
 from typing import Dict, List, Optional
 
 import torch
@@ -96,25 +95,16 @@ class _Replaying:
         return region.replay(self.function, args, kwargs, NonReentrantReplay(region))
 
 
-# frame or CheckpointFunction context -> its region (weakly: the autograd graph owns them)
-_REGIONS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
-
-
 def region_of(owner, param_names: Dict[int, str], reentrant: bool) -> Region:
     """The region of a checkpoint (``_CheckpointFrame`` or reentrant ``CheckpointFunction`` context), made
-    and its re-run wrapped the first time a parameter is used inside it."""
-    try:
-        region = _REGIONS.get(owner)
-    except TypeError:
-        region = None
-    if region is None:
-        region = Region(param_names, reentrant)
-        attr = "run_function" if reentrant else "recompute_fn"
-        setattr(owner, attr, _Replaying(getattr(owner, attr), region))
-        try:
-            _REGIONS[owner] = region
-        except TypeError:  # not weak-referenceable: keep it on the owner only (through the wrapper)
-            pass
+    and its re-run wrapped the first time a parameter is used inside it (the wrapper holds it, so the region
+    lives exactly as long as the checkpoint's part of the autograd graph)."""
+    attr = "run_function" if reentrant else "recompute_fn"
+    function = getattr(owner, attr)
+    if isinstance(function, _Replaying):
+        return function.region
+    region = Region(param_names, reentrant)
+    setattr(owner, attr, _Replaying(function, region))
     return region
 
 
