@@ -118,9 +118,11 @@ def test_each_use_is_tapped_once_and_the_region_recomputed_once_per_backward(fla
     assert_matches(model, expected)
 
 
-def test_region_activations_are_not_kept_by_the_forward():
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_region_activations_are_not_kept_by_the_forward(flavour):
     """Non-reentrant: the taps inside the region keep their operands as checkpointed saved tensors, which
-    the checkpoint drops after the forward; without checkpointing they stay alive until backward."""
+    the checkpoint drops after the forward; reentrant: the no-grad forward reserves its taps without
+    operands. Without checkpointing the operands stay alive until backward."""
     seen = []
 
     class Probe(Checkpointed):
@@ -135,7 +137,7 @@ def test_region_activations_are_not_kept_by_the_forward():
     ids, y = data()
     alive = {}
     for checkpointing in (True, False):
-        model = fxdp.privatize(Probe(False).double())
+        model = fxdp.privatize(Probe(FLAVOURS[flavour]).double())
         model(ids)  # first forward: the analysis runs it too
         seen.clear()
         model.checkpointing = checkpointing
