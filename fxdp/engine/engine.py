@@ -181,7 +181,7 @@ class Engine:
         if in_compiled_module():
             self.compiled_forwards.open(ctx, table, leaves, dims)
             return
-        self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table))
+        self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table, trainable))
         self._mode.__enter__()
         self._monitor = MixingMonitor([t for t, d in zip(leaves, dims) if d is not None], B)
         self._monitor.__enter__()
@@ -250,10 +250,9 @@ class Engine:
                 "torch.autograd.grad(loss, x) without create_graph (adversarial examples), or train without "
                 "the penalty.")
         use.received = True
-        task = _graph_task()
-        if task != self._task:
-            # a new backward pass; state left by one that failed midway is dropped
-            self._task, self._pending, self._callback_queued, self._accumulates = task, [], False, False
+        # a reentrant checkpoint's nested backward belongs to the outer pass (fxdp.engine.checkpointing)
+        task = use.backward_task if use.backward_task is not None else _graph_task()
+        self._enter_task(task)
         if _BACKWARD_OWNER[0] is not None and _BACKWARD_OWNER[0][0] == task:
             owner = _BACKWARD_OWNER[0][1]()
             if owner is not None and owner is not self:
@@ -268,6 +267,19 @@ class Engine:
             self._accumulates = self._targets.accumulates(use.binding.params.values())
         if not any(c is ctx for c in self._pending):
             self._pending.append(ctx)
+        if not self._callback_queued:
+            self._callback_queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self.finalize)
+
+    def _enter_task(self, task: int) -> None:
+        if task != self._task:
+            # a new backward pass; state left by one that failed midway is dropped
+            self._task, self._pending, self._callback_queued, self._accumulates = task, [], False, False
+
+    def expect_backward(self, task: int) -> None:
+        """Called in backward pass ``task`` before a reentrant checkpoint runs its nested backward: the end
+        of *this* pass finalizes (a callback queued in the nested one would run before the outer pass ends)."""
+        self._enter_task(task)
         if not self._callback_queued:
             self._callback_queued = True
             torch.autograd.Variable._execution_engine.queue_callback(self.finalize)
