@@ -292,7 +292,7 @@ class Engine:
                 "examples (augmentations, several views in one loss), each example would be clipped once per view "
                 "(K views: K·R). Declare them one privacy unit: run the forward passes inside "
                 "`with fxdp.privacy_units(model, ids):` (one id per row, the same id for the rows of one example or "
-                "user; or views=K) and fxdp clips each unit's summed gradient once in this backward.")
+                "user; or views=K, layout='stacked' or 'interleaved') and fxdp clips each unit's summed gradient once in this backward.")
         with torch.no_grad():
             if any(c.unit_scope is not None for c in pending):
                 self._finalize_context(*pending)
