@@ -45,6 +45,12 @@ from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.runner import PassError, PassResult, run_passes
 from fxdp.compile import graph_ops as C
 from fxdp.compile.composite_taps import is_composite, positions_of
+from fxdp.rules.virtual import make_virtuals, virtual_binding
+from fxdp.rules.base import root_names
+
+
+def _roots(names) -> List[str]:
+    return sorted({r for n in names for r in root_names(n)})
 
 
 @dataclass
@@ -66,6 +72,8 @@ class BoundSite:
     param_positions: tuple = ()
     saved_positions: tuple = ()
     mutated: bool = False  # the graph modifies the call's output in place (ReLU(inplace=True), ``h += r``)
+    label: str = ""  # the analysis's rule label of a virtual site ("virtual (permute)")
+    virtual: tuple = ()  # a batch-free call: the names of the virtual parameters it makes (fxdp.rules.virtual)
 
 
 @dataclass
@@ -83,6 +91,7 @@ class Region:
     first_ordinal: int = 0
     site_uids: List[int] = field(default_factory=list)
     plan_ids: List[int] = field(default_factory=list)  # composite-op plans, released with the graph
+    virtual_nodes: Dict[fx.Node, str] = field(default_factory=dict)  # node -> the virtual parameter it holds
 
 
 def _placeholders(gm):
@@ -176,11 +185,44 @@ def find_parameters(region: Region) -> PassResult:
 
 
 class _SiteRecorder:
-    """Recorder for the interceptor: records each bound call with the node being run."""
+    """Recorder for the interceptor: records each bound call with the node being run; a call the
+    forward's analysis found batch-free makes virtual parameters, as in eager mode."""
 
-    def __init__(self, interpreter):
+    def __init__(self, interpreter, table=None, first_ordinal: int = 0):
         self.interpreter = interpreter
         self.sites: List[BoundSite] = []
+        self.table = table
+        self.first_ordinal = first_ordinal
+
+    def virtual(self, call, interceptor):
+        """At a call site the eager analysis found batch-free: virtual parameters (fxdp.rules.virtual)."""
+        table, ordinal = self.table, self.first_ordinal + len(self.sites)
+        if table is None or ordinal >= len(table.virtual) or not table.virtual[ordinal]:
+            return None
+        binding = virtual_binding(call)
+        if tuple(table.keys[ordinal][1]) != binding.param_names:
+            return None  # match_analysis refuses the mismatch
+        out, made = make_virtuals(call, ordinal)
+        if made is None:  # no differentiable result (a metadata read): not the site
+            return None
+        node = self.interpreter.current
+        if any(a in self.interpreter.sample_nodes for a in node.all_input_nodes):
+            raise UncoveredParameterError(
+                f"fxdp backend: the forward's analysis found {call.name} on {', '.join(_roots(binding.param_names))} "
+                f"batch-free, but graph node {node.name} reads a tensor computed from the model's inputs; fxdp "
+                "cannot tell the two apart inside a compiled graph. Use eager fxdp.privatize for this model.")
+        if node.op == "call_function" and is_composite(node.target) or any(s.node is node for s in self.sites):
+            raise UncoveredParameterError(
+                f"fxdp backend: graph node {node.name} transforms {', '.join(_roots(binding.param_names))} "
+                f"batch-free ({call.name}) inside a composite op; fxdp cannot tap that inside a compiled graph. "
+                "Use eager fxdp.privatize for this model.")
+        for u, v in made:
+            interceptor.param_names[id(u)] = v.name
+            interceptor.virtual_leaves.append(u)
+            self.interpreter.virtual_leaves[id(u)] = v.name
+        binding.options["kind"] = made[0][1].kind
+        self.sites.append(BoundSite(node, call.name, binding, virtual=tuple(v.name for _, v in made)))
+        return out
 
     def substitute(self, func, args, kwargs):
         return None
@@ -231,12 +273,16 @@ class _NodeTracking(fx.Interpreter):
 
     current: Optional[fx.Node] = None
 
-    def __init__(self, gm, param_nodes, recorder_sites):
+    def __init__(self, gm, param_nodes, recorder_sites, fixed_nodes=frozenset()):
         super().__init__(gm)
         self.param_nodes = set(param_nodes)
+        self.fixed_nodes = fixed_nodes  # placeholders of the model's parameters and buffers
+        self.sample_nodes = set()  # nodes whose tensors may depend on the samples (not only on sizes)
         self.recorder_sites = recorder_sites
         self.benign = set()
         self.outputs = {}  # call-site node -> its output tensors and their versions when made
+        self.virtual_leaves: Dict[int, str] = {}  # id(virtual parameter) -> its name
+        self.virtual_nodes: Dict[fx.Node, str] = {}  # nodes whose value is a virtual parameter
 
     def mutated(self, node) -> bool:
         """Whether the rest of the graph modified the call site's output (or a view of it) in place."""
@@ -245,12 +291,29 @@ class _NodeTracking(fx.Interpreter):
     def run_node(self, n):
         self.current = n
         result = super().run_node(n)
+        has_tensor = any(isinstance(t, torch.Tensor) for t in tree_flatten(result)[0])
+        if has_tensor and (n not in self.fixed_nodes if n.op == "placeholder"
+                           else any(a in self.sample_nodes for a in n.all_input_nodes)):
+            self.sample_nodes.add(n)
+        if isinstance(result, torch.Tensor) and id(result) in self.virtual_leaves:
+            # a virtual parameter (or one output of a call making several): read like a parameter from here on
+            self.virtual_nodes[n] = self.virtual_leaves[id(result)]
+            self.param_nodes.add(n)
+            return result
         if any(s.node is n for s in self.recorder_sites()):
             self.outputs[n] = [(t, t._version) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
             leaves, _ = tree_flatten(result)
             if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+                crossing = [self.virtual_nodes[a] for a in n.all_input_nodes if a in self.virtual_nodes]
+                if n.op == "output" and crossing:
+                    raise UncoveredParameterError(
+                        f"fxdp backend: {', '.join(_roots(crossing))} transformed batch-free ({crossing[0]}: a "
+                        "virtual parameter) leave this compiled region, at a graph break before the ops that use "
+                        "them on the batch; fxdp taps virtual parameters only inside the region that makes them "
+                        "(across the break their gradient would reach the parameters unclipped). Remove the graph "
+                        "break (TORCH_LOGS=graph_breaks shows it), or use eager fxdp.privatize for this model.")
                 raise UncoveredParameterError(
                     f"fxdp backend: graph node {n.name} ({n.target}) uses a trainable parameter where no rule "
                     "covers it; its gradient would bypass clipping.")
@@ -275,8 +338,12 @@ def bind_call_sites(region: Region) -> PassResult:
     if region.engine is None:
         return PassResult(region, False)
     recorder = None
-    interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites)
-    recorder = _SiteRecorder(interp)
+    model = region.engine.model
+    fixed = {id(t) for t in list(model.parameters()) + list(model.buffers())}
+    fixed = frozenset(n for n, v in region.values.items() if id(v) in fixed)
+    interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites, fixed)
+    ctx = region.context
+    recorder = _SiteRecorder(interp, ctx.table if ctx is not None else None, ctx.next_ordinal if ctx is not None else 0)
     ids = {id(region.values[n]): name for n, name in region.param_nodes.items()}
     inputs = [_concrete(v) for v in region.example_inputs]
     devices = [v.device for v in inputs if isinstance(v, torch.Tensor) and v.device.type == "cuda"]
@@ -285,6 +352,7 @@ def bind_call_sites(region: Region) -> PassResult:
         interp.run(*inputs)
     region.benign = interp.benign
     region.sites = recorder.sites
+    region.virtual_nodes = interp.virtual_nodes
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
     return PassResult(region, False)
@@ -303,6 +371,13 @@ def match_analysis(region: Region) -> PassResult:
             continue
         names = site.binding.param_names
         rule = site.binding.rule.name
+        if site.virtual:
+            if not (site.ordinal < len(table.keys) and table.virtual[site.ordinal]
+                    and tuple(table.keys[site.ordinal][1]) == names):
+                rule = f"virtual ({site.binding.options.get('kind', 'vjp')})"
+            else:
+                site.label = table.rules[site.ordinal]
+                continue
         if not table.matches(site.ordinal, rule, names):
             seen = (f"{table.keys[site.ordinal][0]} bound by the {table.rules[site.ordinal]} rule using "
                     f"{', '.join(table.keys[site.ordinal][1])}" if site.ordinal < len(table.keys) else "nothing")

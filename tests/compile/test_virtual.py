@@ -1,0 +1,199 @@
+"""Virtual parameters (u = f(theta) before it meets the batch) under torch.compile(backend="fxdp") are exact:
+against the one-sample-at-a-time reference (float64, R at the median norm), for rule-level models (views,
+transposes, slices, casts, a parameter used directly and through virtuals, exp of a scalar, gathers from a
+table with a fixed index, weight_norm / orthogonal parametrizations, a conv of a parameter) and for real
+models built from config (T5, Swin, CLIP, nanoGPT, Llama + PEFT IA3 / DoRA). The compiled region replays each
+batch-free node into the same VirtualParam records eager mode makes (fxdp.compile.virtual_taps)."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxdp
+from tests.compile.helpers import check_compiled_against_reference
+from tests.rules.test_virtual import Elementwise, Gathers, Views, seq
+
+transformers = pytest.importorskip("transformers")
+transformers.utils.logging.set_verbosity_error()
+
+B = 6
+
+
+def sum_ce(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def labels(n=B, classes=3):
+    return torch.randint(0, classes, (n,), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("style", ["all-layer", "param-wise"])
+def test_views_casts_slices_and_direct_use_are_exact_compiled(style):
+    torch.manual_seed(0)
+    m = check_compiled_against_reference(Views().double(), (seq(),), {}, labels(), sum_ce, style=style,
+                                         fullgraph=True)
+    assert p_grad_none(m)
+
+
+def p_grad_none(model):
+    return all(p.grad is None for p in model.parameters())
+
+
+def test_gathers_from_tables_with_fixed_indices_are_exact_compiled():
+    torch.manual_seed(0)
+    check_compiled_against_reference(Gathers().double(), (seq(d=4),), {}, labels(), sum_ce, style="block-wise",
+                                     fullgraph=True)
+
+
+def test_elementwise_functions_and_multi_output_transforms_are_exact_compiled():
+    """exp of a scalar, sigmoid of a vector, torch.unbind(W)[0] (several virtual outputs of one node)."""
+    torch.manual_seed(0)
+    check_compiled_against_reference(Elementwise().double(), (seq(),), {}, labels(), sum_ce, fullgraph=True)
+
+
+def test_weight_norm_and_orthogonal_parametrizations_are_exact_compiled_with_inductor():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(5, 6)), nn.Tanh(),
+                          nn.utils.parametrizations.orthogonal(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 3)).double()
+    x = torch.randn(B, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+    check_compiled_against_reference(model, (x,), {}, labels(), sum_ce, style="layer-wise", compiler="inductor",
+                                     rtol=1e-6)
+
+
+class ParamImage(nn.Module):
+    """A conv weight used on the batch and on a parameter (a virtual: cross terms with the direct use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.table = nn.Parameter(torch.randn(1, 2, 5, 5))
+        self.conv = nn.Conv2d(2, 3, 3)
+
+    def forward(self, x):
+        return (self.conv(x) + self.conv(self.table)).flatten(1)[:, :3]
+
+
+def test_conv_weight_used_on_a_parameter_and_on_the_batch_is_exact_compiled():
+    torch.manual_seed(0)
+    x = torch.randn(B, 2, 5, 5, dtype=torch.float64)
+    check_compiled_against_reference(ParamImage().double(), (x,), {}, labels(), sum_ce, fullgraph=True)
+
+
+# ---------------------------------------------------------------- real models built from config
+class NanoGPT(nn.Module):
+    """nanoGPT's blocks: wpe(arange(T)) with no batch dimension, causal attention, head tied as x @ wte.weight.t()."""
+
+    def __init__(self, vocab=30, d=16, T=8):
+        super().__init__()
+        self.wte, self.wpe = nn.Embedding(vocab, d), nn.Embedding(T, d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, idx):
+        Bx, T = idx.shape
+        x = self.wte(idx) + self.wpe(torch.arange(T, device=idx.device))
+        q, k, v = self.qkv(self.ln1(x)).view(Bx, T, 3, 2, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(Bx, T, -1)
+        x = x + self.proj(a)
+        x = x + self.fc(F.gelu(self.ln2(x)))
+        return x @ self.wte.weight.t()
+
+
+def lm_sum(out, y):
+    return fxdp.per_sample_loss(getattr(out, "logits", out), y, shift=True, reduction="sum")
+
+
+def test_nanogpt_positions_and_tied_head_are_exact_compiled():
+    torch.manual_seed(0)
+    ids = torch.randint(0, 30, (4, 7))
+    check_compiled_against_reference(NanoGPT().double(), (ids,), {}, ids, lm_sum, style="param-wise",
+                                     fullgraph=True)
+
+
+def test_t5_trainable_relative_attention_bias_is_exact_compiled():
+    cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
+                                dropout_rate=0.0, relative_attention_num_buckets=8, decoder_start_token_id=0)
+    torch.manual_seed(0)
+    model = transformers.T5ForConditionalGeneration(cfg).double()
+    ids = torch.randint(1, 40, (4, 5))
+    target = torch.randint(1, 40, (4, 5))
+    m = check_compiled_against_reference(model, (), {"input_ids": ids, "labels": target}, target,
+                                         lambda o, y: fxdp.per_sample_loss(o.logits, y, reduction="sum"))
+    assert any("relative_attention_bias" in n for n in fxdp.get_engine(m).plan.group_of)
+
+
+def test_swin_relative_position_bias_table_is_exact_compiled():
+    cfg = transformers.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1],
+                                  num_heads=[2, 2], window_size=2, mlp_ratio=1.0, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = transformers.SwinForImageClassification(cfg).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "relative_position_bias_table" in n:
+                p.normal_()
+    x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    check_compiled_against_reference(model, (x,), {}, labels(4), lambda o, t: sum_ce(o.logits, t),
+                                     style="block-wise")
+
+
+class ClipScore(nn.Module):
+    """Per-sample CLIP score of each image with its own caption, scaled by logit_scale.exp()."""
+
+    def __init__(self):
+        super().__init__()
+        cfg = transformers.CLIPConfig(
+            text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=16, projection_dim=8),
+            vision_config=dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=24,
+                               num_hidden_layers=1, num_attention_heads=2, projection_dim=8), projection_dim=8)
+        self.clip = transformers.CLIPModel(cfg)
+
+    def forward(self, ids, pixels):
+        t = self.clip.get_text_features(input_ids=ids).pooler_output
+        i = self.clip.get_image_features(pixel_values=pixels).pooler_output
+        t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
+        return (t * i).sum(-1) * self.clip.logit_scale.exp()
+
+
+def test_clip_logit_scale_is_exact_compiled():
+    torch.manual_seed(0)
+    ids, px = torch.randint(1, 40, (4, 6)), torch.randn(4, 3, 8, 8, dtype=torch.float64)
+    y = torch.randn(4, dtype=torch.float64)
+    check_compiled_against_reference(ClipScore().double(), (ids, px), {}, y, lambda o, t: ((o - t) ** 2).sum(),
+                                     style="layer-wise")
+
+
+def peft_llama(kind):
+    peft = pytest.importorskip("peft")
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(cfg).double()
+    if kind == "ia3":
+        conf = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    else:
+        conf = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                               use_dora=True)
+    model = peft.get_peft_model(base, conf)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def test_llama_with_peft_ia3_is_exact_compiled():
+    ids = torch.randint(1, 40, (4, 6), generator=torch.Generator().manual_seed(1))
+    check_compiled_against_reference(peft_llama("ia3"), (), {"input_ids": ids}, ids, lm_sum)
+
+
+def test_llama_with_peft_dora_is_refused_compiled_at_the_graph_break_after_its_batch_free_weight():
+    """Dynamo breaks the graph inside PEFT's DoRA forward (``dequantize_module_weight``) right after the
+    batch-free ``lora_B(lora_A(eye))``, so that virtual parameter would cross into another region: refused
+    at compile time with the reason, never trained with its gradient reaching lora_A / lora_B unclipped."""
+    model = fxdp.privatize(peft_llama("dora"))
+    ids = torch.randint(1, 40, (4, 6), generator=torch.Generator().manual_seed(1))
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    with pytest.raises(Exception, match="(?s)lora_A.*virtual parameter.*graph break"):
+        compiled(input_ids=ids)
