@@ -51,12 +51,13 @@ def test_elementwise_functions_and_multi_output_transforms_are_exact_compiled():
     check_compiled_against_reference(Elementwise().double(), (seq(),), {}, labels(), sum_ce, fullgraph=True)
 
 
-def test_weight_norm_and_orthogonal_parametrizations_are_exact_compiled_with_inductor():
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_weight_norm_and_orthogonal_parametrizations_are_exact_compiled(compiler):
     torch.manual_seed(0)
     model = nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Linear(5, 6)), nn.Tanh(),
                           nn.utils.parametrizations.orthogonal(nn.Linear(6, 6)), nn.Tanh(), nn.Linear(6, 3)).double()
     x = torch.randn(B, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
-    check_compiled_against_reference(model, (x,), {}, labels(), sum_ce, style="layer-wise", compiler="inductor",
+    check_compiled_against_reference(model, (x,), {}, labels(), sum_ce, style="layer-wise", compiler=compiler,
                                      rtol=1e-6)
 
 
