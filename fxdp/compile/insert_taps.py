@@ -129,6 +129,9 @@ def insert_taps(region) -> PassResult:
         region.plan_ids.append(plan_id)
         n.args = (token, plan_id, positions) + tuple(n.args)
         n.target = run_composite
+    if region.crossing:  # returned at a graph break: handed on without a gradient path to the parameters
+        out = next(n for n in g.nodes if n.op == "output")
+        out.args = fx.node.map_arg(out.args, lambda a: detach(a) if a in region.crossing else a)
     if virtual_uids:
         weakref.finalize(region.gm, release_virtual_sites, virtual_uids)
     return PassResult(region, True)

@@ -92,6 +92,7 @@ class Region:
     site_uids: List[int] = field(default_factory=list)
     plan_ids: List[int] = field(default_factory=list)  # composite-op plans, released with the graph
     virtual_nodes: Dict[fx.Node, str] = field(default_factory=dict)  # node -> the virtual parameter it holds
+    crossing: List[fx.Node] = field(default_factory=list)  # virtual parameters the graph returns
 
 
 def _placeholders(gm):
@@ -219,7 +220,7 @@ class _SiteRecorder:
         if table is None or ordinal >= len(table.virtual) or not table.virtual[ordinal]:
             return None
         binding = virtual_binding(call)
-        if tuple(table.keys[ordinal][1]) != binding.param_names:
+        if tuple(table.keys[ordinal]) != (call.name, binding.param_names):
             return None  # match_analysis refuses the mismatch
         out, made = make_virtuals(call, ordinal)
         if made is None:  # no differentiable result (a metadata read): not the site
@@ -295,13 +296,14 @@ class _NodeTracking(fx.Interpreter):
     def __init__(self, gm, param_nodes, recorder_sites, fixed_nodes=frozenset()):
         super().__init__(gm)
         self.param_nodes = set(param_nodes)
-        self.fixed_nodes = fixed_nodes  # placeholders of the model's parameters and buffers
+        self.fixed_nodes = fixed_nodes  # placeholders that cannot carry the samples (see bind_call_sites)
         self.sample_nodes = set()  # nodes whose tensors may depend on the samples (not only on sizes)
         self.recorder_sites = recorder_sites
         self.benign = set()
         self.outputs = {}  # call-site node -> its output tensors and their versions when made
         self.virtual_leaves: Dict[int, str] = {}  # id(virtual parameter) -> its name
         self.virtual_nodes: Dict[fx.Node, str] = {}  # nodes whose value is a virtual parameter
+        self.crossing: List[fx.Node] = []  # virtual-parameter nodes the graph returns (a graph break follows)
 
     def mutated(self, node) -> bool:
         """Whether the rest of the graph modified the call site's output (or a view of it) in place."""
@@ -321,18 +323,16 @@ class _NodeTracking(fx.Interpreter):
             return result
         if any(s.node is n for s in self.recorder_sites()):
             self.outputs[n] = [(t, t._version) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        if n.op == "output" and not [a for a in n.all_input_nodes if a in self.param_nodes
+                                     and a not in self.virtual_nodes]:
+            # virtual parameters returned at a graph break: handed on detached (insert_taps), so that no
+            # gradient reaches the parameters through them; a later use needing one fails the analysis match
+            self.crossing = [a for a in n.all_input_nodes if a in self.virtual_nodes]
+            return result
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
             leaves, _ = tree_flatten(result)
             if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
-                crossing = [self.virtual_nodes[a] for a in n.all_input_nodes if a in self.virtual_nodes]
-                if n.op == "output" and crossing:
-                    raise UncoveredParameterError(
-                        f"fxdp backend: {', '.join(_roots(crossing))} transformed batch-free ({crossing[0]}: a "
-                        "virtual parameter) leave this compiled region, at a graph break before the ops that use "
-                        "them on the batch; fxdp taps virtual parameters only inside the region that makes them "
-                        "(across the break their gradient would reach the parameters unclipped). Remove the graph "
-                        "break (TORCH_LOGS=graph_breaks shows it), or use eager fxdp.privatize for this model.")
                 raise UncoveredParameterError(
                     f"fxdp backend: graph node {n.name} ({n.target}) uses a trainable parameter where no rule "
                     "covers it; its gradient would bypass clipping.")
@@ -358,8 +358,11 @@ def bind_call_sites(region: Region) -> PassResult:
         return PassResult(region, False)
     recorder = None
     model = region.engine.model
-    fixed = {id(t) for t in list(model.parameters()) + list(model.buffers())}
-    fixed = frozenset(n for n, v in region.values.items() if id(v) in fixed)
+    # inputs that may carry the samples: the model's batched inputs and activations that carry a gradient
+    batched = {id(t) for t, _ in region.context.batch_inputs} if region.context is not None else set()
+    params = {id(t) for t in model.parameters()}
+    fixed = frozenset(n for n, v in region.values.items() if id(v) in params or (
+        isinstance(v, torch.Tensor) and not v.requires_grad and id(v) not in batched))
     interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites, fixed)
     ctx = region.context
     recorder = _SiteRecorder(interp, ctx.table if ctx is not None else None, ctx.next_ordinal if ctx is not None else 0)
@@ -372,6 +375,7 @@ def bind_call_sites(region: Region) -> PassResult:
     region.benign = interp.benign
     region.sites = recorder.sites
     region.virtual_nodes = interp.virtual_nodes
+    region.crossing = interp.crossing
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
     return PassResult(region, False)
@@ -400,6 +404,15 @@ def match_analysis(region: Region) -> PassResult:
         if not table.matches(site.ordinal, rule, names):
             seen = (f"{table.keys[site.ordinal][0]} bound by the {table.rules[site.ordinal]} rule using "
                     f"{', '.join(table.keys[site.ordinal][1])}" if site.ordinal < len(table.keys) else "nothing")
+            earlier = [n for n in (table.keys[site.ordinal][1] if site.ordinal < len(table.keys) else ())
+                       if "~v" in n and not any(n in s.virtual for s in region.sites)]
+            if earlier:
+                raise PrivacyError(
+                    f"fxdp backend: the forward's analysis saw {seen} at call site {site.ordinal}, but virtual "
+                    f"parameter {earlier[0]} (a batch-free transform of {', '.join(_roots(earlier))}) was made in "
+                    "an earlier compiled region, before a graph break; fxdp taps a virtual parameter only in the "
+                    "region that makes it. Remove the graph break (TORCH_LOGS=graph_breaks shows it), or use "
+                    "eager fxdp.privatize for this model.")
             raise PrivacyError(
                 f"fxdp backend: compiled call site {site.ordinal} ({site.op} bound by the {rule} rule using "
                 f"{', '.join(names)}) does not match the eager analysis of the forward pass, which saw {seen} "
