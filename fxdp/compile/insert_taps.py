@@ -138,17 +138,17 @@ def insert_taps(region) -> PassResult:
 
 
 def _record_virtual(region, site, g: fx.Graph, token: fx.Node, detach, uids) -> None:
-    """After a batch-free node: ``fxdp::virtual(token, site, [detached tensor inputs], [int inputs])``
+    """After a batch-free node: ``fxdp::virtual(token, site, [detached tensor inputs], [ints], [floats])``
     (:mod:`fxdp.compile.virtual_taps`). The node itself is left as is: its readers are call sites."""
     n = site.node
     names = {**region.param_nodes, **region.virtual_nodes}
     values = dict(region.values)
     values.update({a: a.meta.get("example_value") for a in n.all_input_nodes if a not in values})
-    vsite, tensor_nodes, int_nodes = virtual_site(n, site.ordinal, names, values, site.virtual)
+    vsite, tensor_nodes, int_nodes, float_nodes = virtual_site(n, site.ordinal, names, values, site.virtual)
     uids.append(vsite.uid)
     tensors = [detach(a) if a in names else a for a in tensor_nodes]
     with g.inserting_after(n):
-        g.call_function(torch.ops.fxdp.virtual.default, (token, vsite.uid, tensors, int_nodes))
+        g.call_function(torch.ops.fxdp.virtual.default, (token, vsite.uid, tensors, int_nodes, float_nodes))
 
 
 def check_no_direct_use(region) -> PassResult:

@@ -36,7 +36,7 @@ _uids = itertools.count(1)
 
 @dataclass(frozen=True)
 class _In:
-    """Position of a node input in the run-time lists of ``fxdp::virtual`` (``kind``: "t" or "i")."""
+    """Position of a node input in the run-time lists of ``fxdp::virtual`` (``kind``: "t", "i" or "f")."""
 
     kind: str
     index: int
@@ -59,10 +59,10 @@ class VirtualSite:
     names: Tuple[str, ...]
     uid: int = field(default=0)
 
-    def replay(self, tensors: List[torch.Tensor], ints: List[int]):
+    def replay(self, tensors: List[torch.Tensor], ints: List[int], floats: List[float]):
         """Run the node on run-time inputs under the interceptor: (virtual leaves, VirtualParam records)."""
         def value(a):
-            return tensors[a.index] if a.kind == "t" else ints[a.index]
+            return {"t": tensors, "i": ints, "f": floats}[a.kind][a.index]
         args = fx.node.map_aggregate(self.args, lambda a: value(a) if isinstance(a, _In) else a)
         kwargs = fx.node.map_aggregate(self.kwargs, lambda a: value(a) if isinstance(a, _In) else a)
         names = {id(t): n for t, n in zip(tensors, self.tensor_names) if n is not None}
@@ -109,13 +109,14 @@ class _Maker:
 
 
 def virtual_site(node: fx.Node, ordinal: int, names: Dict[fx.Node, str], values: Dict[fx.Node, Any],
-                 made: Tuple[str, ...]) -> Tuple[VirtualSite, List[fx.Node], List[fx.Node]]:
-    """The replay record of ``node`` and its tensor and integer input nodes (in the order ``fxdp::virtual``
-    receives them). ``names`` maps parameter and virtual-parameter nodes to their names; ``values`` holds
-    the inputs' example values. Inputs of any other kind (a float or a shape computed in the graph) are
-    refused: they cannot be handed to the op."""
+                 made: Tuple[str, ...]) -> Tuple[VirtualSite, List[fx.Node], List[fx.Node], List[fx.Node]]:
+    """The replay record of ``node`` and its tensor, integer and float input nodes (in the order
+    ``fxdp::virtual`` receives them). ``names`` maps parameter and virtual-parameter nodes to their names;
+    ``values`` holds the inputs' example values. Inputs of any other kind (a shape or a bool computed in
+    the graph) are refused: they cannot be handed to the op."""
     tensor_nodes: List[fx.Node] = []
     int_nodes: List[fx.Node] = []
+    float_nodes: List[fx.Node] = []
     slots: Dict[fx.Node, _In] = {}
     for a in node.all_input_nodes:
         v = values.get(a)
@@ -125,6 +126,9 @@ def virtual_site(node: fx.Node, ordinal: int, names: Dict[fx.Node, str], values:
         elif isinstance(v, (int, torch.SymInt)) and not isinstance(v, bool):
             slots[a] = _In("i", len(int_nodes))
             int_nodes.append(a)
+        elif isinstance(v, (float, torch.SymFloat)):
+            slots[a] = _In("f", len(float_nodes))
+            float_nodes.append(a)
         else:
             raise UncoveredParameterError(
                 f"fxdp backend: the batch-free call {node.name} ({node.target}) that transforms "
@@ -137,7 +141,7 @@ def virtual_site(node: fx.Node, ordinal: int, names: Dict[fx.Node, str], values:
                        tuple(names.get(a) for a in tensor_nodes), tuple(made))
     site.uid = next(_uids)
     _VIRTUAL_SITES[site.uid] = site
-    return site, tensor_nodes, int_nodes
+    return site, tensor_nodes, int_nodes, float_nodes
 
 
 def release_virtual_sites(uids) -> None:
@@ -146,7 +150,8 @@ def release_virtual_sites(uids) -> None:
 
 
 @torch.library.custom_op("fxdp::virtual", mutates_args=())
-def record_virtual(token: torch.Tensor, site_uid: int, tensors: List[torch.Tensor], ints: List[int]) -> None:
+def record_virtual(token: torch.Tensor, site_uid: int, tensors: List[torch.Tensor], ints: List[int],
+                   floats: List[float]) -> None:
     """Forward, run time: the virtual parameters of one compiled batch-free call site, made exactly as in
     eager mode, join the forward pass named by ``token`` (see module docstring)."""
     from fxdp.compile.graph_ops import engine_by_uid
@@ -160,13 +165,13 @@ def record_virtual(token: torch.Tensor, site_uid: int, tensors: List[torch.Tenso
     if ctx is None or not ctx.compiled or ctx.cid != cid:
         raise PrivacyError("fxdp: a compiled batch-free call site ran outside the forward pass its region belongs "
                            "to; call the compiled model itself.")
-    for u, v in site.replay(list(tensors), [int(i) for i in ints]):
+    for u, v in site.replay(list(tensors), [int(i) for i in ints], [float(f) for f in floats]):
         ctx.params[v.name] = u.detach()
         ctx.virtuals.append(v)
 
 
 @record_virtual.register_fake
-def _record_virtual_fake(token, site_uid, tensors, ints):
+def _record_virtual_fake(token, site_uid, tensors, ints, floats):
     return None
 
 
