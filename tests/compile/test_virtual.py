@@ -235,3 +235,19 @@ def test_virtual_parameters_stay_exact_when_batch_size_and_length_vary(model_cls
             p.private_grad = None
         sum_ce(compiled(x), y).backward()
         assert_same_private_grads(model, eager)
+
+
+def test_a_graph_reused_for_another_instance_replays_that_instances_virtual_parameters():
+    """Dynamo reuses the graph compiled for the first model for a second one of the class: the batch-free
+    nodes are replayed on the second model's parameters (found at run time), never the first one's."""
+    import copy
+    from tests.compile.models import assert_same_private_grads
+    x, y = seq(d=4), labels()
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        base = Gathers().double()
+        eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3)
+        sum_ce(eager(x), y).backward()
+        model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3)
+        sum_ce(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(x), y).backward()
+        assert_same_private_grads(model, eager)
