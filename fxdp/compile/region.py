@@ -45,12 +45,7 @@ from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.runner import PassError, PassResult, run_passes
 from fxdp.compile import graph_ops as C
 from fxdp.compile.composite_taps import is_composite, positions_of
-from fxdp.rules.virtual import make_virtuals, virtual_binding
-from fxdp.rules.base import root_names
-
-
-def _roots(names) -> List[str]:
-    return sorted({r for n in names for r in root_names(n)})
+from fxdp.compile.virtual_taps import bind_virtual, refuse_virtual_from_earlier_region
 
 
 @dataclass
@@ -216,32 +211,16 @@ class _SiteRecorder:
 
     def virtual(self, call, interceptor):
         """At a call site the eager analysis found batch-free: virtual parameters (fxdp.rules.virtual)."""
-        table, ordinal = self.table, self.first_ordinal + len(self.sites)
-        if table is None or ordinal >= len(table.virtual) or not table.virtual[ordinal]:
-            return None
-        binding = virtual_binding(call)
-        if tuple(table.keys[ordinal]) != (call.name, binding.param_names):
-            return None  # match_analysis refuses the mismatch
-        out, made = make_virtuals(call, ordinal)
-        if made is None:  # no differentiable result (a metadata read): not the site
-            return None
         node = self.interpreter.current
-        if any(a in self.interpreter.sample_nodes for a in node.all_input_nodes):
-            raise UncoveredParameterError(
-                f"fxdp backend: the forward's analysis found {call.name} on {', '.join(_roots(binding.param_names))} "
-                f"batch-free, but graph node {node.name} reads a tensor computed from the model's inputs; fxdp "
-                "cannot tell the two apart inside a compiled graph. Use eager fxdp.privatize for this model.")
-        if node.op == "call_function" and is_composite(node.target) or any(s.node is node for s in self.sites):
-            raise UncoveredParameterError(
-                f"fxdp backend: graph node {node.name} transforms {', '.join(_roots(binding.param_names))} "
-                f"batch-free ({call.name}) inside a composite op; fxdp cannot tap that inside a compiled graph. "
-                "Use eager fxdp.privatize for this model.")
-        for u, v in made:
-            interceptor.param_names[id(u)] = v.name
-            interceptor.virtual_leaves.append(u)
-            self.interpreter.virtual_leaves[id(u)] = v.name
-        binding.options["kind"] = made[0][1].kind
-        self.sites.append(BoundSite(node, call.name, binding, virtual=tuple(v.name for _, v in made)))
+        made = bind_virtual(call, interceptor, self.table, self.first_ordinal + len(self.sites), node,
+                            self.interpreter.sample_nodes,
+                            node.op == "call_function" and is_composite(node.target)
+                            or any(s.node is node for s in self.sites))
+        if made is None:
+            return None
+        out, binding, names = made
+        self.interpreter.virtual_leaves.update(names)
+        self.sites.append(BoundSite(node, call.name, binding, virtual=tuple(names.values())))
         return out
 
     def substitute(self, func, args, kwargs):
@@ -404,15 +383,7 @@ def match_analysis(region: Region) -> PassResult:
         if not table.matches(site.ordinal, rule, names):
             seen = (f"{table.keys[site.ordinal][0]} bound by the {table.rules[site.ordinal]} rule using "
                     f"{', '.join(table.keys[site.ordinal][1])}" if site.ordinal < len(table.keys) else "nothing")
-            earlier = [n for n in (table.keys[site.ordinal][1] if site.ordinal < len(table.keys) else ())
-                       if "~v" in n and not any(n in s.virtual for s in region.sites)]
-            if earlier:
-                raise PrivacyError(
-                    f"fxdp backend: the forward's analysis saw {seen} at call site {site.ordinal}, but virtual "
-                    f"parameter {earlier[0]} (a batch-free transform of {', '.join(_roots(earlier))}) was made in "
-                    "an earlier compiled region, before a graph break; fxdp taps a virtual parameter only in the "
-                    "region that makes it. Remove the graph break (TORCH_LOGS=graph_breaks shows it), or use "
-                    "eager fxdp.privatize for this model.")
+            refuse_virtual_from_earlier_region(table, site.ordinal, region.sites, seen)
             raise PrivacyError(
                 f"fxdp backend: compiled call site {site.ordinal} ({site.op} bound by the {rule} rule using "
                 f"{', '.join(names)}) does not match the eager analysis of the forward pass, which saw {seen} "

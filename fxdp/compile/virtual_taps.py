@@ -15,7 +15,9 @@ per-sample factors back to ``theta`` (``resolve_virtuals``). A compiled region d
   the same ``VirtualParam`` record, with this forward pass's values, is appended to the forward
   pass's ``virtuals``, and ``u``'s value is registered under its name for the rules of its readers.
 
-Nothing is duplicated: the maths is ``resolve_virtuals``'s, run by the engine's one finalize.
+At compile time :func:`bind_virtual` makes the region's virtual parameters where the forward's analysis
+found a batch-free call (same ordinal, op and parameters), exactly as the eager recorder does. Nothing is
+duplicated: the maths is ``resolve_virtuals``'s, run by the engine's one finalize.
 """
 from __future__ import annotations
 
@@ -28,7 +30,8 @@ import torch.fx as fx
 
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
 from fxdp.analysis.interceptor import ParameterInterceptor
-from fxdp.rules.virtual import make_virtuals
+from fxdp.rules.base import root_names
+from fxdp.rules.virtual import make_virtuals, virtual_binding
 
 _VIRTUAL_SITES: Dict[int, "VirtualSite"] = {}
 _uids = itertools.count(1)
@@ -106,6 +109,54 @@ class _Maker:
     def handle(self, call, binding):
         raise PrivacyError(f"fxdp: replaying a compiled batch-free call site bound {call.name} to the "
                            f"{binding.rule.name} rule; this is a bug in fxdp, please report the model.")
+
+
+def _roots(names) -> List[str]:
+    return sorted({r for n in names for r in root_names(n)})
+
+
+def bind_virtual(call, interceptor, table, ordinal: int, node: fx.Node, sample_nodes, inside_composite: bool):
+    """Compile time, while a region's graph runs under the interceptor: if the forward's analysis found the
+    call at ``ordinal`` batch-free (same op, same parameters), make its virtual parameters as eager mode
+    does and register them with ``interceptor``; returns (output, binding, {id(leaf): name}) or None.
+    Refused: such a call reading a tensor computed from the model's inputs (the analysis and the graph
+    disagree), or inside a composite op."""
+    if table is None or ordinal >= len(table.virtual) or not table.virtual[ordinal]:
+        return None
+    binding = virtual_binding(call)
+    if tuple(table.keys[ordinal]) != (call.name, binding.param_names):
+        return None  # match_analysis refuses the mismatch
+    out, made = make_virtuals(call, ordinal)
+    if made is None:  # no differentiable result (a metadata read): not the site
+        return None
+    if any(a in sample_nodes for a in node.all_input_nodes):
+        raise UncoveredParameterError(
+            f"fxdp backend: the forward's analysis found {call.name} on {', '.join(_roots(binding.param_names))} "
+            f"batch-free, but graph node {node.name} reads a tensor computed from the model's inputs; fxdp "
+            "cannot tell the two apart inside a compiled graph. Use eager fxdp.privatize for this model.")
+    if inside_composite:
+        raise UncoveredParameterError(
+            f"fxdp backend: graph node {node.name} transforms {', '.join(_roots(binding.param_names))} "
+            f"batch-free ({call.name}) inside a composite op; fxdp cannot tap that inside a compiled graph. "
+            "Use eager fxdp.privatize for this model.")
+    for u, v in made:
+        interceptor.param_names[id(u)] = v.name
+        interceptor.virtual_leaves.append(u)
+    binding.options["kind"] = made[0][1].kind
+    return out, binding, {id(u): v.name for u, v in made}
+
+
+def refuse_virtual_from_earlier_region(table, ordinal: int, sites, seen: str) -> None:
+    """A call site the analysis saw using a virtual parameter this region did not make (an earlier region
+    made it, before a graph break): refused, saying so."""
+    earlier = [n for n in (table.keys[ordinal][1] if ordinal < len(table.keys) else ())
+               if "~v" in n and not any(n in s.virtual for s in sites)]
+    if earlier:
+        raise PrivacyError(
+            f"fxdp backend: the forward's analysis saw {seen} at call site {ordinal}, but virtual parameter "
+            f"{earlier[0]} (a batch-free transform of {', '.join(_roots(earlier))}) was made in an earlier "
+            "compiled region, before a graph break; fxdp taps a virtual parameter only in the region that makes "
+            "it. Remove the graph break (TORCH_LOGS=graph_breaks shows it), or use eager fxdp.privatize.")
 
 
 def virtual_site(node: fx.Node, ordinal: int, names: Dict[fx.Node, str], values: Dict[fx.Node, Any],
