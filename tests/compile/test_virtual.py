@@ -61,6 +61,25 @@ def test_weight_norm_and_orthogonal_parametrizations_are_exact_compiled(compiler
                                      rtol=1e-6)
 
 
+class NormedAttention(nn.Module):
+    """nn.MultiheadAttention whose out_proj is weight-normed: a virtual weight fed to the attention."""
+
+    def __init__(self):
+        super().__init__()
+        self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+        nn.utils.parametrizations.weight_norm(self.mha.out_proj)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.mha(x, x, x, need_weights=False)[0].mean(1))
+
+
+def test_weight_normed_attention_projection_is_exact_compiled():
+    torch.manual_seed(0)
+    x = torch.randn(B, 4, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    check_compiled_against_reference(NormedAttention().double(), (x,), {}, labels(), sum_ce, fullgraph=True)
+
+
 class ParamImage(nn.Module):
     """A conv weight used on the batch and on a parameter (a virtual: cross terms with the direct use)."""
 
