@@ -245,7 +245,7 @@ def test_virtual_parameters_stay_exact_when_batch_size_and_length_vary(model_cls
     base = model_cls().double()
     model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.5)
     compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"}, dynamic=dynamic)
-    for B, T in [(6, 4), (4, 4), (5, 3), (3, 2)]:
+    for B, T in [(6, 4), (4, 3), (3, 2)]:  # the second shape recompiles with dynamic sizes, the third reuses it
         T = T if model_cls is Views else 4  # Gathers' relative-position index is built for T = 4
         x, y = torch.randn(B, T, d, dtype=torch.float64), labels(B)
         eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.5)
