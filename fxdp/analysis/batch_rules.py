@@ -20,9 +20,10 @@ _T_PROP = inspect.getattr_static(torch.Tensor, "T")
 class Mixing(Exception):
     """An op moves values across the batch dimension; ``what`` says how."""
 
-    def __init__(self, what: str):
+    def __init__(self, what: str, requires_grad: bool = True):
         super().__init__(what)
         self.what = what
+        self.requires_grad = requires_grad  # False: the mixed tensor is detached (the monitor may hold it)
 
 
 def _tensors(xs):

@@ -121,6 +121,7 @@ class MixingMonitor(TorchFunctionMode):
         self.calls = 0
         self._derived = weakref.WeakValueDictionary()
         self._places = {}
+        self._any_held = 0
         dims = list(batch_dims) if batch_dims is not None else [None] * len(batch_inputs)
         for t, d in zip(batch_inputs, dims):
             if isinstance(t, torch.Tensor):
@@ -140,7 +141,7 @@ class MixingMonitor(TorchFunctionMode):
 
     def mix(self, t, what: str):
         if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
-            raise Mixing(what)
+            raise Mixing(what, t.requires_grad)
         return None
 
     def _is_derived(self, t) -> bool:
@@ -175,17 +176,11 @@ class MixingMonitor(TorchFunctionMode):
                 "or normalise with statistics of public data.")
         if func in _FRESH:
             return
-        rule = RULES.get(rule_key(func))
-        place = None
-        if rule is not None:
-            try:
-                place = rule(self, func, args, kwargs, out)
-            except Mixing as m:
-                raise SampleMixingError(_message(name, m.what, self.B)) from None
-            except Exception:
-                if self.strict:
-                    raise
-                place = None
+        held = self._held(args, kwargs)
+        if held is not None:
+            place = held
+        else:
+            place = self._rule_place(func, name, args, kwargs, out)
         if place is self.KEEP:
             return
         outs = [out] if isinstance(out, torch.Tensor) else [t for t in tree_flatten(out)[0]
@@ -195,7 +190,49 @@ class MixingMonitor(TorchFunctionMode):
             self.set(t, pl if _fits(t, pl, self.B) else None)
 
 
+    def _rule_place(self, func, name, args, kwargs, out):
+        rule = RULES.get(rule_key(func))
+        if rule is None:
+            return None
+        try:
+            return rule(self, func, args, kwargs, out)
+        except Mixing as m:
+            if torch.is_grad_enabled() and m.requires_grad:
+                raise SampleMixingError(_message(name, m.what, self.B)) from None
+            # on a tensor without gradient (detached, under no_grad: statistics for a buffer, a copy of
+            # an example): held, and refused when the result meets per-sample values or enters the
+            # differentiated computation; not when it only feeds a buffer (BufferWatch names that)
+            self._any_held += 1
+            how = " (under torch.no_grad)" if not torch.is_grad_enabled() else " (on a tensor without gradient)"
+            return _Held(_message(name, m.what + how, self.B), self._any_held)
+        except Exception:
+            if self.strict:
+                raise
+            return None
+
+    def _held(self, args, kwargs):
+        """The held mixing result among the inputs: refused if it meets a tensor with a batch place."""
+        if not self._any_held:
+            return None
+        leaves = tree_flatten((args, kwargs))[0]
+        places = [self.place(t) for t in leaves if isinstance(t, torch.Tensor)]
+        held = min((p for p in places if isinstance(p, _Held)), key=lambda h: h.order, default=None)
+        if held is not None and (any(isinstance(p, tuple) for p in places)
+                                 or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
+            raise SampleMixingError(held.message)
+        return held
+
+
+class _Held:
+    """The place of a value mixed across the batch under no_grad (see ``_rule_place``)."""
+
+    def __init__(self, message: str, order: int):
+        self.message, self.order = message, order  # order: the earliest held op is the one reported
+
+
 def _fits(t, place, B) -> bool:
+    if isinstance(place, _Held):
+        return True
     if place is None or place is ABSENT:
         return False
     bd, k = place

@@ -37,7 +37,7 @@ def test_batch_dim_is_tracked_through_reshape_permute_and_matmul():
         assert m.place(x.flatten(1)) == (0, 1) and m.place(x.unflatten(2, (2, 3))) == (0, 1)
         assert m.place(F.linear(x, torch.randn(3, D))) == (0, 1)
         assert m.place(x.sum(-1)) == (0, 1) and m.place(x.mean(1, keepdim=True)) == (0, 1)
-        assert m.place(x.T) == (2, 1)
+        assert m.place(x.flatten(1).T) == (1, 1) and m.place(x.mT) == (0, 1)
         assert m.place(torch.cat([x, x], dim=1)) == (0, 1) and m.place(torch.stack([x, x])) == (1, 1)
         assert m.place(torch.zeros_like(x)) is ABSENT
         assert m.place(F.layer_norm(x, (D,))) == (0, 1) and m.place(x + torch.randn(T, D)) == (0, 1)
@@ -99,7 +99,7 @@ def test_identity_indexing_along_the_batch_is_allowed():
     (lambda x: x.gather(0, torch.zeros(B, T, D, dtype=torch.long)), "gather along dim 0"),
 ])
 def test_ops_across_the_batch_dimension_are_refused_naming_op_and_dim(op, cause):
-    x = torch.randn(B, T, D)
+    x = torch.randn(B, T, D, requires_grad=True)
     with monitor(x), pytest.raises(SampleMixingError) as err:
         op(x)
     msg = str(err.value)
@@ -107,7 +107,7 @@ def test_ops_across_the_batch_dimension_are_refused_naming_op_and_dim(op, cause)
 
 
 def test_setitem_of_batch_rows_into_other_rows_is_refused_but_constants_are_not():
-    x, other = torch.randn(B, T, D), torch.randn(T, D)
+    x, other = torch.randn(B, T, D, requires_grad=True), torch.randn(T, D, requires_grad=True)
     with MixingMonitor([x, other], B, batch_dims=[0, None], strict=True):
         h = x * 2
         h[:, 0] = h[:, 1]          # along a sample's own dims
@@ -127,7 +127,7 @@ def test_integer_and_boolean_tensors_are_not_refused():
 
 
 def test_unknown_ops_lose_the_position_without_refusing():
-    x = torch.randn(B, T, D)
+    x = torch.randn(B, T, D, requires_grad=True)
     with monitor(x) as m:
         f = torch.fft.fft(x, dim=-1)           # no rule: position unknown
         assert m.place(f) is None
@@ -146,3 +146,23 @@ def test_module_layers_keep_the_batch_dimension():
         assert m.place(enc(x)) == (0, 1)
         assert m.place(gru_free(x)) == (0, 1)
         assert m.place(F.scaled_dot_product_attention(x[:, None], x[:, None], x[:, None])) == (0, 1)
+
+
+def test_mixing_under_no_grad_is_refused_when_it_meets_per_sample_values():
+    x = torch.randn(B, T, D)
+    buf = torch.zeros(T, D)
+    with monitor(x):
+        with torch.no_grad():
+            buf.mul_(0.9).add_(0.1 * x.mean(0))   # batch statistics for a buffer: BufferWatch's business
+            stats = x.mean(0)
+        with pytest.raises(SampleMixingError, match="mean along dim 0, the batch dimension .under torch.no_grad"):
+            x - stats                             # a detached batch normaliser: mixing
+
+
+def test_mixing_a_tensor_without_gradient_is_refused_when_it_enters_the_model():
+    x, fc = torch.randn(6, D), nn.Linear(D, 3)   # a raw input: no gradient of its own
+    with MixingMonitor([x], 6, batch_dims=[0], strict=True):
+        tail = x[4:] + x[:1]                      # held: only rows beyond the probe are mixed
+        h = torch.cat([x[:4], tail])
+        with pytest.raises(SampleMixingError, match=r"slices the batch dimension \(dim 0\) as \[4:\].*without grad"):
+            fc(h)
