@@ -73,7 +73,7 @@ from fxdp.core.config import LossReduction, nonnegative_number, positive_number
 from fxdp.core.errors import PrivacyError
 from fxdp.engine.finalize import accumulation_dtype
 from fxdp.training.noise import NoiseSource
-from fxdp.training import step_check
+from fxdp.training import release_check, step_check
 
 PUBLIC_GRAD_POLICIES = ("refuse", "add")
 
@@ -281,27 +281,10 @@ class DPOptimizer(Optimizer):
     # whether an example overflowed is data-dependent, and such examples already contribute zero).
     _step_supports_amp_scaling = True
 
-    def _check_loss_scaling(self):
-        """Under ``scaler.step(optimizer)`` the model must undo the loss scale before clipping.
-        Returns the engine's GradScaler."""
-        from fxdp.engine.install import engine_of
-
-        scaler = None
-        for p in self.params:
-            engine = engine_of(p) if getattr(p, "private_grad", None) is not None else None
-            if engine is not None:
-                scaler = scaler or engine.grad_scaler
-            if engine is not None and engine.grad_scaler is None:
-                raise ValueError(
-                    "fxdp: scaler.step(optimizer) with a model that does not know the GradScaler: its per-sample "
-                    "gradients were clipped in loss-scaled units (threshold R/S on the true gradients). Privatize "
-                    "with fxdp.privatize(model, ..., grad_scaler=scaler).")
-        return scaler
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Noise, scale and step once per logical batch (module docstring). Returns the closure's loss."""
-        scaler = self._check_loss_scaling() if getattr(self, "grad_scale", None) is not None else None
+        scaler = release_check.check_loss_scaling(self) if getattr(self, "grad_scale", None) is not None else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -380,12 +363,12 @@ class DPOptimizer(Optimizer):
                 f"fxdp: {len(missing)} trainable parameter(s) of the optimizer have no private gradient while "
                 f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
                 "optimizer part of the privatized model, and was it trainable when the model was privatized?")
-        self._check_writers(have)
+        release_check.check_writers(self, have)
         engines = step_check.engines_of(have)
         step_check.check_owned(params, engines)
         if self.batch_check is not None:
             self.batch_check.verify(engines)
-        public = self._public_grads(params)
+        public = release_check.public_gradients(self, params)
         self.unclipped_count = self.adaptive_clipping.count_share() if self.adaptive_clipping is not None else None
         return public
 
@@ -417,56 +400,6 @@ class DPOptimizer(Optimizer):
             if id(p) in public:
                 g = g + public[id(p)].to(g.dtype)
             p.grad = g.to(p.dtype)
-
-    def _check_writers(self, params) -> None:
-        """The engines that wrote the private gradients must clip with this R and loss reduction
-        (Opacus #664: clipping at one bound while the noise is calibrated to another).
-        Private gradients set by hand (no engine) cannot be checked."""
-        from fxdp.engine.install import engine_of
-
-        engines = {}
-        for p in params:
-            engine = engine_of(p)
-            if engine is not None:
-                engines[id(engine)] = engine
-        for engine in engines.values():
-            config, bound = engine.config, engine.clip_bound
-            used = sorted(bound.pending.values | {bound.value})
-            if any(not math.isclose(r, self.max_grad_norm, rel_tol=1e-12) for r in used):
-                raise PrivacyError(
-                    f"fxdp: the model clips with max_grad_norm={used[0] if len(used) == 1 else used} but this "
-                    f"optimizer calibrates its noise to max_grad_norm={self.max_grad_norm}; the real noise multiplier "
-                    "would differ from the one accounted. Use the same R for fxdp.privatize and DPOptimizer.")
-            if self.adaptive_clipping is not None and bound is not self.adaptive_clipping.bound:
-                raise PrivacyError("fxdp: private gradients were written by a model whose clipping bound this "
-                                   "optimizer's adaptive clipping does not learn; build AdaptiveClipping on that model.")
-            if config.loss_reduction is not self.loss_reduction:
-                raise PrivacyError(
-                    f"fxdp: the model undoes a loss_reduction={config.loss_reduction.value!r} loss but this optimizer "
-                    f"was built with loss_reduction={self.loss_reduction.value!r}; use the same for both.")
-
-    def _public_grads(self, params) -> Dict[int, torch.Tensor]:
-        """Gradients written outside the privatized forward, checked against the policy."""
-        set_grads = [p for p in params if p.grad is not None]
-        if not set_grads:
-            return {}
-        if not self._zeroed_since_step:
-            raise PrivacyError(
-                "fxdp: p.grad is set but optimizer.zero_grad() was not called since the last step: it holds the last "
-                "step's noised gradient (maybe plus new terms), which cannot be told apart from a public gradient. "
-                "Call optimizer.zero_grad() after each step.")
-        nonzero = [p for p in set_grads if bool(p.grad.count_nonzero() > 0)]
-        if not nonzero:
-            return {}
-        if self.public_grads == "refuse":
-            names = ", ".join(self._name(p) for p in nonzero[:5])
-            raise PrivacyError(
-                f"fxdp: p.grad is set for {names}: these parameters received a gradient outside the privatized "
-                "forward pass (e.g. a regularizer added to the loss, or a backward run before privatization: call "
-                "optimizer.zero_grad() first), which would be released without clipping or noise. Compute such "
-                "terms inside the model's forward, or, ONLY if the term does not depend on the data (e.g. weight "
-                "decay), pass public_grads='add' to add it unclipped and un-noised.")
-        return {id(p): p.grad.detach() for p in nonzero}
 
     # ----------------------------------------------------------------- state
     def dp_state_dict(self) -> dict:
