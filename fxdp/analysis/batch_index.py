@@ -42,14 +42,15 @@ def _walk(ctx, x, index):
     pl = ctx.place(x)
     xbd = pl[0] if pl not in (ABSENT, None) else None
     entries = _entries(x, index)
-    tokens, adv, violation, d = [], [], None, 0
+    tokens, adv, violation, d, partial = [], [], None, 0, set()
     for e in entries:
         if e is None:
             tokens.append(("new", None))
         elif isinstance(e, slice):
-            if d == xbd:
-                size = int(x.shape[d])
-                if e.indices(size) != (0, size, 1):
+            size = int(x.shape[d])
+            if e.indices(size) != (0, size, 1):
+                partial.add(d)
+                if d == xbd:
                     violation = f"slices the batch dimension (dim {d}) as [{_fmt(e)}], keeping only some samples"
             tokens.append(("dim", d))
             d += 1
@@ -83,7 +84,7 @@ def _walk(ctx, x, index):
         else:
             return None
     tokens.extend(("dim", i) for i in range(d, x.dim()))
-    return tokens, adv, violation, xbd
+    return tokens, adv, violation, xbd, partial
 
 
 def _fmt(s: slice) -> str:
@@ -96,7 +97,7 @@ def getitem_place(ctx, func, args, kwargs, out):
     walked = _walk(ctx, x, index)
     if walked is None:
         return None
-    tokens, adv, violation, xbd = walked
+    tokens, adv, violation, xbd, _ = walked
     if violation is not None:
         return ctx.mix(x, violation)
     pl = ctx.place(x)
@@ -152,7 +153,20 @@ def setitem_place(ctx, func, args, kwargs, out):
         ctx.mix(value, f"writes batch-derived values into a selection of the batch dimension ({walked[2]})")
     target = x if out is None else out
     if pl is ABSENT and vpl is not ABSENT:
-        ctx.set(target, None)
+        ctx.set(target, _written_place(ctx, x, walked, value, vpl))
     elif pl is not ABSENT:
         ctx.set(target, pl if walked is not None else None)
     return ctx.KEEP
+
+
+def _written_place(ctx, x, walked, value, vpl):
+    """The place of a fresh tensor (``zeros``) after ``x[index] = value`` (T5's shift-right of the
+    labels): the value's batch dimension lands on a dimension of ``x`` the index keeps whole."""
+    if walked is None or not isinstance(vpl, tuple) or walked[1]:
+        return None
+    tokens, partial = walked[0], walked[4]
+    pos = vpl[0] + len(tokens) - value.dim()
+    if not 0 <= pos < len(tokens) or tokens[pos][0] != "dim" or tokens[pos][1] in partial:
+        return None
+    d = tokens[pos][1]
+    return (d, vpl[1]) if int(x.shape[d]) == ctx.B * vpl[1] else None

@@ -190,7 +190,7 @@ def repeat(ctx, func, args, kwargs, out):
 
 def cat(ctx, func, args, kwargs, out):
     seq = kwargs.get("tensors", args[0] if args else ())
-    ts = _tensors(seq)
+    ts = [t for t in _tensors(seq) if not (t.dim() == 1 and t.numel() == 0)]  # torch.cat skips legacy empties
     name = getattr(func, "__name__", "")
     dim = kwargs.get("dim", kwargs.get("axis", args[1] if len(args) > 1 else 0))
     if name in ("vstack", "row_stack"):
