@@ -33,9 +33,9 @@ import torch
 import torch.nn.functional as F
 
 from fxdp.analysis.batch_index import getitem_place, setitem_place
+from fxdp.analysis.batch_layers import batch_of, conv, linear, loss, mha, norm_layer, sdpa, spatial
 from fxdp.analysis.batch_rules import (
-    Mixing, batch_of, cat, conv, einsum, elementwise, expand, linear, matmul_family, movedim, mha, norm_layer,
-    permute, repeat, reshape, sdpa, spatial, loss)
+    Mixing, cat, einsum, elementwise, expand, matmul_family, movedim, permute, repeat, reshape)
 from fxdp.analysis.batch_reduce import ALONG, REDUCE, SELECT, reduction, select
 
 Place = Optional[Tuple[int, int]]

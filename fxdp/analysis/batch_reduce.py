@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from fxdp.analysis.batch_rules import ABSENT, Mixing, agree, derived
+from fxdp.analysis.batch_rules import ABSENT, agree, derived
 
 FULL = "full"  # no dim given: over every element (the monitor's full-reduction check covers the float case)
 # name -> (position of dim, default when absent); the output keeps its rank iff the op is a scan/sort
@@ -178,4 +178,4 @@ def _along(index, bd) -> bool:
     return bool(torch.equal(index.to(torch.long), ar.expand_as(index)))
 
 
-__all__ = ["REDUCE", "ALONG", "SELECT", "reduction", "select", "is_arange", "Mixing"]
+__all__ = ["REDUCE", "ALONG", "SELECT", "reduction", "select", "is_arange"]
