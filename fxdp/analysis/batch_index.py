@@ -64,10 +64,10 @@ def _walk(ctx, x, index):
             t = e if isinstance(e, torch.Tensor) else torch.as_tensor(e)
             if t.dtype == torch.bool:
                 m = max(t.dim(), 1)
-                if xbd is not None and d <= xbd < d + m and not bool(t.all()):
-                    violation = f"masks rows of the batch dimension (dim {xbd}) with a boolean index"
-                elif xbd is not None and d <= xbd < d + m:
+                if xbd is not None and d <= xbd < d + m and (bool(t.all()) or routed(ctx, pl, t)):
                     return None
+                if xbd is not None and d <= xbd < d + m:
+                    violation = f"masks rows of the batch dimension (dim {xbd}) with a boolean index"
                 adv.append((len(tokens), t, None, True))
                 tokens.append(("adv", None))
                 d += m
@@ -76,6 +76,8 @@ def _walk(ctx, x, index):
             if d == xbd:
                 if is_arange(t, int(x.shape[d])):
                     ident = next((i for i, s in enumerate(t.shape) if s != 1), t.dim() - 1)
+                elif routed(ctx, pl, t):
+                    return None
                 else:
                     violation = f"indexes the batch dimension (dim {d}) with a tensor that is not arange(B)"
             adv.append((len(tokens), t, ident, False))
@@ -85,6 +87,15 @@ def _walk(ctx, x, index):
             return None
     tokens.extend(("dim", i) for i in range(d, x.dim()))
     return tokens, adv, violation, xbd, partial
+
+
+def routed(ctx, pl, index) -> bool:
+    """Token routing (a mixture of experts dispatching the rows of ``(B*T, d)``): an index computed
+    from the batch, along a dimension that holds several rows per sample. The rows' owners are then
+    unknown (the position is lost, not refused); along a plain batch dimension, or with an index
+    that does not come from the batch (``randperm``, a constant), it is mixing."""
+    return isinstance(pl, tuple) and pl[1] > 1 and ctx.place(index) is not ABSENT
+
 
 
 def _fmt(s: slice) -> str:

@@ -162,6 +162,8 @@ def select(name, spec):
             return pl
         if kind in ("gather", "scatter") and isinstance(index, torch.Tensor) and index.dim() == n and _along(index, bd):
             return pl
+        if k > 1 and isinstance(index, torch.Tensor) and ctx.place(index) is not ABSENT:
+            return None  # token routing by an index computed from the batch (see batch_index.routed)
         who = src if kind == "scatter" and isinstance(src, torch.Tensor) and ctx.place(src) is not ABSENT else x
         return ctx.mix(who, f"along dim {bd}, the batch dimension, with an index that is not arange(B): "
                             "it moves values between samples")

@@ -166,3 +166,22 @@ def test_mixing_a_tensor_without_gradient_is_refused_when_it_enters_the_model():
         h = torch.cat([x[:4], tail])
         with pytest.raises(SampleMixingError, match=r"slices the batch dimension \(dim 0\) as \[4:\].*without grad"):
             fc(h)
+
+
+def test_token_routing_by_batch_derived_indices_loses_the_position_without_refusing():
+    """A mixture of experts dispatches the rows of (B*T, d) by indices computed from the batch (HF
+    Mixtral: hidden[top_x], index_add_): the rows' owners are unknown, not refused. The same index
+    along the plain batch dimension, or a constant one along the token rows, is refused."""
+    x = torch.randn(B, T, D, requires_grad=True)
+    with monitor(x) as m:
+        tokens = x.reshape(B * T, D)
+        scores = tokens.sum(-1)
+        top_x = torch.where(scores > 0)[0]
+        routed = tokens[top_x]
+        assert m.place(routed) is None
+        out = torch.zeros_like(tokens).index_add_(0, top_x, routed * 2)
+        assert m.place(out) is None
+        with pytest.raises(SampleMixingError, match="not arange"):
+            tokens[torch.tensor([0, 5, 7])]
+        with pytest.raises(SampleMixingError, match="not arange"):
+            x[torch.where(x[:, 0, 0] > -10)[0].flip(0)]

@@ -246,10 +246,13 @@ def test_state_dict_carries_the_noise_stream_and_refuses_a_plain_one():
         DPOptimizer(torch.optim.Adam([q], lr=0.1), 1.0, 2.0, 4.0).load_state_dict(sd)
 
 
-def test_max_grad_norm_cannot_be_changed_after_construction():
+def test_max_grad_norm_cannot_be_changed_without_a_privatized_model():
+    """Changing R between steps is supported when the optimizer knows the model whose bound changes
+    with it (tests/privacy/test_optimizer_api.py); a bare optimizer refuses."""
     opt = DPOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), 1.0, 1.0, 4.0)
-    with pytest.raises(AttributeError, match="fixed"):
+    with pytest.raises(PrivacyError, match="knows no privatized model"):
         opt.max_grad_norm = 2.0
+    assert opt.max_grad_norm == 1.0
 
 
 @pytest.mark.parametrize("kwargs, match", [
