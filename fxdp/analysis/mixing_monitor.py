@@ -34,7 +34,9 @@ mode by the interceptor, per channel with running statistics).
 
 Limits (the structural check is sound only where it knows the batch position): an op without
 a rule (a custom kernel, ``torch.fft``, ``masked_scatter``, a reshape that splits or interleaves
-the batch dimension, an outer product between samples such as CLIP's ``text @ image.T``) makes
+the batch dimension, an outer product between samples such as CLIP's ``text @ image.T``, rows of a
+``(B*T, d)`` tensor selected by an index computed from the batch, as in mixture-of-experts token
+routing) makes
 the position of its output unknown; for that tensor and everything derived from it only the
 full-reduction refusal and the numeric probe / re-validation above apply, as before. Values
 leaving the tracked graph (``.item()``, ``.tolist()``, Python control flow on values) are not
