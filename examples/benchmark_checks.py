@@ -3,8 +3,10 @@
     python examples/benchmark_checks.py [--layers 2] [--d 128] [--T 64] [--B 8] [--rounds 5]
 
 Prints, in one run, the median step time (forward + backward) of non-private eager training, of
-fxdp eager with its per-forward checks (sample-mixing monitor, autograd-graph walk for unseen
-parameter uses, buffer watch, submodule hooks), and of fxdp eager with the monitor and the graph
+fxdp eager with its per-forward checks (sample-mixing monitor with its batch-dimension propagation,
+autograd-graph walk for unseen parameter uses, buffer watch, submodule hooks), of fxdp eager with
+the monitor's batch-dimension rules switched off (only its full-reduction check and call hashing:
+the monitor before the structural propagation), and of fxdp eager with the monitor and the graph
 walk switched off, as ratios to non-private eager. The checks are switched off by patching them out
 in this process only: that configuration is not a supported way to train.
 """
@@ -61,8 +63,10 @@ def main(argv=None):
         fxdp.clear_private_grads(model) if fxdp.is_privatized(model) else None
 
     monitor_tf, walk = mixing_monitor.MixingMonitor.__torch_function__, forward_checks.refuse_unseen_uses
+    rules = mixing_monitor.RULES
 
-    def checks(on: bool):
+    def checks(on: bool, propagation: bool = True):
+        mixing_monitor.RULES = rules if propagation else {}
         if on:
             mixing_monitor.MixingMonitor.__torch_function__, forward_checks.refuse_unseen_uses = monitor_tf, walk
         else:
@@ -72,13 +76,14 @@ def main(argv=None):
             mixing_monitor.MixingMonitor.__torch_function__ = passthrough
             forward_checks.refuse_unseen_uses = lambda *a: None
 
-    times = {"non-private": [], "fxdp (checks on)": [], "fxdp (monitor+walk off)": []}
+    times = {"non-private": [], "fxdp (checks on)": [], "fxdp (batch-dim rules off)": [],
+             "fxdp (monitor+walk off)": []}
     for _ in range(2):
         step(plain), step(private)
     for _ in range(args.rounds):  # interleaved, so that load on the machine hits every configuration
         for name in times:
             model = plain if name == "non-private" else private
-            checks(name != "fxdp (monitor+walk off)")
+            checks(name != "fxdp (monitor+walk off)", propagation=name != "fxdp (batch-dim rules off)")
             t = time.perf_counter()
             step(model)
             times[name].append(time.perf_counter() - t)
@@ -89,6 +94,8 @@ def main(argv=None):
         print(f"{name:26s} {med * 1e3:8.1f} ms   {med / base:5.2f}x non-private eager")
     on, off = statistics.median(times["fxdp (checks on)"]), statistics.median(times["fxdp (monitor+walk off)"])
     print(f"cost of the per-forward checks: {on / off:.3f}x the fxdp eager step")
+    rules_off = statistics.median(times["fxdp (batch-dim rules off)"])
+    print(f"cost of the batch-dimension propagation alone: {on / rules_off:.3f}x the fxdp eager step")
 
 
 if __name__ == "__main__":

@@ -3,14 +3,24 @@
 The analysis (:mod:`fxdp.analysis.sample_mixing`) probes a few samples numerically: it replaces
 one sample and checks that the others' values do not move. That misses mixing the probe does not
 trigger -- a min-max scaling over the whole batch (``x.min()``, ``x.max()`` with no dim) when the
-replaced sample holds no extreme, a branch taken only for larger batches (``if B > 3``), mixup
-switched on after the first forward (the analysis is cached per input structure). Two checks of
-every eager training forward close these:
+replaced sample holds no extreme, a branch taken only for larger batches (``if B > 3``) or for
+some values (``if cond: h = h + h.sum(0)``), mixing only in rows beyond the probed samples
+(``h[4:] + h[:1]``), mixup switched on after the first forward (the analysis is cached per input
+structure). Two checks of every eager training forward close these:
 
-1. Structural (:class:`MixingMonitor`, a ``TorchFunctionMode`` on top of the interceptor): the
-   tensors derived from the batched inputs are tracked through every op; a full reduction (no
-   ``dim``: sum, mean, min, max, std, norm, ...) of such a floating-point tensor reduces across the
-   batch dimension whatever the values, and is refused (``SampleMixingError``) when B >= 2.
+1. Structural (:class:`MixingMonitor`, a ``TorchFunctionMode`` on top of the interceptor): every
+   tensor derived from the batched inputs is tracked through the ops that actually ran, with
+   *where its batch dimension is* (:mod:`fxdp.analysis.batch_dims`: elementwise and broadcast ops
+   with rank shifts, view / reshape / flatten / unflatten while the batch stays the leading factor
+   of a dimension, permute / transpose / movedim, (un)squeeze, matmul / linear / conv / bmm /
+   einsum batch dimensions, softmax and norms along other dims, pooling, embedding, attention,
+   indexing along other dims). When B >= 2, an op on a floating-point batch-derived tensor is
+   refused (``SampleMixingError``, naming the op, the dim and what to do) if it reduces along the
+   batch dimension (sum, mean, max, std, norm, logsumexp, cumsum, sort, topk, argmax, softmax ...),
+   slices or indexes it other than by the identity (``:`` or ``arange(B)``), gathers / rolls /
+   flips / splits / concatenates / repeats rows along it, contracts it (``h.T @ h``), or
+   normalises / convolves / attends across it. A full reduction (no ``dim``) of such a tensor is
+   refused whether or not its batch position is known.
 2. Re-validation: the monitor hashes the sequence of the forward's mixing-relevant torch calls
    (reductions, indexing, reordering, contractions, random indices: :data:`MIXING_RELEVANT`). The analysis's
    base run is hashed the same way (:func:`fxdp.analysis.capture.probe_run`); a training forward
@@ -18,9 +28,19 @@ every eager training forward close these:
    samples before its backward can run, and the sequence is remembered as validated for that
    input structure (:func:`fxdp.engine.forward_checks.revalidate_sequence`).
 
-Reductions with a ``dim`` that includes the batch dimension (``x.mean(0)``) are left to the
-numeric probe, which sees them for any sample. Boolean / integer reductions (mask counts, ``any``)
-are not refused: they carry no gradient.
+Not refused: boolean / integer tensors (masks, counts, indices: no gradient), reduced losses
+(``F.cross_entropy(..., reduction="mean")``: the training loss), BatchNorm (refused in training
+mode by the interceptor, per channel with running statistics).
+
+Limits (the structural check is sound only where it knows the batch position): an op without
+a rule (a custom kernel, ``torch.fft``, ``masked_scatter``, a reshape that splits or interleaves
+the batch dimension, an outer product between samples such as CLIP's ``text @ image.T``, rows of a
+``(B*T, d)`` tensor selected by an index computed from the batch, as in mixture-of-experts token
+routing) makes
+the position of its output unknown; for that tensor and everything derived from it only the
+full-reduction refusal and the numeric probe / re-validation above apply, as before. Values
+leaving the tracked graph (``.item()``, ``.tolist()``, Python control flow on values) are not
+followed: a branch they select is covered by re-validation of the call sequence.
 """
 from __future__ import annotations
 
@@ -30,6 +50,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from fxdp.analysis.batch_dims import RULES, fresh_ops, rule_key
+from fxdp.analysis.batch_rules import ABSENT, Mixing
 from fxdp.core.errors import SampleMixingError
 
 T = torch.Tensor
@@ -42,6 +64,7 @@ FULL_REDUCTIONS = {
     T.nanquantile, torch.mode, T.mode,
 }
 DIM_KEYS = ("dim", "axis")
+_FRESH = fresh_ops()
 
 
 def _ops(*names):
@@ -82,22 +105,51 @@ def _is_full_reduction(func, args, kwargs) -> bool:
 
 
 class MixingMonitor(TorchFunctionMode):
-    """Tracks batch-derived tensors and hashes the call sequence of one forward (module docstring)."""
+    """Tracks batch-derived tensors and their batch dimension, and hashes the call sequence of one
+    forward (module docstring). ``batch_dims[i]`` is the batch dimension of ``batch_inputs[i]``
+    (None: unknown); ``strict`` re-raises a failing propagation rule (tests) instead of losing the
+    position."""
 
-    def __init__(self, batch_inputs=(), batch_size: int = 0, structural: bool = True):
+    KEEP = object()
+
+    def __init__(self, batch_inputs=(), batch_size: int = 0, structural: bool = True, batch_dims=None,
+                 strict: bool = False):
         super().__init__()
+        self.B = batch_size
         self.batch_size = batch_size
         self.structural = structural and batch_size >= 2
+        self.strict = strict
         self.signature = 0
         self.calls = 0
         self._derived = weakref.WeakValueDictionary()
-        for t in batch_inputs:
+        self._places = {}
+        self._any_held = 0
+        dims = list(batch_dims) if batch_dims is not None else [None] * len(batch_inputs)
+        for t, d in zip(batch_inputs, dims):
             if isinstance(t, torch.Tensor):
-                self._derived[id(t)] = t
+                ok = d is not None and 0 <= d < t.dim() and t.shape[d] == batch_size
+                self.set(t, (d, 1) if ok else None)
+
+    # ---------------------------------------------------------- the context the rules see
+    def place(self, t):
+        """ABSENT (not derived from the batch), None (derived, position unknown) or (dim, k)."""
+        if isinstance(t, torch.Tensor) and self._derived.get(id(t)) is t:
+            return self._places.get(id(t))
+        return ABSENT
+
+    def set(self, t, place) -> None:
+        self._derived[id(t)] = t
+        self._places[id(t)] = place
+
+    def mix(self, t, what: str):
+        if isinstance(t, torch.Tensor) and (t.is_floating_point() or t.is_complex()):
+            raise Mixing(what, t.requires_grad)
+        return None
 
     def _is_derived(self, t) -> bool:
         return isinstance(t, torch.Tensor) and self._derived.get(id(t)) is t
 
+    # --------------------------------------------------------------------------- dispatch
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func in MIXING_RELEVANT:
@@ -108,16 +160,92 @@ class MixingMonitor(TorchFunctionMode):
             return out
         flat = not kwargs and not any(isinstance(a, (list, tuple, dict)) for a in args)
         leaves = args if flat else tree_flatten((args, kwargs))[0]
-        if any(self._is_derived(t) for t in leaves):
-            if _is_full_reduction(func, args, kwargs) and isinstance(args[0], torch.Tensor) \
-                    and self._is_derived(args[0]) and args[0].is_floating_point() and args[0].numel() > 1:
-                raise SampleMixingError(
-                    f"fxdp: {getattr(func, '__name__', func)} reduces a tensor computed from the batch over all its "
-                    "elements, across the batch dimension (e.g. min-max scaling with x.min() / x.max() over the "
-                    "whole batch), so each sample's output depends on the other samples and per-sample clipping "
-                    "bounds nothing. Reduce over each sample's own dimensions (x.amin(dim=(1, 2), keepdim=True)) "
-                    "or normalise with statistics of public data.")
-            for t in ((out,) if isinstance(out, torch.Tensor) else tree_flatten(out)[0]):
-                if isinstance(t, torch.Tensor):
-                    self._derived[id(t)] = t
+        if not any(self._is_derived(t) for t in leaves):
+            return out
+        with torch._C.DisableTorchFunction():
+            self._propagate(func, args, kwargs, out)
         return out
+
+    def _propagate(self, func, args, kwargs, out) -> None:
+        name = getattr(func, "__name__", str(func))
+        if _is_full_reduction(func, args, kwargs) and isinstance(args[0], torch.Tensor) \
+                and self._is_derived(args[0]) and args[0].is_floating_point() and args[0].numel() > 1:
+            raise SampleMixingError(
+                f"fxdp: {name} reduces a tensor computed from the batch over all its "
+                "elements, across the batch dimension (e.g. min-max scaling with x.min() / x.max() over the "
+                "whole batch), so each sample's output depends on the other samples and per-sample clipping "
+                "bounds nothing. Reduce over each sample's own dimensions (x.amin(dim=(1, 2), keepdim=True)) "
+                "or normalise with statistics of public data.")
+        if func in _FRESH:
+            return
+        held = self._held(args, kwargs)
+        if held is not None:
+            place = held
+        else:
+            place = self._rule_place(func, name, args, kwargs, out)
+        if place is self.KEEP:
+            return
+        outs = [out] if isinstance(out, torch.Tensor) else [t for t in tree_flatten(out)[0]
+                                                             if isinstance(t, torch.Tensor)]
+        places = place if isinstance(place, list) else [place] * len(outs)
+        for t, pl in zip(outs, places):
+            self.set(t, pl if _fits(t, pl, self.B) else None)
+
+
+    def _rule_place(self, func, name, args, kwargs, out):
+        rule = RULES.get(rule_key(func))
+        if rule is None:
+            return None
+        try:
+            return rule(self, func, args, kwargs, out)
+        except Mixing as m:
+            if torch.is_grad_enabled() and m.requires_grad:
+                raise SampleMixingError(_message(name, m.what, self.B)) from None
+            # on a tensor without gradient (detached, under no_grad: statistics for a buffer, a copy of
+            # an example): held, and refused when the result meets per-sample values or enters the
+            # differentiated computation; not when it only feeds a buffer (BufferWatch names that)
+            self._any_held += 1
+            how = " (under torch.no_grad)" if not torch.is_grad_enabled() else " (on a tensor without gradient)"
+            return _Held(_message(name, m.what + how, self.B), self._any_held)
+        except Exception:
+            if self.strict:
+                raise
+            return None
+
+    def _held(self, args, kwargs):
+        """The held mixing result among the inputs: refused if it meets a tensor with a batch place."""
+        if not self._any_held:
+            return None
+        leaves = tree_flatten((args, kwargs))[0]
+        places = [self.place(t) for t in leaves if isinstance(t, torch.Tensor)]
+        held = min((p for p in places if isinstance(p, _Held)), key=lambda h: h.order, default=None)
+        if held is not None and (any(isinstance(p, tuple) for p in places)
+                                 or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
+            raise SampleMixingError(held.message)
+        return held
+
+
+class _Held:
+    """The place of a value mixed across the batch under no_grad (see ``_rule_place``)."""
+
+    def __init__(self, message: str, order: int):
+        self.message, self.order = message, order  # order: the earliest held op is the one reported
+
+
+def _fits(t, place, B) -> bool:
+    if isinstance(place, _Held):
+        return True
+    if place is None or place is ABSENT:
+        return False
+    bd, k = place
+    return 0 <= bd < t.dim() and k >= 1 and t.shape[bd] == B * k
+
+
+def _message(name: str, what: str, B: int) -> str:
+    return (f"fxdp: samples are mixed in the training forward: {name} {what} (batch of {B}), so one sample's "
+            "output depends on other samples and per-sample clipping bounds nothing; each sample's output must "
+            "depend on that sample only. Compute it per sample: reduce, index, sort and normalise along each "
+            "sample's own dimensions (dim >= 1 for batch-first tensors), loop over samples outside the model, "
+            "and mix examples (mixup) in the data pipeline, not inside the privatized forward. If several rows "
+            "of the batch are one example or one user, declare them one privacy unit "
+            "(with fxdp.privacy_units(model, ids=...) or views=K) instead of mixing them inside the model.")

@@ -97,6 +97,18 @@ class ClipBound:
         self.updates += 1
         self.last_unclipped_fraction = float(unclipped_fraction)
 
+    def set_fixed(self, value: float) -> None:
+        """A new fixed R, from the next backward pass on (``DPOptimizer.max_grad_norm = R`` between steps;
+        the noise reads the same value, so the noise multiplier and the accounting are unchanged). Refused
+        under adaptive clipping and while backward passes clipped with the current R await their step."""
+        value = positive_number("max_grad_norm", value)
+        if self.owner is not None:
+            raise ValueError("fxdp: this model's clipping bound is learned by adaptive clipping; it cannot be set.")
+        if self.pending.passes:
+            raise ValueError(f"fxdp: {self.pending.passes} backward pass(es) since the last step clipped with "
+                             f"R = {self._value:g}; change max_grad_norm between steps (after step() or zero_grad()).")
+        self._value = value
+
     def claim(self, owner) -> None:
         """Let ``owner`` (one adaptive mechanism) update this bound; a second claimant is refused."""
         if self.owner is not None and self.owner is not owner:

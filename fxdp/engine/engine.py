@@ -194,7 +194,8 @@ class Engine:
             return
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table, trainable))
         self._mode.__enter__()
-        self._monitor = MixingMonitor([t for t, d in zip(leaves, dims) if d is not None], B)
+        batched = [(t, d) for t, d in zip(leaves, dims) if d is not None]
+        self._monitor = MixingMonitor([t for t, _ in batched], B, batch_dims=[d for _, d in batched])
         self._monitor.__enter__()
 
     @torch._dynamo.disable

@@ -17,9 +17,10 @@ accumulator must go through a tap (whose backward never returns a parameter grad
 other path is refused, naming the parameter and the autograd node it came through. (3) is
 refused when it happens: :func:`submodule_pre_hook` runs before every submodule that owns a
 trainable parameter and refuses a call in grad mode while no private forward (or analysis run)
-is open. A parameter used functionally *outside* the forward (a regulariser in the loss) is not
-a data use fxdp can see: it reaches ``p.grad`` and is refused or added by the optimizer's
-``public_grads`` policy -- only data-independent terms may be added.
+is open. A parameter used functionally *outside* the forward (a regulariser in the loss, or a data term
+such as ``F.linear(x, model.fc.weight)``) is not a use fxdp can see: it reaches ``p.grad``, which
+the optimizer refuses (``public_grads="refuse"``) or adds only for parameters no privatized forward
+used on data in that step (``"add"``, :mod:`fxdp.training.release_check`).
 
 Buffers (section 7 of issue #13): a buffer updated from the batch during a training forward
 (an EMA normaliser, running statistics) is released by ``state_dict`` without clipping or noise.

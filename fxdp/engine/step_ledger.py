@@ -21,6 +21,8 @@ from typing import Dict, Iterable, List
 
 import torch
 
+from fxdp.core.errors import PrivacyError
+
 
 class StepLedger:
     """Rows clipped as samples since the last reset, one entry per finalized backward pass."""
@@ -72,5 +74,10 @@ class BackwardTargets:
                     return True
             except RuntimeError:
                 # torch.autograd.grad(loss, [parameters]): the leaf is captured, not accumulated
-                return True
+                raise PrivacyError(
+                    "fxdp: torch.autograd.grad(loss, parameters) on a privatized model is not supported: fxdp "
+                    "forms the clipped per-sample sum in backward() and writes it to p.private_grad (the optimizer "
+                    "noises it), and never returns parameter gradients, which would be unclipped and un-noised. "
+                    "Call loss.backward() and read p.private_grad (or step the DPOptimizer); torch.autograd.grad "
+                    "with respect to inputs (adversarial examples) is fine.") from None
         return False

@@ -35,23 +35,21 @@ Guarantees and edge cases:
 - Closures: ``step(closure)`` runs the closure once (it does zero_grad,
   forward, backward), then noises and steps the inner optimizer *without*
   the closure, so no recomputed gradient can erase the noise.
-- ``p.grad`` set by the user (a parameter used outside the privatized forward,
-  e.g. a weight-decay term added to the loss): ``public_grads="refuse"``
-  (default) raises, because such a gradient is released without clipping or
-  noise; ``public_grads="add"`` adds it unclipped and un-noised to the private
-  gradient -- valid ONLY for terms that do not depend on the data (a
-  regularizer of the weights). An all-zero ``p.grad`` (from
+- ``p.grad`` set by the user (a parameter used outside the privatized forward, e.g. a
+  regulariser added to the loss): ``public_grads="refuse"`` (default) raises, because such a
+  gradient is released without clipping or noise; ``public_grads="add"`` adds it unclipped and
+  un-noised only for parameters no privatized forward used on data since the last step (a
+  regulariser of a used parameter cannot be told from a data term: use ``weight_decay=`` of the
+  inner optimizer, or regularise after the step). An all-zero ``p.grad`` (from
   ``zero_grad(set_to_none=False)``) is not a public gradient.
-- ``max_grad_norm`` and ``loss_reduction`` must be those the model clips
-  with: ``step()`` checks them against the engine that wrote each private
-  gradient (``fxdp.engine.install.engine_of``: the R of its ``clip_bound``, and
-  the R every backward pass since the last step clipped with) and raises on a
-  mismatch; R is fixed, unless ``adaptive_clipping=`` learns it
-  (:mod:`fxdp.training.adaptive`: then ``max_grad_norm`` is the model's current
-  bound, ``noise_multiplier`` the total σ charged, and the gradient noise uses
-  ``gradient_noise_multiplier``);
-  ``noise_multiplier`` may be changed between steps (noise schedulers), and
-  the accountant records the σ actually used.
+- ``max_grad_norm`` and ``loss_reduction`` must be those the model clips with: ``step()`` checks them
+  against the engine that wrote each private gradient (the R of its ``clip_bound`` and of every backward
+  pass since the last step) and raises on a mismatch. ``optimizer.max_grad_norm = R`` between steps sets
+  R for the noise and the model's bound together (R does not enter the accounting: each step has
+  sensitivity R_t and noise σ·R_t); refused mid-step and under ``adaptive_clipping=``, which learns R
+  (:mod:`fxdp.training.adaptive`: ``noise_multiplier`` is then the total σ charged and the gradient noise
+  uses ``gradient_noise_multiplier``). ``noise_multiplier`` may be changed between steps (noise
+  schedulers); the accountant records the σ actually used. Checks: :mod:`fxdp.training.release_check`.
 - ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's: LR
   schedulers work on either object.
 - fp16 with ``torch.amp.GradScaler``: privatize with ``grad_scaler=scaler`` (the
@@ -64,6 +62,7 @@ Guarantees and edge cases:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -73,7 +72,7 @@ from fxdp.core.config import LossReduction, nonnegative_number, positive_number
 from fxdp.core.errors import PrivacyError
 from fxdp.engine.finalize import accumulation_dtype
 from fxdp.training.noise import NoiseSource
-from fxdp.training import step_check
+from fxdp.training import optimizer_state, release_check, step_check
 
 PUBLIC_GRAD_POLICIES = ("refuse", "add")
 
@@ -169,8 +168,8 @@ class DPOptimizer(Optimizer):
 
     @max_grad_norm.setter
     def max_grad_norm(self, value):
-        raise AttributeError("fxdp: max_grad_norm is fixed: it must equal the clipping bound of the privatized "
-                             "model. Privatize again with the new bound and build a new optimizer.")
+        """A new R between steps, for this optimizer's noise and the models it steps (release_check.set_bound)."""
+        self._max_grad_norm = release_check.set_bound(self, value)
 
     @property
     def param_groups(self):
@@ -205,7 +204,9 @@ class DPOptimizer(Optimizer):
         self.original_optimizer.add_param_group(param_group)
 
     def __getstate__(self):
-        return dict(self.__dict__)
+        state = dict(self.__dict__)
+        state.pop("_module", None)  # a weak reference: relinked by set_param_names
+        return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
@@ -224,6 +225,7 @@ class DPOptimizer(Optimizer):
     def set_param_names(self, module: torch.nn.Module) -> None:
         """Use ``module``'s parameter names in error messages."""
         self.param_names = {id(p): n for n, p in module.named_parameters()}
+        self._module = weakref.ref(module)
 
     def _name(self, p) -> str:
         if id(p) in self.param_names:
@@ -281,27 +283,10 @@ class DPOptimizer(Optimizer):
     # whether an example overflowed is data-dependent, and such examples already contribute zero).
     _step_supports_amp_scaling = True
 
-    def _check_loss_scaling(self):
-        """Under ``scaler.step(optimizer)`` the model must undo the loss scale before clipping.
-        Returns the engine's GradScaler."""
-        from fxdp.engine.install import engine_of
-
-        scaler = None
-        for p in self.params:
-            engine = engine_of(p) if getattr(p, "private_grad", None) is not None else None
-            if engine is not None:
-                scaler = scaler or engine.grad_scaler
-            if engine is not None and engine.grad_scaler is None:
-                raise ValueError(
-                    "fxdp: scaler.step(optimizer) with a model that does not know the GradScaler: its per-sample "
-                    "gradients were clipped in loss-scaled units (threshold R/S on the true gradients). Privatize "
-                    "with fxdp.privatize(model, ..., grad_scaler=scaler).")
-        return scaler
-
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Noise, scale and step once per logical batch (module docstring). Returns the closure's loss."""
-        scaler = self._check_loss_scaling() if getattr(self, "grad_scale", None) is not None else None
+        scaler = release_check.check_loss_scaling(self) if getattr(self, "grad_scale", None) is not None else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -311,15 +296,8 @@ class DPOptimizer(Optimizer):
             self._last_step_skipped = True
             return loss
         self._last_step_skipped = False
-        if self._batches_since_step > 1:
-            n, self._batches_since_step = self._batches_since_step, 0
-            raise PrivacyError(
-                f"fxdp: {n} Poisson batches were drawn from the private data loader for one optimizer step. "
-                "Accumulating gradients across Poisson batches lets an example drawn twice contribute 2R and "
-                "breaks the accountant's sampling rate; step once per batch, and use fxdp.BatchMemoryManager to "
-                "split a large logical batch into micro-batches. (Skipping a batch, e.g. an empty one, is refused "
-                "for the same reason: an empty Poisson batch must still step.)")
-        self._batches_since_step = 0
+        n, self._batches_since_step = self._batches_since_step, 0
+        step_check.check_one_poisson_batch(n)
         engines = step_check.engines_of(self.params)
         self.release(self.params)
         if scaler is not None:
@@ -368,26 +346,7 @@ class DPOptimizer(Optimizer):
         """Refuse a step that would release something unclipped or un-noised; returns the public
         gradients allowed by ``public_grads`` (``id(p) -> p.grad``). Under adaptive clipping it also
         takes this step's unclipped-count share (refusing passes clipped with another R)."""
-        have = [p for p in params if getattr(p, "private_grad", None) is not None]
-        if not have:
-            raise PrivacyError(
-                "fxdp: step() without any private gradient since the last step. Run a forward and backward pass "
-                "of the privatized model on a batch (an empty Poisson batch too) before each step; a second step "
-                "without a new backward is refused.")
-        if len(have) != len(params):
-            missing = [self._name(p) for p in params if getattr(p, "private_grad", None) is None]
-            raise PrivacyError(
-                f"fxdp: {len(missing)} trainable parameter(s) of the optimizer have no private gradient while "
-                f"others do: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}. Is every parameter of the "
-                "optimizer part of the privatized model, and was it trainable when the model was privatized?")
-        self._check_writers(have)
-        engines = step_check.engines_of(have)
-        step_check.check_owned(params, engines)
-        if self.batch_check is not None:
-            self.batch_check.verify(engines)
-        public = self._public_grads(params)
-        self.unclipped_count = self.adaptive_clipping.count_share() if self.adaptive_clipping is not None else None
-        return public
+        return release_check.check_release(self, params)
 
     def add_noise(self, params, grads: Dict[int, torch.Tensor]) -> None:
         """Add N(0, σ_g²R²) to every coordinate, drawn in float32 (float64 parameters: float64 arithmetic);
@@ -418,90 +377,15 @@ class DPOptimizer(Optimizer):
                 g = g + public[id(p)].to(g.dtype)
             p.grad = g.to(p.dtype)
 
-    def _check_writers(self, params) -> None:
-        """The engines that wrote the private gradients must clip with this R and loss reduction
-        (Opacus #664: clipping at one bound while the noise is calibrated to another).
-        Private gradients set by hand (no engine) cannot be checked."""
-        from fxdp.engine.install import engine_of
-
-        engines = {}
-        for p in params:
-            engine = engine_of(p)
-            if engine is not None:
-                engines[id(engine)] = engine
-        for engine in engines.values():
-            config, bound = engine.config, engine.clip_bound
-            used = sorted(bound.pending.values | {bound.value})
-            if any(not math.isclose(r, self.max_grad_norm, rel_tol=1e-12) for r in used):
-                raise PrivacyError(
-                    f"fxdp: the model clips with max_grad_norm={used[0] if len(used) == 1 else used} but this "
-                    f"optimizer calibrates its noise to max_grad_norm={self.max_grad_norm}; the real noise multiplier "
-                    "would differ from the one accounted. Use the same R for fxdp.privatize and DPOptimizer.")
-            if self.adaptive_clipping is not None and bound is not self.adaptive_clipping.bound:
-                raise PrivacyError("fxdp: private gradients were written by a model whose clipping bound this "
-                                   "optimizer's adaptive clipping does not learn; build AdaptiveClipping on that model.")
-            if config.loss_reduction is not self.loss_reduction:
-                raise PrivacyError(
-                    f"fxdp: the model undoes a loss_reduction={config.loss_reduction.value!r} loss but this optimizer "
-                    f"was built with loss_reduction={self.loss_reduction.value!r}; use the same for both.")
-
-    def _public_grads(self, params) -> Dict[int, torch.Tensor]:
-        """Gradients written outside the privatized forward, checked against the policy."""
-        set_grads = [p for p in params if p.grad is not None]
-        if not set_grads:
-            return {}
-        if not self._zeroed_since_step:
-            raise PrivacyError(
-                "fxdp: p.grad is set but optimizer.zero_grad() was not called since the last step: it holds the last "
-                "step's noised gradient (maybe plus new terms), which cannot be told apart from a public gradient. "
-                "Call optimizer.zero_grad() after each step.")
-        nonzero = [p for p in set_grads if bool(p.grad.count_nonzero() > 0)]
-        if not nonzero:
-            return {}
-        if self.public_grads == "refuse":
-            names = ", ".join(self._name(p) for p in nonzero[:5])
-            raise PrivacyError(
-                f"fxdp: p.grad is set for {names}: these parameters received a gradient outside the privatized "
-                "forward pass (e.g. a regularizer added to the loss, or a backward run before privatization: call "
-                "optimizer.zero_grad() first), which would be released without clipping or noise. Compute such "
-                "terms inside the model's forward, or, ONLY if the term does not depend on the data (e.g. weight "
-                "decay), pass public_grads='add' to add it unclipped and un-noised.")
-        return {id(p): p.grad.detach() for p in nonzero}
-
     # ----------------------------------------------------------------- state
     def dp_state_dict(self) -> dict:
         """The DP part of the state: noise generator states, step count, configuration."""
-        return {
-            "noise": self.noise.state_dict(), "steps_taken": self.steps_taken,
-            "noise_multiplier": self.noise_multiplier, "max_grad_norm": self.max_grad_norm,
-            "expected_batch_size": self.expected_batch_size, "loss_reduction": self.loss_reduction.value,
-            "hooks": [h.state_dict() if hasattr(h, "state_dict") else None for h in self.step_hooks],
-            "adaptive_clipping": None if self.adaptive_clipping is None else self.adaptive_clipping.state_dict(),
-        }
+        return optimizer_state.dp_state(self)
 
     def load_dp_state_dict(self, state: dict) -> None:
         """Restore :meth:`dp_state_dict`; refuses a different R, loss reduction or expected batch size.
         Under adaptive clipping the learned R is restored first (into the model's bound)."""
-        adaptive = state.get("adaptive_clipping")
-        if (adaptive is None) != (self.adaptive_clipping is None):
-            raise ValueError("fxdp: the checkpoint was written " + ("with" if adaptive is not None else "without")
-                             + " adaptive clipping and this optimizer " + ("does not" if adaptive is not None else
-                             "does") + " use it; resume with the same clipping.")
-        if adaptive is not None:
-            self.adaptive_clipping.load_state_dict(adaptive)
-        for key in ("max_grad_norm", "expected_batch_size"):
-            saved, now = state[key], getattr(self, key)
-            if (saved is None) != (now is None) or (saved is not None and not math.isclose(saved, now)):
-                raise ValueError(f"fxdp: the checkpoint has {key}={saved}, this optimizer {now}; resuming would "
-                                 "change what the noise is calibrated to.")
-        if state["loss_reduction"] != self.loss_reduction.value:
-            raise ValueError(f"fxdp: the checkpoint has loss_reduction={state['loss_reduction']!r}, this optimizer "
-                             f"{self.loss_reduction.value!r}.")
-        self.noise.load_state_dict(state["noise"])
-        self.steps_taken = int(state["steps_taken"])
-        for hook, hook_state in zip(self.step_hooks, state.get("hooks", [])):
-            if hook_state is not None and hasattr(hook, "load_state_dict"):
-                hook.load_state_dict(hook_state)
+        optimizer_state.load_dp_state(self, state)
 
     def state_dict(self) -> dict:
         """The inner optimizer's state dict plus the DP state under the key ``"fxdp"``."""

@@ -57,6 +57,17 @@ def ownership_message(names: List[str], when: str) -> str:
             "or freeze the others with p.requires_grad_(False).")
 
 
+def check_one_poisson_batch(n: int) -> None:
+    """At most one Poisson batch per optimizer step (``n``: the batches drawn since the last step)."""
+    if n > 1:
+        raise PrivacyError(
+            f"fxdp: {n} Poisson batches were drawn from the private data loader for one optimizer step. "
+            "Accumulating gradients across Poisson batches lets an example drawn twice contribute 2R and "
+            "breaks the accountant's sampling rate; step once per batch, and use fxdp.BatchMemoryManager to "
+            "split a large logical batch into micro-batches. (Skipping a batch, e.g. an empty one, is refused "
+            "for the same reason: an empty Poisson batch must still step.)")
+
+
 def check_owned(params: List, engines: List[object]) -> None:
     """Refuse a step while a trainable parameter of an involved engine's model is not in ``params``."""
     for engine in engines:
@@ -73,12 +84,14 @@ def refuse_unowned(module, optimizer) -> None:
 
 
 def clear_engines(engines: List[object]) -> None:
-    """Drop the private gradients of every parameter of the engines' models, and their ledgers."""
+    """Drop the private gradients of every parameter of the engines' models, their ledgers and the
+    record of the R their backward passes clipped with (it lives and dies with the private gradients)."""
     for engine in engines:
         for p in engine.model.parameters():
             if hasattr(p, "private_grad"):
                 del p.private_grad
         engine.ledger.reset()
+        engine.clip_bound.clear_pending()
 
 
 class DrawnBatchCheck:

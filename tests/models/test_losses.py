@@ -104,7 +104,9 @@ def test_parameter_only_term_inside_the_forward_is_refused():
 
 def test_dp_optimizer_treats_a_parameter_only_term_as_public():
     """The optimizer's policy for p.grad written outside the privatized forward (see DPOptimizer):
-    refused by default, added unclipped and un-noised with public_grads='add'."""
+    refused by default; with public_grads='add' refused too for parameters the forward used on data
+    (a weight-decay term cannot be told from a data term there: weight_decay= of the inner optimizer
+    is the same update), added unclipped and un-noised for the others."""
     lam = 0.1
     model = weight_decay_run(lam)
     opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.3,
@@ -116,6 +118,11 @@ def test_dp_optimizer_treats_a_parameter_only_term_as_public():
     private = model.body.weight.private_grad.clone()
     opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0), noise_multiplier=0.0, max_grad_norm=0.3,
                            expected_batch_size=B, public_grads="add")
+    with pytest.raises(fxdp.PrivacyError, match="used these parameters on data.*weight_decay="):
+        opt.step()
+    model = weight_decay_run(0.0)
+    opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=1.0, weight_decay=2 * lam), noise_multiplier=0.0,
+                           max_grad_norm=0.3, expected_batch_size=B)
     opt.step()
     torch.testing.assert_close(w0 - model.body.weight.detach(), private / B + 2 * lam * w0)
 

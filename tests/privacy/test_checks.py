@@ -160,8 +160,10 @@ def test_submodule_called_outside_the_root_forward_is_refused():
     assert model.fc2.weight.grad is not None
 
 
-def test_data_independent_public_gradient_is_still_added():
-    """public_grads='add' keeps working for what it is for: a regulariser of the weights."""
+def test_regulariser_of_a_parameter_the_forward_used_is_not_added_even_under_add():
+    """public_grads='add' never accepts a gradient of a parameter the forward used on data: a weight
+    regulariser cannot be told from a data term there (tests/privacy/test_optimizer_api.py); the inner
+    optimizer's weight_decay gives the same update."""
     torch.manual_seed(0)
     model = fxdp.privatize(Z.MLP(), max_grad_norm=0.1)
     opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=0.1,
@@ -169,9 +171,18 @@ def test_data_independent_public_gradient_is_still_added():
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
     opt.zero_grad()
     (F.cross_entropy(model(x), y) + 0.5 * model.fc1.weight.square().sum()).backward()
+    with pytest.raises(PrivacyError, match="used these parameters on data.*weight_decay="):
+        opt.step()
+    fxdp.clear_private_grads(model)
+    groups = [{"params": [model.fc1.weight], "weight_decay": 1.0},
+              {"params": [p for n, p in model.named_parameters() if n != "fc1.weight"]}]
+    opt = fxdp.DPOptimizer(torch.optim.SGD(groups, lr=0.1), noise_multiplier=0.0, max_grad_norm=0.1,
+                           expected_batch_size=4)
+    model.fc1.weight.grad = None
+    F.cross_entropy(model(x), y).backward()
     private, w = model.fc1.weight.private_grad.clone(), model.fc1.weight.detach().clone()
     opt.step()
-    torch.testing.assert_close(model.fc1.weight.grad, private / 4 + w)  # d/dw of 0.5·|w|², unclipped
+    torch.testing.assert_close(w - model.fc1.weight.detach(), 0.1 * (private / 4 + w))
 
 
 # ------------------------------------------------------------------ section 7: state released without clipping

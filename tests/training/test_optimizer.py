@@ -126,7 +126,7 @@ def test_closure_is_run_once_and_noise_survives_it():
         torch.testing.assert_close(p.grad, (want_sum[n] + noise) / 8.0, rtol=1e-9, atol=1e-12)
 
 
-def test_public_gradient_of_a_regularizer_is_refused_by_default_and_added_on_opt_in():
+def test_public_gradient_of_a_regularizer_is_refused_and_weight_decay_gives_the_same_update():
     x, y = make_data(8)
     R, lam = 0.5, 0.3
     for policy in ("refuse", "add"):
@@ -140,6 +140,14 @@ def test_public_gradient_of_a_regularizer_is_refused_by_default_and_added_on_opt
             with pytest.raises(PrivacyError, match="public_grads='add'"):
                 opt.step()
             continue
+        # fc1.weight is used on data by the forward: its p.grad cannot be told from a data term
+        with pytest.raises(PrivacyError, match="used these parameters on data.*weight_decay="):
+            opt.step()
+        model = _private_model(R)  # the same update through the inner optimizer's weight decay
+        decay = [{"params": [model.fc1.weight], "weight_decay": 2 * lam},
+                 {"params": [p for n, p in model.named_parameters() if n != "fc1.weight"]}]
+        opt = DPOptimizer(torch.optim.SGD(decay, lr=1.0), 0.0, R, 8.0)
+        _loss(model, x, y).backward()
         opt.step()
         want = {n: before[n] - want_sum[n] / 8.0 for n in before}
         want["fc1.weight"] = want["fc1.weight"] - 2 * lam * before["fc1.weight"]
@@ -238,10 +246,13 @@ def test_state_dict_carries_the_noise_stream_and_refuses_a_plain_one():
         DPOptimizer(torch.optim.Adam([q], lr=0.1), 1.0, 2.0, 4.0).load_state_dict(sd)
 
 
-def test_max_grad_norm_cannot_be_changed_after_construction():
+def test_max_grad_norm_cannot_be_changed_without_a_privatized_model():
+    """Changing R between steps is supported when the optimizer knows the model whose bound changes
+    with it (tests/privacy/test_optimizer_api.py); a bare optimizer refuses."""
     opt = DPOptimizer(torch.optim.SGD([nn.Parameter(torch.zeros(2))], lr=0.1), 1.0, 1.0, 4.0)
-    with pytest.raises(AttributeError, match="fixed"):
+    with pytest.raises(PrivacyError, match="knows no privatized model"):
         opt.max_grad_norm = 2.0
+    assert opt.max_grad_norm == 1.0
 
 
 @pytest.mark.parametrize("kwargs, match", [

@@ -1,0 +1,154 @@
+"""Sample mixing the numeric probe cannot see is refused structurally (issue #13 §6).
+
+Two loops that a privacy review measured above R with no error (noise off, D vs D minus one):
+mixing gated on the values of the batch (``if cond: h = h + (big * h).sum(0)``: 2.02 R) and mixing
+only in rows beyond the probed samples (``h[4:] + h[:1]``: 2.33 R). With the structural check off
+(the propagation rules removed, as before) the same neighbour-sensitivity measurement still
+exceeds R, so the models leak; with it on, the first training step is refused with a
+SampleMixingError naming the op and the batch dimension, through ``PrivacyEngine.make_private``,
+for abadi and automatic clipping, all-layer and block-wise.
+"""
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+
+import fxdp
+from fxdp.analysis import mixing_monitor
+from tests.privacy.neighbours import per_example_sq_norms
+
+STYLES = ["all-layer", "block-wise"]
+FNS = ["abadi", "automatic"]
+N = 6
+
+
+class ValueGatedMix(nn.Module):
+    """Mixes across the batch only when some example's first feature exceeds 2: never in the
+    analysed samples 0..2 (the gate is 0 there, so the probe sees no mixing, and the call sequence
+    is the same, so nothing is re-validated), always in the full batch (example 5 holds the trigger)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        gate = (x[:, 0] > 2.0).any().to(h.dtype)
+        return self.head(h + gate * (5.0 * h).sum(0))
+
+
+class BranchGatedMix(ValueGatedMix):
+    """The same mixing behind a Python branch: without its trigger the forward is per-sample."""
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        if bool((x[:, 0] > 2.0).any()):
+            h = h + (5.0 * h).sum(0)
+        return self.head(h)
+
+
+class TailRowsMix(nn.Module):
+    """Rows 4.. get sample 0's features added: the same call sequence for every batch size, and
+    the identity on batches of at most 4 rows (the analysis probes 3)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        h = torch.cat([h[:4], h[4:] + 5.0 * h[:1]])
+        return self.head(h)
+
+
+MODELS = {"value-gated": (ValueGatedMix, "sum along dim 0, the batch dimension"),
+          "branch-gated": (BranchGatedMix, "sum along dim 0, the batch dimension"),
+          "tail-rows": (TailRowsMix, "slices the batch dimension (dim 0) as [:4]")}
+
+
+def _data():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(N, 6, generator=g, dtype=torch.float64).clamp(-1.5, 1.5)
+    x[N - 1, 0] = 3.0
+    return x, torch.randint(0, 3, (N,), generator=g)
+
+
+def _template(cls):
+    torch.manual_seed(0)
+    return cls().double()
+
+
+def _median_R(template, x, y):
+    sq = per_example_sq_norms(template, (x,), y, lambda out, t: F.cross_entropy(out, t, reduction="sum"))
+    norms = sorted(sum(s.values()) ** 0.5 for s in sq)
+    return 0.5 * (norms[len(norms) // 2 - 1] + norms[len(norms) // 2])
+
+
+def _step(template, x, y, R, style, fn):
+    """One make_private step on (x, y) (q = 1, noise off): the update in clipped-sum units."""
+    model = copy.deepcopy(template)
+    engine = fxdp.PrivacyEngine(accountant="rdp")
+    model, opt, loader = engine.make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=1.0),
+        data_loader=DataLoader(TensorDataset(x, y), batch_size=len(x)), noise_multiplier=0.0,
+        max_grad_norm=R, style=style, clipping_fn=fn)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for xb, yb in loader:
+        opt.zero_grad()
+        F.cross_entropy(model(xb), yb).backward()
+        opt.step()
+        break
+    return {n: (before[n] - p.detach()) * opt.expected_batch_size for n, p in model.named_parameters()}
+
+
+def _largest_move(template, x, y, R, style, fn):
+    full = _step(template, x, y, R, style, fn)
+    moves = []
+    for i in range(len(x)):
+        keep = [j for j in range(len(x)) if j != i]
+        other = _step(template, x[keep], y[keep], R, style, fn)
+        moves.append(math.sqrt(sum(float((full[n] - other[n]).square().sum()) for n in full)))
+    return max(moves)
+
+
+@pytest.mark.parametrize("fn", FNS)
+@pytest.mark.parametrize("style", STYLES)
+@pytest.mark.parametrize("name", list(MODELS))
+def test_mixing_the_probe_misses_is_refused_at_the_first_step(name, style, fn):
+    cls, cause = MODELS[name]
+    template = _template(cls)
+    x, y = _data()
+    R = _median_R(template, x, y)
+    with pytest.raises(fxdp.SampleMixingError) as err:
+        _step(template, x, y, R, style, fn)
+    msg = str(err.value)
+    assert "samples are mixed" in msg and cause in msg, msg
+    assert "privacy_units" in msg and "own dimensions" in msg
+
+
+@pytest.mark.parametrize("name", ["value-gated", "tail-rows"])
+def test_without_the_structural_rules_the_same_loop_exceeds_R(name, monkeypatch):
+    """The test above is not vacuous: with the propagation rules removed (only full reductions
+    refused, as before), neighbours differ by more than R and nothing is raised."""
+    monkeypatch.setattr(mixing_monitor, "RULES", {})
+    cls, _ = MODELS[name]
+    template = _template(cls)
+    x, y = _data()
+    R = _median_R(template, x, y)
+    move = _largest_move(template, x, y, R, "all-layer", "abadi")
+    assert move > 1.2 * R, (move, R)
+
+
+@pytest.mark.parametrize("style", STYLES)
+def test_the_value_gated_model_without_its_trigger_trains_and_stays_within_R(style):
+    """A batch that does not take the mixing branch trains: the structural check does not refuse
+    the per-sample path of the same forward (and the step is not vacuous)."""
+    template = _template(BranchGatedMix)
+    x, y = _data()
+    x[:, 0] = x[:, 0].clamp(max=1.0)
+    R = _median_R(template, x, y)
+    assert 0.3 * R < _largest_move(template, x, y, R, style, "automatic") <= R * (1 + 1e-9)
