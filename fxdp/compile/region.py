@@ -66,6 +66,7 @@ class BoundSite:
     param_positions: tuple = ()
     saved_positions: tuple = ()
     mutated: bool = False  # the graph modifies the call's output in place (ReLU(inplace=True), ``h += r``)
+    mutated_inputs: tuple = ()  # keys of ``inputs`` whose tensors the graph modifies in place after the call
 
 
 @dataclass
@@ -180,6 +181,7 @@ class _SiteRecorder:
     def __init__(self, interpreter):
         self.interpreter = interpreter
         self.sites: List[BoundSite] = []
+        self.read = {}  # id(site) -> [(key, tensor, its version when the call read it)]
 
     def substitute(self, func, args, kwargs):
         return None
@@ -211,6 +213,7 @@ class _SiteRecorder:
         wanted += [(("saved", k), t) for k, t in binding.saved.items()]
         if binding.layout_source is not None:
             wanted.append((("source",), binding.layout_source))
+        self.read[id(site)] = [(key, t, t._version) for key, t in wanted if key[0] != "param"]
         for key, t in wanted:
             if id(t) not in by_id:
                 raise UncoveredParameterError(
@@ -286,6 +289,7 @@ def bind_call_sites(region: Region) -> PassResult:
     region.sites = recorder.sites
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
+        site.mutated_inputs = tuple(k for k, t, v in recorder.read.get(id(site), ()) if t._version != v)
     return PassResult(region, False)
 
 
