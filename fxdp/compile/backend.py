@@ -36,7 +36,8 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from fxdp.compile.composite_taps import release_plans
-from fxdp.compile.graph_ops import release_sites
+from fxdp.compile.forwards import eager_region
+from fxdp.compile.graph_ops import EagerFallback, marked_region, release_sites
 
 INNER = ("inductor", "aot_eager", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -86,12 +87,35 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     inner = _inner_compiler(compiler, mode, example_inputs)
     from fxdp.compile.region import Region, run_region_passes
 
-    region = run_region_passes(Region(gm, list(example_inputs)))
+    original = _copy(gm)
+    try:
+        region = run_region_passes(Region(gm, list(example_inputs)))
+    except EagerFallback:
+        positions = tuple(i for i, v in enumerate(example_inputs)
+                          if isinstance(v, torch.nn.Parameter) and v.requires_grad)
+        return eager_region(original, positions)
     if region.site_uids:
         weakref.finalize(region.gm, release_sites, list(region.site_uids))
     if region.plan_ids:
         weakref.finalize(region.gm, release_plans, list(region.plan_ids))
-    return inner(region.gm, example_inputs)
+    return marked_region(inner(region.gm, example_inputs), *_plan_inputs(region.gm))
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The dynamo graph as it came, for :func:`~fxdp.compile.forwards.eager_region` (the passes rewrite it)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _plan_inputs(gm: torch.fx.GraphModule):
+    """The region's plan id and the positions, among the graph's inputs, of the parameters its
+    ``fxdp::forward_token`` names (None, () for a region without call sites)."""
+    token = next((n for n in gm.graph.nodes if n.target is torch.ops.fxdp.forward_token.default), None)
+    if token is None:
+        return None, ()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return token.args[0], tuple(placeholders.index(p) for p in token.args[1])
 
 
 def register() -> None:

@@ -40,7 +40,7 @@ def _batch_size_node(region, g: fx.Graph, after: fx.Node) -> fx.Node:
             if value is t:
                 with g.inserting_after(after):
                     return g.call_method("size", (node, dim))
-    raise BatchLayoutError(
+    raise C.EagerFallback(
         "fxdp backend: a (1, T) input of this compiled region must be expanded to the batch, but the region "
         "does not take the model's batched input (it starts after a graph break). Pass position ids of "
         "shape (B, T), or avoid the graph break.")

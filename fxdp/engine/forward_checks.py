@@ -36,6 +36,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
+from fxdp.engine.compiled_hook import ISLANDS
 from fxdp.engine.tap import TapFunction
 
 # Private forwards and analysis runs in progress (any engine): a parameterised submodule called
@@ -60,8 +61,19 @@ def _owns_trainable(module: nn.Module) -> bool:
 
 
 def submodule_pre_hook(module, args):
-    """Refuse a call of a parameterised submodule outside every private forward (see module doc)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or _OPEN[0] > 0:
+    """Refuse a call of a parameterised submodule outside every private forward (see module doc). Inside
+    a compiled forward pass, a submodule whose hooks run eagerly runs between compiled regions: its parameter
+    uses go through the eager interceptor (:data:`fxdp.engine.compiled_hook.ISLANDS`)."""
+    if torch.compiler.is_compiling():
+        # traced; a forward dynamo will not trace runs eagerly after these hooks: open its island eagerly
+        if ISLANDS[0] is not None and getattr(module.forward, "_torchdynamo_disable", False):
+            ISLANDS[0][2](module)
+        return
+    if not torch.is_grad_enabled():
+        return
+    if _OPEN[0] > 0:
+        if ISLANDS[0] is not None:
+            ISLANDS[0][0](module)
         return
     if not _owns_trainable(module):
         return
@@ -73,16 +85,31 @@ def submodule_pre_hook(module, args):
         "(privatize the module that contains the whole computation), or under torch.no_grad(), or freeze it.")
 
 
+def submodule_post_hook(module, args, output):
+    """End of a submodule's forward: an eager island it opened is closed."""
+    if ISLANDS[0] is None:
+        return
+    if torch.compiler.is_compiling():
+        if getattr(module.forward, "_torchdynamo_disable", False):
+            ISLANDS[0][3](module)
+        return
+    ISLANDS[0][1](module)
+
+
 def install_submodule_hooks(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if name and any(True for _ in m.parameters(recurse=False)):
             m.register_forward_pre_hook(submodule_pre_hook)
+            m.register_forward_hook(submodule_post_hook, always_call=True)
 
 
 def remove_submodule_hooks(model: nn.Module) -> None:
     for m in model.modules():
         for hid in [k for k, fn in m._forward_pre_hooks.items() if fn is submodule_pre_hook]:
             del m._forward_pre_hooks[hid]
+        for hid in [k for k, fn in m._forward_hooks.items() if fn is submodule_post_hook]:
+            del m._forward_hooks[hid]
+            getattr(m, "_forward_hooks_always_called", {}).pop(hid, None)
 
 
 # ----------------------------------------------------------------- unseen uses in the graph
@@ -107,9 +134,14 @@ def _describe(node) -> str:
             "before the forward, e.g. a view cached at __init__)")
 
 
-def unseen_uses(output, trainable: Dict[int, str]) -> List[Tuple[str, str]]:
+def is_tap(node) -> bool:
+    return getattr(node, "_forward_cls", None) is TapFunction
+
+
+def unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> List[Tuple[str, str]]:
     """(parameter name, how) for every path from ``output`` to a trainable parameter's gradient that
-    does not go through a tap."""
+    does not go through a tap (an autograd node for which ``covered(node)`` holds: its parameter inputs
+    get no gradient)."""
     found: List[Tuple[str, str]] = []
     stack, seen = [], set()
     for t in _tensors(output):
@@ -122,7 +154,7 @@ def unseen_uses(output, trainable: Dict[int, str]) -> List[Tuple[str, str]]:
         if node in seen:
             continue
         seen.add(node)
-        tap = getattr(node, "_forward_cls", None) is TapFunction
+        tap = covered(node)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -135,8 +167,8 @@ def unseen_uses(output, trainable: Dict[int, str]) -> List[Tuple[str, str]]:
     return found
 
 
-def refuse_unseen_uses(output, trainable: Dict[int, str]) -> None:
-    found = unseen_uses(output, trainable)
+def refuse_unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> None:
+    found = unseen_uses(output, trainable, covered)
     if not found:
         return
     lines = "; ".join(f"{n} through {how}" for n, how in dict(found).items())

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fxdp
 from tests import reference as ref
-from tests.compile.models import assert_same_private_grads, compiled_and_eager
+from tests.compile.models import assert_same_private_grads, check_compiled_against_reference, compiled_and_eager
 
 
 class InplaceBlock(nn.Module):
@@ -99,27 +99,6 @@ class InplaceMethods(nn.Module):
         g[:, :4].mul_(0.5)
         g.tanh_()
         return self.fc3(g)
-
-
-def check_compiled_against_reference(base, x, y, style, compiler, reference_model=None, **kw):
-    """Backend "fxdp" on a copy of ``base`` vs brute force (on ``reference_model`` if given: the same function
-    written without in-place ops), R at the median per-sample norm."""
-    samples = ref.split_batch((x,), {}, y)
-    per_sample = ref.per_sample_gradients(copy.deepcopy(reference_model or base), samples, _sum_ce)
-    probe = fxdp.privatize(copy.deepcopy(base), style=style, **kw)
-    groups = [list(g) for g in fxdp.get_engine(probe).plan.groups]
-    R = ref.median_threshold(per_sample, groups)
-    expected, norms = ref.reference_private_grads(per_sample, groups, R)
-    thr = R / len(groups) ** 0.5
-    assert any(n > thr for gn in norms for n in gn)  # some clipped: a wrong scale cannot cancel out
-    model = fxdp.privatize(copy.deepcopy(base), style=style, max_grad_norm=R, loss_reduction="sum", **kw)
-    compiled = torch.compile(model, backend="fxdp", options={"compiler": compiler})
-    _sum_ce(compiled(x), y).backward()
-    scale = max(float(e.abs().max()) for e in expected.values())
-    for name, p in model.named_parameters():
-        assert p.grad is None
-        err = float((p.private_grad - expected[name]).abs().max())
-        assert err < 1e-9 * scale, f"{name}: {err:.3e} (style={style})"
 
 
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise", "param-wise", "block-wise"])
