@@ -8,8 +8,13 @@ At run time each compiled region announces its call sites
 (:meth:`CompiledForwards.enter_region`), and in backward every capture
 arrives through :meth:`CompiledForwards.receive`, which builds the
 same :class:`~fxdp.engine.tap.LayerUse` records as the eager taps: from there
-on both paths share one finalize. When the forward ends, a pass whose
-parameter uses did not all come through compiled regions is refused.
+on both paths share one finalize. Submodules that run eagerly between the
+regions are tapped by :class:`EagerIslands` (the eager interceptor), with
+ordinals shared with the regions, so norms are combined across compiled and
+eager uses. When the forward ends, a pass whose parameter uses did not all come
+through compiled regions or eager taps is refused, and so is a parameter that
+reaches the output around every tap (a custom autograd.Function or a view made
+before the forward, in eager code).
 """
 from __future__ import annotations
 
@@ -110,6 +115,15 @@ def enter_island(module) -> None:
     stack.append((module, islands))
 
 
+def close_islands() -> None:
+    """The root forward pass ends: islands a submodule that raised left open are closed."""
+    stack = _stack()
+    while stack:
+        _, islands = stack.pop()
+        if islands is not None:
+            islands.__exit__(None, None, None)
+
+
 def exit_island(module) -> None:
     """Forward-hook side: the island ``module`` opened (if any) ends."""
     stack = _stack()
@@ -168,6 +182,7 @@ class CompiledForwards:
         or by the eager interceptor), and no parameter reaches the output around a tap."""
         ctx.batch_inputs = []
         islands = _OPEN_ISLANDS.pop(ctx.cid, None)
+        close_islands()
         trainable = islands.param_names if islands is not None else {}
         expected = len(ctx.table.keys) if ctx.table is not None else None
         if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
@@ -195,10 +210,14 @@ class CompiledForwards:
             self._contexts.pop(ctx.cid, None)
             raise PrivacyError(
                 f"fxdp: the analysis found {expected} parameter uses in this forward pass, but compiled regions "
-                f"tapped {ctx.next_ordinal}; the others ran outside any compiled graph (code dynamo does not "
-                "trace: a torch._dynamo.disable'd / torch.compiler.disable'd function or module, an op dynamo "
-                "cannot trace, a frame dynamo gave up on), where fxdp cannot see them under torch.compile. "
-                "Let dynamo trace the code that uses parameters, or train this model with eager fxdp.privatize.")
+                f"and eager submodules tapped {ctx.next_ordinal}. The others ran in code dynamo does not trace (a "
+                "torch._dynamo.disable'd / torch.compiler.disable'd function, an op dynamo cannot trace, a frame "
+                "dynamo gave up on) outside any submodule that runs eagerly: fxdp falls back to eager taps for "
+                "submodules whose call dynamo does not trace, but a parameter of the root module, or of a module "
+                "whose call dynamo traced, used directly in such code is not seen. Move the parameter into a "
+                "submodule called from the untraced code (or disable the whole submodule: "
+                "torch.compiler.disable on its class), let dynamo trace that code, or train with eager "
+                "fxdp.privatize.")
         if ctx.pending_layouts:
             self._contexts.pop(ctx.cid, None)
             raise BatchLayoutError(

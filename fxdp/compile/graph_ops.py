@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.rules.base import Binding
@@ -214,13 +215,30 @@ def marked_region(compiled, plan_uid: Optional[int] = None, positions: Tuple[int
             tokens[plan_uid] = engine.compiled_forwards.enter_region(plan, names)
         _RUNNING.depth = getattr(_RUNNING, "depth", 0) + 1
         try:
-            return compiled(*args, **kwargs)
+            out = compiled(*args, **kwargs)
         finally:
             _RUNNING.depth -= 1
             tokens.pop(plan_uid, None)
+        if plan_uid is not None and torch.is_grad_enabled():
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    t.grad_fn.register_prehook(_refuse_double_backward)
+        return out
     if getattr(compiled, "_boxed_call", False):
         run._boxed_call = True
     return run
+
+
+def _refuse_double_backward(grad_outputs):
+    """Backward pre-hook on a compiled region's outputs: runs before aot_autograd's backward of the region,
+    which would fail on ``create_graph=True`` with a raw error of its own."""
+    if torch.is_grad_enabled():
+        raise PrivacyError(
+            "fxdp: a backward pass with create_graph=True (double backward, e.g. an input-gradient penalty) reached "
+            "the compiled privatized model. fxdp's taps give first-order gradients only (and torch.compile's "
+            "backward does not support double backward): the penalty's gradient with respect to the parameters "
+            "would be missing. Compute input gradients with torch.autograd.grad(loss, x) without create_graph, "
+            "or train without the penalty.")
 
 
 def _tokens() -> dict:

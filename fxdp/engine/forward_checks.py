@@ -60,13 +60,20 @@ def _owns_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+def _untraced_forward(module) -> bool:
+    """The module's forward is ``torch._dynamo.disable``'d (read from the instance's dict and the class, not
+    from the bound method: dynamo would guard on the identity of each instance's method)."""
+    forward = module.__dict__.get("forward", None) or type(module).forward
+    return bool(getattr(forward, "_torchdynamo_disable", False))
+
+
 def submodule_pre_hook(module, args):
     """Refuse a call of a parameterised submodule outside every private forward (see module doc). Inside
     a compiled forward pass, a submodule whose hooks run eagerly runs between compiled regions: its parameter
     uses go through the eager interceptor (:data:`fxdp.engine.compiled_hook.ISLANDS`)."""
     if torch.compiler.is_compiling():
         # traced; a forward dynamo will not trace runs eagerly after these hooks: open its island eagerly
-        if ISLANDS[0] is not None and getattr(module.forward, "_torchdynamo_disable", False):
+        if ISLANDS[0] is not None and _untraced_forward(module):
             ISLANDS[0][2](module)
         return
     if not torch.is_grad_enabled():
@@ -90,7 +97,7 @@ def submodule_post_hook(module, args, output):
     if ISLANDS[0] is None:
         return
     if torch.compiler.is_compiling():
-        if getattr(module.forward, "_torchdynamo_disable", False):
+        if _untraced_forward(module):
             ISLANDS[0][3](module)
         return
     ISLANDS[0][1](module)
@@ -100,7 +107,9 @@ def install_submodule_hooks(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if name and any(True for _ in m.parameters(recurse=False)):
             m.register_forward_pre_hook(submodule_pre_hook)
-            m.register_forward_hook(submodule_post_hook, always_call=True)
+            # not always_call: dynamo would guard on each instance's hook id (a recompile per model instance);
+            # an island left open by a forward that raised is closed when the root forward ends
+            m.register_forward_hook(submodule_post_hook)
 
 
 def remove_submodule_hooks(model: nn.Module) -> None:
@@ -109,7 +118,6 @@ def remove_submodule_hooks(model: nn.Module) -> None:
             del m._forward_pre_hooks[hid]
         for hid in [k for k, fn in m._forward_hooks.items() if fn is submodule_post_hook]:
             del m._forward_hooks[hid]
-            getattr(m, "_forward_hooks_always_called", {}).pop(hid, None)
 
 
 # ----------------------------------------------------------------- unseen uses in the graph

@@ -4,6 +4,7 @@ user graph break and a disabled block. Its parameter uses go through the same in
 taps as eager ``privatize``, numbered with the compiled regions' call sites in program order, and every
 norm is combined across compiled and eager uses before any clipped sum: exact for every style."""
 import copy
+import types
 
 import pytest
 import torch
@@ -50,10 +51,10 @@ class Block(nn.Module):
 class Islands(nn.Module):
     """Compiled regions and eager islands interleaved, the fc1 weight used in both (a tied second use)."""
 
-    def __init__(self, d=8):
+    def __init__(self, d=8, block=Block):
         super().__init__()
         self.inp, self.gate = nn.Linear(6, d), Gate(d)
-        self.blocks = nn.ModuleList([Block(d), Block(d)])
+        self.blocks = nn.ModuleList([block(d), block(d)])
         self.head = nn.Linear(d, 3)
 
     def forward(self, x):
@@ -64,23 +65,36 @@ class Islands(nn.Module):
         return self.head(h)
 
 
+def own_code(cls, tag):
+    """``cls`` with a forward code object of its own: dynamo's cache (and its recompile limit, 8) is per code
+    object, and every test here compiles new instances."""
+    fn = cls.forward
+    code = fn.__code__.replace(co_name=f"forward_{tag}")
+    forward = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__, fn.__closure__)
+    return type(f"{cls.__name__}_{tag}", (cls,), {"forward": forward})
+
+
+def islands(tag):
+    return own_code(Islands, tag)(block=own_code(Block, tag)).double()
+
+
 @pytest.mark.parametrize("style", STYLES)
 def test_untraced_code_between_regions_matches_the_reference(style):
     torch.manual_seed(50)
     x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
-    model = check_compiled_against_reference(Islands().double(), x, y, style, "aot_eager")
+    model = check_compiled_against_reference(islands(style), x, y, style, "aot_eager")
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_untraced_code_under_inductor_matches_the_reference():
     torch.manual_seed(51)
     x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
-    check_compiled_against_reference(Islands().double(), x, y, "block-wise", "inductor")
+    check_compiled_against_reference(islands("inductor"), x, y, "block-wise", "inductor")
 
 
 def test_several_steps_and_batch_sizes_stay_exact():
     torch.manual_seed(52)
-    base = Islands().double()
+    base = islands("steps")
     eager = fxdp.privatize(copy.deepcopy(base), style="block-wise", max_grad_norm=0.3)
     model = fxdp.privatize(copy.deepcopy(base), style="block-wise", max_grad_norm=0.3)
     compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
