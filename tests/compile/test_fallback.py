@@ -152,7 +152,7 @@ def _gpt2_with_untraced_code(base):
     return model
 
 
-@pytest.mark.parametrize("style", ["all-layer", "block-wise"])
+@pytest.mark.parametrize("style", ["all-layer", pytest.param("block-wise", marks=pytest.mark.slow)])
 def test_gpt2_with_a_user_graph_break_and_a_disabled_block_equals_eager(style):
     torch.manual_seed(53)
     base = Z.gpt2()
