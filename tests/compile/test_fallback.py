@@ -163,3 +163,26 @@ def test_gpt2_with_a_user_graph_break_and_a_disabled_block_equals_eager(style):
     compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
     Z.lm_sum(compiled(ids), ids).backward()
     assert_same_private_grads(model, eager)
+
+
+def test_removing_one_example_moves_the_clipped_sum_at_most_R():
+    """Neighbour sensitivity through compiled regions and eager islands together (noise off)."""
+    torch.manual_seed(54)
+    base, R = islands("neighbours"), 0.4
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    model = fxdp.privatize(copy.deepcopy(base), style="block-wise", max_grad_norm=R)
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"}, dynamic=True)
+
+    def run(keep):
+        fxdp.clear_private_grads(model)
+        ce_sum(compiled(x[keep]), y[keep]).backward()
+        return torch.cat([p.private_grad.flatten() for p in model.parameters()])
+
+    full = run(torch.ones(6, dtype=torch.bool))
+    moves = []
+    for i in range(6):
+        keep = torch.ones(6, dtype=torch.bool)
+        keep[i] = False
+        moves.append(float((full - run(keep)).norm()))
+    assert max(moves) <= R * (1 + 1e-9)
+    assert max(moves) > 0.5 * R  # examples are clipped: a wrong grouping or scale would show
