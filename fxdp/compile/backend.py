@@ -131,11 +131,12 @@ def _refuse_closed_forward(example_inputs) -> None:
             continue
         if engine.current_forward is None:
             raise PrivacyError(
-                f"fxdp backend: parameters of the privatized {type(root).__name__} are used by code compiled outside "
-                "a forward pass of the model: torch.compile(model.forward) (or calling model.forward directly) "
-                "bypasses the module's hooks, where fxdp opens each forward pass, so nothing would clip these "
-                "gradients. Compile the module itself: torch.compile(model, backend=\"fxdp\") or "
-                "model.compile(backend=\"fxdp\"), and call the model.")
+                f"fxdp backend: parameters of the privatized {type(root).__name__} are used in grad mode by code "
+                "compiled outside a forward pass of the model, where nothing would clip their gradients: "
+                "torch.compile(model.forward) (or a compiled function calling model.forward directly) bypasses the "
+                "module's hooks, where fxdp opens each forward pass; a compiled loss using the parameters outside "
+                "the model (a regulariser) is not a per-sample use. Compile the module itself: "
+                "torch.compile(model, backend=\"fxdp\") or model.compile(backend=\"fxdp\"), and call the model.")
 
 
 _USER_ERRORS: Dict[type, type] = {}
