@@ -17,12 +17,23 @@ works (for a root module of your own class: torch.nn containers such as
 
 Graph breaks of the model's own split the forward into regions; their call
 sites are numbered across regions and every norm is combined at the end of
-backward, so all-layer and block-wise clipping stay exact. A parameter used by
-eager code between regions is refused when the forward ends.
+backward, so all-layer and block-wise clipping stay exact. Code dynamo does not
+trace falls back to eager taps (:mod:`fxdp.compile.forwards`): a submodule that
+runs eagerly between regions (a ``torch.compiler.disable``'d module or forward,
+a disabled function calling submodules, a frame dynamo gives up on) goes
+through the same interceptor and rules as eager ``privatize``, numbered with
+the regions' call sites; a region fxdp cannot tap inside the graph (a (1, T)
+position-id input without the batch) runs its graph eagerly the same way. A
+graph dynamo compiled once for a block's forward runs, checked and renamed,
+for every block.
 
-Refusals, never silent non-private training: a region using trainable
+Refusals, never silent non-private training, raised as their fxdp error type
+(not wrapped in dynamo's ``BackendCompilerFailed``): a region using trainable
 parameters of an unprivatized model; a privatized model compiled with another
-backend (detected when its forward ends); a call no rule covers.
+backend, or whose parameters are used by untraced code outside any submodule
+(detected when its forward ends); ``torch.compile(model.forward)`` (the hooks
+are bypassed); a call no rule covers; a double backward (``create_graph=True``).
+Under ``torch.no_grad`` regions are compiled as they are (nothing to clip).
 
 Debugging: with ``FXDP_DEBUG=2`` every region's graph is written after each
 pass, ``$FXDP_DUMP_DIR/compile_<k>/<NN>_<pass>.txt`` (``print_readable``).
@@ -36,7 +47,9 @@ from typing import Any, Dict, List, Optional
 import torch
 
 from fxdp.compile.composite_taps import release_plans
-from fxdp.compile.graph_ops import release_sites
+from fxdp.core.errors import PrivacyError
+from fxdp.compile.forwards import eager_region
+from fxdp.compile.graph_ops import EagerFallback, marked_region, release_sites
 
 INNER = ("inductor", "aot_eager", "eager")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -86,12 +99,83 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     inner = _inner_compiler(compiler, mode, example_inputs)
     from fxdp.compile.region import Region, run_region_passes
 
-    region = run_region_passes(Region(gm, list(example_inputs)))
+    if not torch.is_grad_enabled() and not any(n.target is torch._C._set_grad_enabled for n in gm.graph.nodes):
+        return inner(gm, example_inputs)  # no gradient, nothing to clip (evaluation under torch.no_grad)
+    original = _copy(gm)
+    try:
+        _refuse_closed_forward(example_inputs)
+        region = run_region_passes(Region(gm, list(example_inputs)))
+    except EagerFallback:
+        positions = tuple(i for i, v in enumerate(example_inputs)
+                          if isinstance(v, torch.nn.Parameter) and v.requires_grad)
+        return eager_region(original, positions)
+    except PrivacyError as exc:
+        raise _as_user_error(exc) from None
     if region.site_uids:
         weakref.finalize(region.gm, release_sites, list(region.site_uids))
     if region.plan_ids:
         weakref.finalize(region.gm, release_plans, list(region.plan_ids))
-    return inner(region.gm, example_inputs)
+    return marked_region(inner(region.gm, example_inputs), *_plan_inputs(region.gm))
+
+
+def _refuse_closed_forward(example_inputs) -> None:
+    """A region using a privatized model's parameters while that model has no forward pass open: its hooks,
+    where fxdp opens each forward pass, were bypassed -- ``torch.compile(model.forward)``, or a compiled
+    function calling ``model.forward`` directly."""
+    from fxdp.engine.install import _ROOTS, get_engine
+
+    ids = {id(v) for v in example_inputs if isinstance(v, torch.nn.Parameter) and v.requires_grad}
+    for root in list(_ROOTS):
+        engine = get_engine(root)
+        if engine is None or not any(id(p) in ids for p in root.parameters()):
+            continue
+        if engine.current_forward is None:
+            raise PrivacyError(
+                f"fxdp backend: parameters of the privatized {type(root).__name__} are used in grad mode by code "
+                "compiled outside a forward pass of the model, where nothing would clip their gradients: "
+                "torch.compile(model.forward) (or a compiled function calling model.forward directly) bypasses the "
+                "module's hooks, where fxdp opens each forward pass; a compiled loss using the parameters outside "
+                "the model (a regulariser) is not a per-sample use. Compile the module itself: "
+                "torch.compile(model, backend=\"fxdp\") or model.compile(backend=\"fxdp\"), and call the model.")
+
+
+_USER_ERRORS: Dict[type, type] = {}
+
+
+def _as_user_error(exc: PrivacyError) -> BaseException:
+    """``exc`` as an exception dynamo hands to the caller unchanged: dynamo wraps anything a backend raises in
+    ``BackendCompilerFailed`` except its own ``ShortenTraceback`` errors, so the refusal is re-raised as an
+    instance of a subclass of both its own fxdp type (``except fxdp.UncoveredParameterError`` works) and that."""
+    try:
+        from torch._dynamo.exc import ShortenTraceback
+    except ImportError:  # pragma: no cover - other torch versions
+        return exc
+    cls = type(exc)
+    if cls not in _USER_ERRORS:
+        _USER_ERRORS[cls] = type(cls.__name__, (cls, ShortenTraceback),
+                                 {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    out = Exception.__new__(_USER_ERRORS[cls])
+    out.__dict__.update(exc.__dict__)
+    out.args = exc.args
+    out.first_useful_frame = None
+    return out
+
+
+def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
+    """The dynamo graph as it came, for :func:`~fxdp.compile.forwards.eager_region` (the passes rewrite it)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    return torch.fx.GraphModule(gm, graph)
+
+
+def _plan_inputs(gm: torch.fx.GraphModule):
+    """The region's plan id and the positions, among the graph's inputs, of the parameters its
+    ``fxdp::forward_token`` names (None, () for a region without call sites)."""
+    token = next((n for n in gm.graph.nodes if n.target is torch.ops.fxdp.forward_token.default), None)
+    if token is None:
+        return None, ()
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    return token.args[0], tuple(placeholders.index(p) for p in token.args[1])
 
 
 def register() -> None:

@@ -8,20 +8,29 @@ At run time each compiled region announces its call sites
 (:meth:`CompiledForwards.enter_region`), and in backward every capture
 arrives through :meth:`CompiledForwards.receive`, which builds the
 same :class:`~fxdp.engine.tap.LayerUse` records as the eager taps: from there
-on both paths share one finalize. When the forward ends, a pass whose
-parameter uses did not all come through compiled regions is refused.
+on both paths share one finalize. Submodules that run eagerly between the
+regions are tapped by :class:`EagerIslands` (the eager interceptor), with
+ordinals shared with the regions, so norms are combined across compiled and
+eager uses. When the forward ends, a pass whose parameter uses did not all come
+through compiled regions or eager taps is refused, and so is a parameter that
+reaches the output around every tap (a custom autograd.Function or a view made
+before the forward, in eager code).
 """
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from collections import OrderedDict
 
 import torch
 
 from fxdp.core.errors import BatchLayoutError, PrivacyError
-from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, CompiledSite, register_engine
-from fxdp.engine.recorder import single_sample_layout
+from fxdp.analysis.interceptor import ParameterInterceptor
+from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, Capture, CompiledSite, RegionRun, \
+    in_compiled_region, register_engine
+from fxdp.engine import forward_checks
+from fxdp.engine.recorder import RuntimeRecorder, single_sample_layout
 from fxdp.engine.compiled_hook import install_compiled_forwards
 from fxdp.engine.tap import ForwardContext, LayerUse
 
@@ -48,9 +57,99 @@ def _frames_past_recompile_limit(model) -> list:
     return out
 
 
+def _covered(node) -> bool:
+    """Autograd nodes whose parameter inputs get no gradient: eager taps, in-graph captures (inner compiler
+    "eager"), and aot_autograd's node of a compiled region. A region compiled by backend "fxdp" proved that
+    its parameters reach its outputs only through captures (``check_no_direct_use``); one compiled by another
+    backend taps nothing, and its forward pass is refused by the count of call sites before this check."""
+    cls = getattr(node, "_forward_cls", None)
+    return cls is not None and (forward_checks.is_tap(node) or cls is Capture or (
+        cls.__name__ == "CompiledFunction" and cls.__module__.startswith("torch._functorch")))
+
+
 def _requires_grad(output) -> bool:
     from torch.utils._pytree import tree_flatten
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0])
+
+
+class EagerIslands(ParameterInterceptor):
+    """The eager interceptor of a compiled forward pass: taps the parameter uses of submodules that run
+    eagerly between its compiled regions (a ``torch._dynamo.disable``'d module or function, a frame
+    dynamo runs uncompiled), with the same rules and taps as eager ``privatize``, numbered in program
+    order with the regions' call sites.
+
+    It is pushed by the hooks of such a submodule (:func:`enter_island`), which run eagerly only when
+    the submodule does (dynamo traces them otherwise), and popped when the submodule returns. If dynamo
+    compiles code called from there, it traces this mode into the graph: there (``is_compiling()``) and
+    while a compiled region runs (:func:`~fxdp.compile.graph_ops.in_compiled_region`) it only forwards
+    the call -- the region taps its own uses in the graph."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if torch.compiler.is_compiling() or in_compiled_region():
+            return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+_OPEN_ISLANDS: "dict[int, EagerIslands]" = {}  # forward id -> the islands of an open compiled forward pass
+_STACK = threading.local()
+
+
+def _stack() -> list:
+    if not hasattr(_STACK, "entries"):
+        _STACK.entries = []
+    return _STACK.entries
+
+
+def enter_island(module) -> None:
+    """Pre-hook side, ``module`` runs eagerly: inside a compiled forward pass that owns its parameters,
+    its forward (and everything it calls) runs under that pass's :class:`EagerIslands`."""
+    if not _OPEN_ISLANDS or in_compiled_region():
+        return
+    stack = _stack()
+    islands = None
+    if not any(mode is not None for _, mode in stack):
+        own = [id(p) for p in module.parameters(recurse=False)]
+        islands = next((i for i in _OPEN_ISLANDS.values() if any(k in i.param_names for k in own)), None)
+    if islands is not None:
+        islands.__enter__()
+    stack.append((module, islands))
+
+
+def close_islands() -> None:
+    """The root forward pass ends: islands a submodule that raised left open are closed."""
+    stack = _stack()
+    while stack:
+        _, islands = stack.pop()
+        if islands is not None:
+            islands.__exit__(None, None, None)
+
+
+def exit_island(module) -> None:
+    """Forward-hook side: the island ``module`` opened (if any) ends."""
+    stack = _stack()
+    if stack and stack[-1][0] is module:
+        _, islands = stack.pop()
+        if islands is not None:
+            islands.__exit__(None, None, None)
+
+
+def eager_region(gm, positions):
+    """A region fxdp cannot tap in the graph (:class:`~fxdp.compile.graph_ops.EagerFallback`), run uncompiled
+    under the eager interceptor of the forward pass that owns its parameters (at ``positions`` among its
+    inputs): the same rules and taps as eager ``privatize``."""
+    from fxdp.compile.graph_ops import owner_of
+
+    def run(*args):
+        if any(mode is not None for _, mode in _stack()):
+            return gm(*args)  # already inside an island
+        engine, _ = owner_of([args[i] for i in positions])
+        islands = _OPEN_ISLANDS.get(engine.current_forward.cid)
+        if islands is None:
+            raise PrivacyError("fxdp: a compiled region ran outside its model's forward pass; call the compiled "
+                               "model itself.")
+        with islands:
+            return gm(*args)
+    return run
 
 
 class CompiledForwards:
@@ -67,16 +166,24 @@ class CompiledForwards:
     def engine(self):
         return self._engine_ref()
 
-    def open(self, ctx: ForwardContext, table, leaves, dims):
+    def open(self, ctx: ForwardContext, table, leaves, dims, trainable) -> None:
+        """A compiled forward pass starts; submodules that run eagerly until it ends are intercepted
+        (:class:`EagerIslands`)."""
         ctx.compiled, ctx.table, ctx.cid = True, table, next(_context_ids)
         ctx.batch_inputs = [(t, d) for t, d in zip(leaves, dims) if isinstance(t, torch.Tensor) and d is not None]
         ctx.params = dict(self.engine.model.named_parameters())
         self._contexts[ctx.cid] = ctx
         while len(self._contexts) > MAX_COMPILED_FORWARDS:
             self._contexts.popitem(last=False)
+        _OPEN_ISLANDS[ctx.cid] = EagerIslands(trainable, RuntimeRecorder(ctx, table, trainable))
 
     def close(self, ctx: ForwardContext, output):
+        """The forward pass ended: every parameter use the analysis found was tapped (in a compiled region
+        or by the eager interceptor), and no parameter reaches the output around a tap."""
         ctx.batch_inputs = []
+        islands = _OPEN_ISLANDS.pop(ctx.cid, None)
+        close_islands()
+        trainable = islands.param_names if islands is not None else {}
         expected = len(ctx.table.keys) if ctx.table is not None else None
         if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
@@ -103,55 +210,73 @@ class CompiledForwards:
             self._contexts.pop(ctx.cid, None)
             raise PrivacyError(
                 f"fxdp: the analysis found {expected} parameter uses in this forward pass, but compiled regions "
-                f"tapped {ctx.next_ordinal}; the others ran outside any compiled graph (code dynamo does not "
-                "trace: a torch._dynamo.disable'd / torch.compiler.disable'd function or module, an op dynamo "
-                "cannot trace, a frame dynamo gave up on), where fxdp cannot see them under torch.compile. "
-                "Let dynamo trace the code that uses parameters, or train this model with eager fxdp.privatize.")
+                f"and eager submodules tapped {ctx.next_ordinal}. The others ran in code dynamo does not trace (a "
+                "torch._dynamo.disable'd / torch.compiler.disable'd function, an op dynamo cannot trace, a frame "
+                "dynamo gave up on) outside any submodule that runs eagerly: fxdp falls back to eager taps for "
+                "submodules whose call dynamo does not trace, but a parameter of the root module, or of a module "
+                "whose call dynamo traced, used directly in such code is not seen. Move the parameter into a "
+                "submodule called from the untraced code (or disable the whole submodule: "
+                "torch.compiler.disable on its class), let dynamo trace that code, or train with eager "
+                "fxdp.privatize.")
+        if ctx.pending_layouts:
+            self._contexts.pop(ctx.cid, None)
+            raise BatchLayoutError(
+                "fxdp: a parameter use outside the compiled regions of this forward pass (eager code between "
+                "them) does not match the analysis of the forward: the forward takes another path than the one "
+                "analysed (data-dependent control flow). fxdp cannot place its samples; this batch is refused.")
         if not _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
+            return
+        forward_checks.refuse_unseen_uses(output, trainable, _covered)
 
     def release(self, ctx: ForwardContext) -> None:
         """The forward pass was finalized (or dropped): its captures are no longer awaited."""
         self._contexts.pop(ctx.cid, None)
-        ctx.by_ordinal = {}
+        _OPEN_ISLANDS.pop(ctx.cid, None)
+        ctx.by_ordinal, ctx.region_runs = {}, []
 
-    def enter_region(self, plan, params) -> torch.Tensor:
-        """Run time, start of a compiled region whose parameters this engine's open forward pass holds
-        (see :func:`fxdp.compile.graph_ops.owner_of`): its token ``(engine id, forward id)``.
+    def enter_region(self, plan, names) -> torch.Tensor:
+        """Run time, start of a compiled region whose parameters (named ``names`` in this model) this
+        engine's open forward pass holds (see :func:`fxdp.compile.graph_ops.marked_region`): its token
+        ``(engine id, forward id, run)``.
 
-        The graph may have been compiled for another instance (dynamo reuses graphs across instances of a
-        class): its call sites are checked against *this* forward's analysis once per layout table."""
+        The graph may have been compiled for another instance or another block (dynamo reuses graphs across
+        instances of a class): its call sites, at this run's ordinals and with this run's parameter names,
+        are checked against *this* forward's analysis once per layout table."""
         ctx = self.engine.current_forward
-        if ctx.next_ordinal != plan.first_ordinal:
-            raise BatchLayoutError(
-                f"fxdp: a compiled region starts at parameter use {plan.first_ordinal}, but this forward pass has "
-                f"made {ctx.next_ordinal}: the forward takes another path than when it was compiled "
-                "(data-dependent control flow between graph breaks).")
+        rename = tuple((a, b) for a, b in zip(plan.param_names, names) if a != b)
+        run = RegionRun(ctx.next_ordinal - plan.first_ordinal, rename)
         table = ctx.table
-        if table is not None and table not in plan.verified:
+        if table is not None and run not in plan.verified.get(table, ()):
             for site in plan.sites:
-                if not table.matches(site.ordinal, site.rule, site.param_names) or \
-                        bool(table.lifts[site.ordinal]) != site.lift:
+                ordinal, params = site.ordinal + run.offset, tuple(sorted(run.name(n) for n in site.param_names))
+                if not table.matches(ordinal, site.rule, params) or bool(table.lifts[ordinal]) != site.lift:
+                    seen = (f"{table.keys[ordinal][0]} using {', '.join(table.keys[ordinal][1])}"
+                            if ordinal < len(table.keys) else "no parameter use")
                     raise PrivacyError(
-                        f"fxdp: compiled call site {site.ordinal} ({site.rule} rule using "
-                        f"{', '.join(site.param_names)}) does not match the analysis of this model's forward pass: "
-                        "dynamo reused a graph compiled for a model that differs from this one. Compile this "
-                        "model separately (torch._dynamo.reset()) and please report the model.")
-            plan.verified.add(table)
+                        f"fxdp: compiled call site {ordinal} ({site.rule} rule using {', '.join(params)}) does not "
+                        f"match the analysis of this model's forward pass, which has {seen} there: the forward takes "
+                        "another path than when the graph was compiled (data-dependent control flow between graph "
+                        "breaks), or dynamo reused a graph compiled for a model that differs from this one. Compile "
+                        "this model separately (torch._dynamo.reset()) and please report the model.")
+            plan.verified.setdefault(table, set()).add(run)
         ctx.next_ordinal += len(plan.sites)
-        return torch.tensor([self.uid, ctx.cid], dtype=torch.int64)
+        ctx.region_runs.append(run)
+        return torch.tensor([self.uid, ctx.cid, len(ctx.region_runs) - 1], dtype=torch.int64)
 
-    def receive(self, cid: int, site: CompiledSite, slot: int, grad: torch.Tensor, saved: list):
+    def receive(self, cid: int, run: int, site: CompiledSite, slot: int, grad: torch.Tensor, saved: list):
         """Backward: one capture of a compiled call site; feeds the same path as the eager taps."""
         ctx = self._contexts.get(cid)
         if ctx is None:
             raise PrivacyError(
                 f"fxdp: gradient of a compiled forward pass fxdp no longer holds (more than {MAX_COMPILED_FORWARDS} "
                 "forward passes without their backward, or a backward through a released model).")
-        use = ctx.by_ordinal.get(site.ordinal)
+        region_run = ctx.region_runs[run]
+        ordinal = site.ordinal + region_run.offset
+        use = ctx.by_ordinal.get(ordinal)
         if use is None:
-            use = LayerUse(site.ordinal, site.op, site.binding(ctx.params, {}), None, ctx)
-            ctx.by_ordinal[site.ordinal] = use
+            use = LayerUse(ordinal, site.op, site.binding(ctx.params, {}, region_run), None, ctx)
+            ctx.by_ordinal[ordinal] = use
             ctx.uses.append(use)
         if slot == OUTPUT_SLOT:
             use.saved = dict(zip(site.saved_names, saved))
@@ -181,4 +306,5 @@ class CompiledForwards:
 
 
 
-install_compiled_forwards(CompiledForwards)
+install_compiled_forwards(CompiledForwards, (enter_island, exit_island, torch._dynamo.disable(enter_island),
+                                             torch._dynamo.disable(exit_island)))

@@ -12,8 +12,10 @@ trainable parameter in a dynamo graph into
 * one ``fxdp::forward_token`` per region, which at run time ties the region to
   the engine's open forward pass and numbers its call sites. The engine is
   found at run time from the trainable parameters the region receives (the
-  graph names no engine): dynamo reuses a graph for every instance of a class,
-  so a graph compiled for one model runs, checked, for another.
+  graph names no engine; :func:`marked_region` reads them): dynamo reuses a
+  graph for every instance of a class, and for every block of a model whose
+  block forward it compiled once, so a graph compiled for one model or block
+  runs, checked and renamed, for another.
 
 Both custom ops are registered as ordered side effects, so aot_autograd and
 inductor keep them and keep their order; everything else -- the op, its input
@@ -25,13 +27,15 @@ backward, across every region of the forward pass.
 from __future__ import annotations
 
 import itertools
+import threading
 import weakref
 from dataclasses import dataclass, field, replace
 from typing import Dict, List, Optional, Tuple
 
 import torch
+from torch.utils._pytree import tree_flatten
 
-from fxdp.core.errors import PrivacyError
+from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.rules.base import Binding
 
 OUTPUT_SLOT = -1
@@ -66,6 +70,12 @@ def engine_by_uid(uid: int):
     return engine
 
 
+class EagerFallback(BatchLayoutError):
+    """A region whose parameter uses fxdp cannot tap inside the graph but can run eagerly, under the same
+    interceptor as eager ``privatize`` (a (1, T) layout source in a region without the batched input):
+    the backend then runs the region's graph uncompiled (:func:`fxdp.compile.forwards.eager_region`)."""
+
+
 @dataclass(frozen=True)
 class SiteCheck:
     """What the compiling engine's analysis said about one call site, re-checked for every engine the
@@ -81,14 +91,30 @@ class SiteCheck:
 class RegionPlan:
     """What one compiled region needs at run time, independent of any engine.
 
-    ``param_names`` are the names of the trainable parameters the region receives, in the order
-    the graph passes them to ``fxdp::forward_token``; ``sites`` its call sites' checks."""
+    ``param_names`` are the names (in the compiling model) of the trainable parameters the region
+    receives, in the order the graph passes them to ``fxdp::forward_token``; ``sites`` its call sites'
+    checks. A region may run for other parameters than it was compiled for -- another instance of the
+    class, or another block of the same model whose forward dynamo compiled once (a graph break inside
+    a block) -- and at other ordinals: each run is checked against the analysis of its forward pass."""
 
     param_names: Tuple[str, ...]
     first_ordinal: int
     sites: Tuple[SiteCheck, ...]
     uid: int = 0
-    verified: "weakref.WeakSet" = field(default_factory=weakref.WeakSet)  # layout tables already checked
+    # layout table -> the (ordinal offset, parameter names) runs already checked against it
+    verified: "weakref.WeakKeyDictionary" = field(default_factory=weakref.WeakKeyDictionary)
+
+
+@dataclass(frozen=True)
+class RegionRun:
+    """One run of a region in a forward pass: its call sites' ordinals are ``site.ordinal + offset``, and
+    ``rename`` maps the compiling model's parameter names to the names of the parameters received."""
+
+    offset: int
+    rename: Tuple[Tuple[str, str], ...] = ()
+
+    def name(self, compiled_name: str) -> str:
+        return dict(self.rename).get(compiled_name, compiled_name)
 
 
 def register_region(plan: RegionPlan) -> int:
@@ -97,27 +123,19 @@ def register_region(plan: RegionPlan) -> int:
     return plan.uid
 
 
-def _same(p, q) -> bool:
-    return p is q or (p.shape == q.shape and p.dtype == q.dtype and p.device == q.device
-                      and p.data_ptr() == q.data_ptr())
-
-
-def owner_of(plan: RegionPlan, params: List[torch.Tensor]):
-    """The engine whose open compiled forward pass this region is part of.
-
-    Candidates are the engines with an open compiled forward pass whose model names every parameter
-    of ``plan`` with the shape and dtype the region receives, and at least one of them is the very
-    tensor received (identity for all is too strict: inductor may hand the op a re-laid-out copy of
-    a conv weight). Anything else -- no such engine, or two -- is refused."""
+def owner_of(params: List[torch.Tensor]):
+    """``(engine, names)``: the engine whose open compiled forward pass holds every parameter a region
+    receives (the very tensors: the region's wrapper reads them from the graph's inputs), and their names
+    there. No such engine, or two, is refused."""
     owners = []
     for engine in live_engines():
         ctx = engine.current_forward
         if ctx is None or not ctx.compiled:
             continue
-        mine = [ctx.params.get(n) for n in plan.param_names]
-        if all(q is not None and q.shape == p.shape and q.dtype == p.dtype for q, p in zip(mine, params)):
-            owners.append((engine, mine))
-    owners = [(e, mine) for e, mine in owners if any(_same(p, q) for p, q in zip(params, mine))]
+        by_id = {id(p): n for n, p in ctx.params.items()}
+        names = tuple(by_id.get(id(p)) for p in params)
+        if all(n is not None for n in names):
+            owners.append((engine, names))
     if not owners:
         raise PrivacyError(
             "fxdp: a compiled region that uses a privatized model's parameters ran outside a forward pass of that "
@@ -127,7 +145,7 @@ def owner_of(plan: RegionPlan, params: List[torch.Tensor]):
         raise PrivacyError("fxdp: a compiled region ran while forward passes of several privatized models with "
                            "these parameters were open; fxdp cannot tell which one it belongs to. Run one "
                            "privatized model's forward pass at a time.")
-    return owners[0][0]
+    return owners[0]
 
 
 @dataclass(eq=False)
@@ -147,10 +165,12 @@ class CompiledSite:
     broadcast_roles: Tuple[str, ...] = ()
     uid: int = field(default=0)
 
-    def binding(self, params: Dict[str, torch.Tensor], saved: Dict[str, torch.Tensor]) -> Binding:
-        """A fresh binding for one forward pass, with the model's parameters and this pass's tensors."""
+    def binding(self, params: Dict[str, torch.Tensor], saved: Dict[str, torch.Tensor],
+                run: Optional[RegionRun] = None) -> Binding:
+        """A fresh binding for one run, with the model's parameters (named as in ``run``) and its tensors."""
         b = self.template
-        return replace(b, params={r: params[n] for r, n in b.roles.items()}, saved=saved,
+        roles = {r: run.name(n) for r, n in b.roles.items()} if run is not None else dict(b.roles)
+        return replace(b, roles=roles, params={r: params[n] for r, n in roles.items()}, saved=saved,
                        layout_source=saved.get(self.source) if self.source else None,
                        options=dict(b.options))
 
@@ -167,23 +187,84 @@ def release_sites(uids) -> None:
         _REGIONS.pop(uid, None)
 
 
+# --------------------------------------------------------------------------- inside a compiled region
+_RUNNING = threading.local()
+
+
+def in_compiled_region() -> bool:
+    """True while a graph compiled by backend "fxdp" runs its forward: the ops it issues are its own
+    (already tapped in the graph), not eager code for the interceptor (:mod:`fxdp.compile.forwards`)."""
+    return getattr(_RUNNING, "depth", 0) > 0
+
+
+def marked_region(compiled, plan_uid: Optional[int] = None, positions: Tuple[int, ...] = ()):
+    """``compiled`` (what the inner compiler returned), run with :func:`in_compiled_region` true.
+
+    For a region with call sites (``plan_uid``), the trainable parameters among its inputs (at
+    ``positions``) are read before it runs: they name the engine and the forward pass the run belongs
+    to, whose token ``fxdp::forward_token`` then hands the graph."""
+    def run(*args, **kwargs):
+        tokens = _tokens()
+        if plan_uid is not None:
+            plan = _REGIONS.get(plan_uid)
+            if plan is None:
+                raise PrivacyError("fxdp: a compiled region whose plan was released ran again; compile the model "
+                                   "again.")
+            params = [args[i] for i in positions]
+            engine, names = owner_of(params)
+            tokens[plan_uid] = engine.compiled_forwards.enter_region(plan, names)
+        _RUNNING.depth = getattr(_RUNNING, "depth", 0) + 1
+        try:
+            out = compiled(*args, **kwargs)
+        finally:
+            _RUNNING.depth -= 1
+            tokens.pop(plan_uid, None)
+        if plan_uid is not None and torch.is_grad_enabled():
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor) and t.grad_fn is not None:
+                    t.grad_fn.register_prehook(_refuse_double_backward)
+        return out
+    if getattr(compiled, "_boxed_call", False):
+        run._boxed_call = True
+    return run
+
+
+def _refuse_double_backward(grad_outputs):
+    """Backward pre-hook on a compiled region's outputs: runs before aot_autograd's backward of the region,
+    which would fail on ``create_graph=True`` with a raw error of its own."""
+    if torch.is_grad_enabled():
+        raise PrivacyError(
+            "fxdp: a backward pass with create_graph=True (double backward, e.g. an input-gradient penalty) reached "
+            "the compiled privatized model. fxdp's taps give first-order gradients only (and torch.compile's "
+            "backward does not support double backward): the penalty's gradient with respect to the parameters "
+            "would be missing. Compute input gradients with torch.autograd.grad(loss, x) without create_graph, "
+            "or train without the penalty.")
+
+
+def _tokens() -> dict:
+    if not hasattr(_RUNNING, "tokens"):
+        _RUNNING.tokens = {}
+    return _RUNNING.tokens
+
+
 # --------------------------------------------------------------------------- custom ops
 @torch.library.custom_op("fxdp::forward_token", mutates_args=())
 def forward_token(region_uid: int, params: List[torch.Tensor]) -> torch.Tensor:
-    """Run time: ``(engine id, forward id)`` of the open compiled forward pass that owns ``params``,
-    as a (2,) int64 tensor.
-
-    Refuses a region whose parameters belong to no privatized model's open forward pass, to
-    several, or to a model whose names or analysis differ from the one it was compiled for."""
-    plan = _REGIONS.get(region_uid)
-    if plan is None:
-        raise PrivacyError("fxdp: a compiled region whose plan was released ran again; compile the model again.")
-    return owner_of(plan, params).compiled_forwards.enter_region(plan, params)
+    """Run time: ``(engine id, forward id, run)`` of this run of the region, as a (3,) int64 tensor:
+    prepared by the region's wrapper (:func:`marked_region`) from the parameters the region received,
+    which also refused a run whose parameters belong to no privatized model's open forward pass, to
+    several, or to a model whose analysis differs from the region's call sites. ``params`` orders the
+    token after them in the graph."""
+    token = _tokens().pop(region_uid, None)
+    if token is None:
+        raise PrivacyError("fxdp: a region compiled by backend \"fxdp\" ran without its wrapper; this is a bug "
+                           "in fxdp, please report it.")
+    return token
 
 
 @forward_token.register_fake
 def _forward_token_fake(region_uid, params):
-    return torch.empty((2,), dtype=torch.int64)
+    return torch.empty((3,), dtype=torch.int64)
 
 
 @torch.library.custom_op("fxdp::stash", mutates_args=())
@@ -198,8 +279,8 @@ def stash(token: torch.Tensor, site_uid: int, slot: int, grad: torch.Tensor, sav
     if site is None:
         raise PrivacyError("fxdp: backward through a compiled graph whose call sites were released; "
                            "compile the model again.")
-    engine_uid, cid = (int(v) for v in token.tolist())
-    engine_by_uid(engine_uid).compiled_forwards.receive(cid, site, slot, grad, list(saved))
+    engine_uid, cid, run = (int(v) for v in token.tolist())
+    engine_by_uid(engine_uid).compiled_forwards.receive(cid, run, site, slot, grad, list(saved))
 
 
 @stash.register_fake

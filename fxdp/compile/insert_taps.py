@@ -13,7 +13,9 @@ from the model input's (symbolic) size. An output the graph later modifies in
 place (``ReLU(inplace=True)``, ``h += residual``; found when the region was
 bound) is read through a ``clone`` of the capture: autograd forbids in-place
 changes of a custom Function's view, and the copy is what the in-place op
-changes (inductor fuses it with that op). After the rewrite
+changes (inductor fuses it with that op), and later call sites save that copy (the value their
+op reads). A tensor a call site saves that the graph modifies in place *after* the call read it is
+saved as a copy taken before the call. After the rewrite
 :func:`check_no_direct_use` proves that every path from a trainable
 parameter to the graph's outputs goes through a capture.
 """
@@ -41,7 +43,7 @@ def _batch_size_node(region, g: fx.Graph, after: fx.Node) -> fx.Node:
             if value is t:
                 with g.inserting_after(after):
                     return g.call_method("size", (node, dim))
-    raise BatchLayoutError(
+    raise C.EagerFallback(
         "fxdp backend: a (1, T) input of this compiled region must be expanded to the batch, but the region "
         "does not take the model's batched input (it starts after a graph break). Pass position ids of "
         "shape (B, T), or avoid the graph break.")
@@ -70,6 +72,9 @@ def insert_taps(region) -> PassResult:
     with g.inserting_after(last):
         token = g.call_function(torch.ops.fxdp.forward_token.default, (plan.uid, params))
     detached, batch_size = {}, []
+    # a mutated site output is now read through its clone (see module docstring): later sites must
+    # save the clone -- the value their op reads after the in-place op -- not the unmodified output
+    renamed = {}
 
     def detach(p: fx.Node) -> fx.Node:
         if p not in detached:
@@ -88,14 +93,16 @@ def insert_taps(region) -> PassResult:
             composites.setdefault(site.node, []).append(InnerSite(uid, site.param_positions, site.saved_positions))
             continue
         n, b = site.node, site.binding
-        saved = {k: site.inputs[("saved", k)] for k in b.saved}
+        saved = {k: renamed.get(site.inputs[("saved", k)], site.inputs[("saved", k)]) for k in b.saved}
         source = site.inputs.get(("source",))
+        source = renamed.get(source, source)
         source_name = next((k for k, v in saved.items() if v is source), None)
         if source is not None and source_name is None:
             source_name, saved["layout_source"] = "layout_source", source
         uid = _register(region, site, source_name)
         role_of = {site.inputs[("param", r)]: r for r in b.params}
         replacement = {}
+        copies = {renamed.get(site.inputs[k], site.inputs[k]) for k in site.mutated_inputs}
         with g.inserting_before(n):
             if site.lift:
                 if not batch_size:
@@ -103,14 +110,18 @@ def insert_taps(region) -> PassResult:
                 lifted = g.call_function(C.lift_to_batch, (source, batch_size[0]))
                 replacement[source] = lifted
                 saved = {k: (lifted if v is source else v) for k, v in saved.items()}
+                if source in copies:
+                    copies.add(lifted)
             for p, role in role_of.items():
                 if role in b.broadcast:
-                    others = [replacement.get(o, o) for o in site.others]
+                    others = [replacement.get(o, renamed.get(o, o)) for o in site.others]
                     expanded = g.call_function(C.expand_for, (detach(p), *others))
                     slot = tuple(b.broadcast).index(role)
                     replacement[p] = g.call_function(C.capture, (expanded, token, uid, slot, 1, p))
                 else:
                     replacement[p] = detach(p)
+            kept = {v: g.call_method("clone", (v,)) for v in dict.fromkeys(saved.values()) if v in copies}
+            saved = {k: kept.get(v, v) for k, v in saved.items()}
         n.args = fx.node.map_arg(n.args, lambda a: replacement.get(a, a))
         n.kwargs = fx.node.map_arg(n.kwargs, lambda a: replacement.get(a, a))
         params = list(role_of)
@@ -121,6 +132,7 @@ def insert_taps(region) -> PassResult:
         if site.mutated:  # a capture's output is a view autograd cannot let be modified: modify a copy
             with g.inserting_after(cap):
                 out = g.call_method("clone", (cap,))
+            renamed[n] = out
         n.replace_all_uses_with(out, delete_user_cb=lambda user: user is not cap)
     for n, inner in composites.items():
         leaves, _ = tree_flatten((n.args, n.kwargs))

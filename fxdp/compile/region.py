@@ -69,6 +69,7 @@ class BoundSite:
     mutated: bool = False  # the graph modifies the call's output in place (ReLU(inplace=True), ``h += r``)
     label: str = ""  # the analysis's rule label of a virtual site ("virtual (permute)")
     virtual: tuple = ()  # a batch-free call: the names of the virtual parameters it makes (fxdp.rules.virtual)
+    mutated_inputs: tuple = ()  # keys of ``inputs`` whose tensors the graph modifies in place after the call
 
 
 @dataclass
@@ -206,6 +207,7 @@ class _SiteRecorder:
     def __init__(self, interpreter, table=None, first_ordinal: int = 0):
         self.interpreter = interpreter
         self.sites: List[BoundSite] = []
+        self.read = {}  # id(site) -> [(key, tensor, its version when the call read it)]
         self.table = table
         self.first_ordinal = first_ordinal
 
@@ -253,6 +255,7 @@ class _SiteRecorder:
         wanted += [(("saved", k), t) for k, t in binding.saved.items()]
         if binding.layout_source is not None:
             wanted.append((("source",), binding.layout_source))
+        self.read[id(site)] = [(key, t, t._version) for key, t in wanted if key[0] != "param"]
         for key, t in wanted:
             if id(t) not in by_id:
                 raise UncoveredParameterError(
@@ -357,6 +360,7 @@ def bind_call_sites(region: Region) -> PassResult:
     region.crossing = interp.crossing
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
+        site.mutated_inputs = tuple(k for k, t, v in recorder.read.get(id(site), ()) if t._version != v)
     return PassResult(region, False)
 
 

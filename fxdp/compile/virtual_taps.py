@@ -211,7 +211,7 @@ def record_virtual(token: torch.Tensor, site_uid: int, tensors: List[torch.Tenso
     if site is None:
         raise PrivacyError("fxdp: a compiled graph whose batch-free call sites were released ran again; "
                            "compile the model again.")
-    engine_uid, cid = (int(v) for v in token.tolist())
+    engine_uid, cid = (int(v) for v in token.tolist()[:2])
     ctx = engine_by_uid(engine_uid).current_forward
     if ctx is None or not ctx.compiled or ctx.cid != cid:
         raise PrivacyError("fxdp: a compiled batch-free call site ran outside the forward pass its region belongs "

@@ -16,11 +16,17 @@ from typing import Callable, Optional
 from fxdp.core.errors import PrivacyError
 
 _FACTORY: list = [None]
+# (enter, exit, enter_untraced, exit_untraced) of eager islands, set by the compile layer: called by the hooks
+# of every submodule with parameters when it runs eagerly during a compiled forward pass, or (the dynamo-disabled
+# pair) when dynamo traces the hooks of a submodule whose forward it will not trace (fxdp.compile.forwards)
+ISLANDS: list = [None]
 
 
-def install_compiled_forwards(factory: Callable) -> None:
-    """Called by :mod:`fxdp.compile`: ``factory(engine)`` makes the engine's compiled-forward handler."""
+def install_compiled_forwards(factory: Callable, islands=None) -> None:
+    """Called by :mod:`fxdp.compile`: ``factory(engine)`` makes the engine's compiled-forward handler;
+    ``islands`` is ``(enter(module), exit(module), ...)`` for submodules that run eagerly between compiled regions."""
     _FACTORY[0] = factory
+    ISLANDS[0] = islands
 
 
 def new_compiled_forwards(engine):

@@ -190,7 +190,7 @@ class Engine:
         self._watch = forward_checks.BufferWatch(self.model, self.public_buffers)
         forward_checks.open_forward().__enter__()
         if in_compiled_module():
-            self.compiled_forwards.open(ctx, table, leaves, dims)
+            self.compiled_forwards.open(ctx, table, leaves, dims, trainable)
             return
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table, trainable))
         self._mode.__enter__()

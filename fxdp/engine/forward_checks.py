@@ -37,6 +37,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
+from fxdp.engine.compiled_hook import ISLANDS
 from fxdp.engine.tap import TapFunction
 
 # Private forwards and analysis runs in progress (any engine): a parameterised submodule called
@@ -60,9 +61,27 @@ def _owns_trainable(module: nn.Module) -> bool:
     return any(p.requires_grad for p in module.parameters(recurse=False))
 
 
+def _untraced_forward(module) -> bool:
+    """The module's forward is ``torch._dynamo.disable``'d (read from the instance's dict and the class, not
+    from the bound method: dynamo would guard on the identity of each instance's method)."""
+    forward = module.__dict__.get("forward", None) or type(module).forward
+    return bool(getattr(forward, "_torchdynamo_disable", False))
+
+
 def submodule_pre_hook(module, args):
-    """Refuse a call of a parameterised submodule outside every private forward (see module doc)."""
-    if torch.compiler.is_compiling() or not torch.is_grad_enabled() or _OPEN[0] > 0:
+    """Refuse a call of a parameterised submodule outside every private forward (see module doc). Inside
+    a compiled forward pass, a submodule whose hooks run eagerly runs between compiled regions: its parameter
+    uses go through the eager interceptor (:data:`fxdp.engine.compiled_hook.ISLANDS`)."""
+    if torch.compiler.is_compiling():
+        # traced; a forward dynamo will not trace runs eagerly after these hooks: open its island eagerly
+        if ISLANDS[0] is not None and _untraced_forward(module):
+            ISLANDS[0][2](module)
+        return
+    if not torch.is_grad_enabled():
+        return
+    if _OPEN[0] > 0:
+        if ISLANDS[0] is not None:
+            ISLANDS[0][0](module)
         return
     if not _owns_trainable(module):
         return
@@ -74,16 +93,32 @@ def submodule_pre_hook(module, args):
         "(privatize the module that contains the whole computation), or under torch.no_grad(), or freeze it.")
 
 
+def submodule_post_hook(module, args, output):
+    """End of a submodule's forward: an eager island it opened is closed."""
+    if ISLANDS[0] is None:
+        return
+    if torch.compiler.is_compiling():
+        if _untraced_forward(module):
+            ISLANDS[0][3](module)
+        return
+    ISLANDS[0][1](module)
+
+
 def install_submodule_hooks(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if name and any(True for _ in m.parameters(recurse=False)):
             m.register_forward_pre_hook(submodule_pre_hook)
+            # not always_call: dynamo would guard on each instance's hook id (a recompile per model instance);
+            # an island left open by a forward that raised is closed when the root forward ends
+            m.register_forward_hook(submodule_post_hook)
 
 
 def remove_submodule_hooks(model: nn.Module) -> None:
     for m in model.modules():
         for hid in [k for k, fn in m._forward_pre_hooks.items() if fn is submodule_pre_hook]:
             del m._forward_pre_hooks[hid]
+        for hid in [k for k, fn in m._forward_hooks.items() if fn is submodule_post_hook]:
+            del m._forward_hooks[hid]
 
 
 # ----------------------------------------------------------------- unseen uses in the graph
@@ -108,9 +143,14 @@ def _describe(node) -> str:
             "before the forward, e.g. a view cached at __init__)")
 
 
-def unseen_uses(output, trainable: Dict[int, str]) -> List[Tuple[str, str]]:
+def is_tap(node) -> bool:
+    return getattr(node, "_forward_cls", None) is TapFunction
+
+
+def unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> List[Tuple[str, str]]:
     """(parameter name, how) for every path from ``output`` to a trainable parameter's gradient that
-    does not go through a tap."""
+    does not go through a tap (an autograd node for which ``covered(node)`` holds: its parameter inputs
+    get no gradient)."""
     found: List[Tuple[str, str]] = []
     stack, seen = [], set()
     for t in _tensors(output):
@@ -123,7 +163,7 @@ def unseen_uses(output, trainable: Dict[int, str]) -> List[Tuple[str, str]]:
         if node in seen:
             continue
         seen.add(node)
-        tap = getattr(node, "_forward_cls", None) is TapFunction
+        tap = covered(node)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -136,8 +176,8 @@ def unseen_uses(output, trainable: Dict[int, str]) -> List[Tuple[str, str]]:
     return found
 
 
-def refuse_unseen_uses(output, trainable: Dict[int, str]) -> None:
-    found = unseen_uses(output, trainable)
+def refuse_unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> None:
+    found = unseen_uses(output, trainable, covered)
     if not found:
         return
     lines = "; ".join(f"{n} through {how}" for n, how in dict(found).items())

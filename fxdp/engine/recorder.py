@@ -123,7 +123,7 @@ class RuntimeRecorder:
         ctx = self.context
         if self.table is None:
             return None
-        ordinal = len(ctx.uses) + ctx.virtual_sites
+        ordinal = self.next_ordinal()
         if self._reentrant is not None or current_region(self.param_names) is not None:
             if ordinal < len(self.table.virtual) and self.table.virtual[ordinal]:
                 raise checkpoint_virtual_refusal(call)
@@ -135,19 +135,34 @@ class RuntimeRecorder:
         if made is None:
             return None
         ctx.virtual_sites += 1
+        if ctx.compiled:
+            ctx.next_ordinal += 1
         for u, v in made:
             interceptor.param_names[id(u)] = v.name
             interceptor.virtual_leaves.append(u)
             ctx.virtuals.append(v)
         return out
 
+    def next_ordinal(self) -> int:
+        """The ordinal of the next call site. Under torch.compile (eager code between the compiled
+        regions of a forward pass) the regions' counter is shared: ordinals follow program order."""
+        ctx = self.context
+        return ctx.next_ordinal if ctx.compiled else len(ctx.uses) + ctx.virtual_sites
+
+    def _lookup(self, ordinal: int, op: str, binding):
+        if self.context.compiled and self.table.matches(ordinal, binding.rule.name, binding.param_names):
+            # eager code of a compiled forward: the op may be dynamo's spelling (a region's graph run eagerly)
+            return self.table.layouts[ordinal], self.table.lifts[ordinal]
+        return self.table.lookup(ordinal, op, binding.param_names)
+
     @torch._dynamo.disable
     def handle(self, call, binding):
         ctx = self.context
-        ordinal = len(ctx.uses) + ctx.virtual_sites
+        ordinal = self.next_ordinal()
+        if ctx.compiled:
+            ctx.next_ordinal += 1
         B = ctx.batch_size
-        layout, lift = (self.table.lookup(ordinal, call.name, binding.param_names)
-                        if self.table is not None else (None, False))
+        layout, lift = self._lookup(ordinal, call.name, binding) if self.table is not None else (None, False)
         if layout is None:
             if B <= 1:
                 layout = single_sample_layout(binding)

@@ -70,6 +70,7 @@ class ForwardContext:
     next_ordinal: int = 0
     cid: int = 0
     by_ordinal: Dict[int, LayerUse] = field(default_factory=dict)
+    region_runs: List[Any] = field(default_factory=list)  # compiled region runs, by run index (token)
     batch_inputs: List[Any] = field(default_factory=list)  # (input tensor, batch dim), while the forward runs
     virtuals: List[Any] = field(default_factory=list)  # VirtualParam records (fxdp.rules.virtual), in order made
     virtual_sites: int = 0  # call sites that made virtual parameters (they take ordinals like taps)

@@ -3,9 +3,11 @@ import copy
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxdp
 from tests import models_zoo as Z
+from tests import reference as ref
 
 
 class SeqFirstEncoder(nn.Module):
@@ -76,3 +78,29 @@ def assert_same_private_grads(model, eager, rtol=1e-10):
             continue
         err = float((p.private_grad - q.private_grad).abs().max())
         assert err <= rtol * scale, f"{name}: {err:.3e} vs scale {scale:.3e}"
+
+
+def ce_sum(out, y):
+    return F.cross_entropy(out, y, reduction="sum")
+
+
+def check_compiled_against_reference(base, x, y, style, compiler, reference_model=None, **kw):
+    """Backend "fxdp" on a copy of ``base`` vs brute force (on ``reference_model`` if given: the same function
+    written without in-place ops), R at the median per-sample norm. Returns the compiled model's original."""
+    samples = ref.split_batch((x,), {}, y)
+    per_sample = ref.per_sample_gradients(copy.deepcopy(reference_model or base), samples, ce_sum)
+    probe = fxdp.privatize(copy.deepcopy(base), style=style, **kw)
+    groups = [list(g) for g in fxdp.get_engine(probe).plan.groups]
+    R = ref.median_threshold(per_sample, groups)
+    expected, norms = ref.reference_private_grads(per_sample, groups, R)
+    thr = R / len(groups) ** 0.5
+    assert any(n > thr for gn in norms for n in gn)  # some clipped: a wrong scale cannot cancel out
+    model = fxdp.privatize(copy.deepcopy(base), style=style, max_grad_norm=R, loss_reduction="sum", **kw)
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": compiler})
+    ce_sum(compiled(x), y).backward()
+    scale = max(float(e.abs().max()) for e in expected.values())
+    for name, p in model.named_parameters():
+        assert p.grad is None
+        err = float((p.private_grad - expected[name]).abs().max())
+        assert err < 1e-9 * scale, f"{name}: {err:.3e} (style={style})"
+    return model

@@ -1,5 +1,8 @@
 """In-place changes of a tapped layer's output under backend "fxdp": ``nn.ReLU(inplace=True)`` after a
-Linear or conv, ``h += residual`` after a norm (the torchvision / HuggingFace ResNet pattern)."""
+Linear or conv, ``h += residual`` after a norm (the torchvision / HuggingFace ResNet pattern), and Tensor
+in-place *methods* (``h.relu_()``, ``h.add_(r)``, ``h[:, :k].mul_(c)``), whose result dynamo leaves unused:
+the next layer must be tapped with the value it really reads, the mutated one. Checked against the
+one-sample-at-a-time reference for every style."""
 import copy
 
 import pytest
@@ -9,7 +12,7 @@ import torch.nn.functional as F
 
 import fxdp
 from tests import reference as ref
-from tests.compile.models import assert_same_private_grads, compiled_and_eager
+from tests.compile.models import assert_same_private_grads, check_compiled_against_reference, compiled_and_eager
 
 
 class InplaceBlock(nn.Module):
@@ -73,3 +76,74 @@ def test_huggingface_resnet_with_fixed_batchnorm():
     model, eager = compiled_and_eager(base, (x,), y, lambda o, t: _sum_ce(o.logits, t), fullgraph=False,
                                       max_grad_norm=0.1)
     assert_same_private_grads(model, eager)
+
+
+class InplaceMethods(nn.Module):
+    """In-place methods on the outputs of Linear and LayerNorm: the graph's later readers read the
+    original node (dynamo records ``h.relu_()`` as a call whose result is unused)."""
+
+    def __init__(self, broken=False):
+        super().__init__()
+        self.fc1, self.ln = nn.Linear(6, 8), nn.LayerNorm(8)
+        self.fc2, self.fc3 = nn.Linear(8, 8), nn.Linear(8, 3)
+        self.broken = broken
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h.relu_()
+        r = self.ln(h)
+        r.add_(h)
+        g = self.fc2(r)
+        if self.broken:  # the mutations below happen in the next compiled region
+            torch._dynamo.graph_break()
+        g[:, :4].mul_(0.5)
+        g.tanh_()
+        return self.fc3(g)
+
+
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise", "param-wise", "block-wise"])
+def test_inplace_methods_on_tapped_outputs_match_the_reference(style):
+    torch.manual_seed(40)
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    kw = {"block_heads": ["fc1", "fc2"]} if style == "block-wise" else {}
+    check_compiled_against_reference(InplaceMethods().double(), x, y, style, "aot_eager", **kw)
+
+
+def test_inplace_methods_under_inductor():
+    torch.manual_seed(41)
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    check_compiled_against_reference(InplaceMethods().double(), x, y, "all-layer", "inductor")
+
+
+def test_inplace_methods_in_the_region_after_a_graph_break():
+    torch.manual_seed(42)
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    check_compiled_against_reference(InplaceMethods(broken=True).double(), x, y, "all-layer", "aot_eager")
+
+
+class ReadThenModified(nn.Module):
+    """A layer's input modified in place after the layer read it: the tap keeps the value it read. (Plain
+    eager autograd refuses this model, torch.compile's functionalised graph trains it.)"""
+
+    def __init__(self, inplace=True):
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(6, 8), nn.Linear(8, 3), nn.Linear(8, 3)
+        self.inplace = inplace
+
+    def forward(self, x):
+        h = self.fc1(x)
+        z = self.fc2(h)
+        if self.inplace:
+            h.relu_()
+        else:
+            h = h.relu()
+        return z + self.fc3(h)
+
+
+def test_input_modified_after_the_layer_read_it_matches_the_reference():
+    torch.manual_seed(43)
+    x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))
+    base = ReadThenModified().double()
+    same = ReadThenModified(inplace=False).double()
+    same.load_state_dict(base.state_dict())
+    check_compiled_against_reference(base, x, y, "all-layer", "aot_eager", reference_model=same)

@@ -21,26 +21,27 @@ def test_privatized_model_compiled_with_another_backend_is_refused():
         compiled(torch.randn(3, 6, dtype=torch.float64))
 
 
-class EagerIsland(nn.Module):
-    """A parameter used by code dynamo does not trace (between two compiled regions)."""
+class RootParamIsland(nn.Module):
+    """A parameter of the root module used by code dynamo does not trace: no submodule hook opens an eager
+    island for it (uses inside untraced submodules fall back to eager taps, tests/compile/test_fallback.py)."""
 
     def __init__(self):
         super().__init__()
-        self.fc1, self.fc2 = nn.Linear(6, 6), nn.Linear(6, 3)
+        self.fc1, self.w = nn.Linear(6, 6), nn.Parameter(torch.ones(6))
 
     def forward(self, x):
-        return self.fc2(_untraced(self.fc1, x))
+        return _untraced(self.w, self.fc1(x))
 
 
 @torch._dynamo.disable
-def _untraced(layer, x):
-    return torch.tanh(layer(x))
+def _untraced(w, h):
+    return torch.tanh(h * w)
 
 
-def test_parameter_use_between_graph_breaks_is_refused():
-    model = fxdp.privatize(EagerIsland().double())
+def test_root_parameter_used_by_untraced_code_is_refused_saying_what_to_do():
+    model = fxdp.privatize(RootParamIsland().double())
     compiled = torch.compile(model, backend="fxdp", options={"compiler": "eager"})
-    with pytest.raises(Exception, match="ran outside (the|any) compiled graph"):
+    with pytest.raises(PrivacyError, match="root module"):
         compiled(torch.randn(4, 6, dtype=torch.float64))
 
 
@@ -56,3 +57,69 @@ def test_uncovered_parameter_use_is_refused_at_compile_time():
     model = fxdp.privatize(Sorts().double())
     with pytest.raises(PrivacyError):
         torch.compile(model, backend="fxdp", options={"compiler": "eager"})(torch.randn(4, 6, dtype=torch.float64))
+
+
+class _Scale(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum(0)
+
+
+class CustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.w = nn.Linear(6, 6), nn.Parameter(torch.ones(6))
+
+    def forward(self, x):
+        return _Scale.apply(self.fc(x), self.w)
+
+
+def test_refusals_inside_the_backend_reach_the_caller_as_fxdp_errors():
+    """Not wrapped in dynamo's BackendCompilerFailed: ``except fxdp.UncoveredParameterError`` works."""
+    model = fxdp.privatize(CustomFunction().double())
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    with pytest.raises(fxdp.UncoveredParameterError, match="no rule covers") as info:
+        compiled(torch.randn(4, 6, dtype=torch.float64))
+    assert "BackendCompilerFailed" not in type(info.value).__name__
+
+
+class DoubleBackward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+def test_compiled_double_backward_is_refused_with_an_fxdp_error(compiler):
+    model = fxdp.privatize(DoubleBackward().double())
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": compiler})
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    loss = compiled(x).square().sum()
+    with pytest.raises(PrivacyError, match="create_graph=True"):
+        torch.autograd.grad(loss, x, create_graph=True)
+
+
+class ForwardMethod(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def test_compiling_the_forward_method_is_refused_saying_to_compile_the_module():
+    """torch.compile(model.forward) bypasses the module's hooks, where fxdp opens each forward pass."""
+    model = fxdp.privatize(ForwardMethod().double())
+    compiled = torch.compile(model.forward, backend="fxdp", options={"compiler": "aot_eager"})
+    with pytest.raises(PrivacyError, match=r"model\.compile\(backend"):
+        compiled(torch.randn(4, 6, dtype=torch.float64))
