@@ -86,7 +86,15 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     inner = _inner_compiler(compiler, mode, example_inputs)
     from fxdp.compile.region import Region, run_region_passes
 
-    region = run_region_passes(Region(gm, list(example_inputs)))
+    from fxdp.compile.graph_checks import check_graph_mixing
+    from fxdp.compile.refusals import surfaced
+    from fxdp.core.errors import PrivacyError
+
+    try:
+        check_graph_mixing(gm, example_inputs)  # the eager structural sample-mixing check, on every graph
+        region = run_region_passes(Region(gm, list(example_inputs)))
+    except PrivacyError as exc:
+        raise surfaced(exc).with_traceback(exc.__traceback__) from None
     if region.site_uids:
         weakref.finalize(region.gm, release_sites, list(region.site_uids))
     if region.plan_ids:

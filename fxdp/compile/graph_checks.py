@@ -4,7 +4,7 @@ Eager training forwards run under :class:`~fxdp.analysis.mixing_monitor.MixingMo
 every tensor derived from the batch through the ops that actually ran, with where its batch dimension is,
 and refuses an op that reduces, indexes, reorders, contracts or normalises across it. Under
 ``torch.compile`` no Python op of the forward runs eagerly, so the monitor cannot watch the forward;
-instead :func:`check_sample_mixing` (a region pass) runs each captured fx graph once, on copies of its
+instead :func:`check_graph_mixing` (called by the backend for every region) runs each captured fx graph once, on copies of its
 example inputs (RNG forked), under the same monitor -- the same rule table
 (:mod:`fxdp.analysis.batch_dims`, :mod:`fxdp.analysis.batch_layers`), the same refusals
 (:class:`~fxdp.core.errors.SampleMixingError` naming the op) -- before the graph is rewritten or handed
@@ -21,7 +21,10 @@ located the batch in when it opened the forward) carry their batch dimension; pa
 the model carry none. Any other tensor input (an activation computed by eager code between two graph
 breaks) is taken to carry the batch in its one dimension of the forward's batch size; with no such
 dimension it is not tracked, with several its batch position is unknown (then only the full-reduction
-refusal applies to it, as in eager mode for ops without a rule).
+refusal applies to it, as in eager mode for ops without a rule). A value mixed across the batch without
+gradient (under no_grad, or before any parameter), which the eager monitor refuses where it later meets
+per-sample values, is refused where it leaves the graph as one of its outputs: beyond a graph break
+fxdp cannot follow it.
 
 Limits: the check runs on the example inputs of the compile. A graph reused for another batch size
 (dynamic shapes) was checked at the size it was compiled for; index arithmetic on the batch size that
@@ -33,20 +36,19 @@ is checked structurally here.
 from __future__ import annotations
 
 import torch
+from torch.utils._pytree import tree_flatten
 
 from fxdp.analysis.mixing_monitor import MixingMonitor
-from fxdp.analysis.runner import PassResult
 from fxdp.compile import graph_ops as C
 from fxdp.compile.graph_ops import Capture
+from fxdp.core.errors import SampleMixingError
 from fxdp.engine.compiled_checks import register_tap_class
 
 register_tap_class(Capture)  # its backward returns no parameter gradient (fxdp.engine.compiled_checks)
 
 
-def _open_context(region):
-    """The compiled forward pass this graph is compiled in: the region's engine's, or the only one open."""
-    if region.context is not None:
-        return region.context, region.engine
+def _open_context():
+    """The compiled forward pass this graph is compiled in (the only one open), and its engine."""
     open_ = [(e.current_forward, e) for e in C.live_engines()
              if e.current_forward is not None and e.current_forward.compiled]
     return open_[0] if len(open_) == 1 else (None, None)
@@ -74,16 +76,16 @@ def _concrete(v):
     return v
 
 
-def check_sample_mixing(region) -> PassResult:
-    """Run the region's graph once under the structural mixing monitor; raises ``SampleMixingError``."""
-    ctx, engine = _open_context(region)
+def check_graph_mixing(gm, example_inputs) -> None:
+    """Run a dynamo graph once under the structural mixing monitor; raises ``SampleMixingError``."""
+    ctx, engine = _open_context()
     if ctx is None or ctx.batch_size < 2:
-        return PassResult(region, False)
+        return
     known = {id(t): d for t, d in getattr(ctx, "batch_inputs", ())}
     model_tensors = {id(t) for t in engine.model.parameters()} | {id(t) for t in engine.model.buffers()}
     batch, dims = [], []
     inputs = []
-    for node, value in zip([n for n in region.gm.graph.nodes if n.op == "placeholder"], region.example_inputs):
+    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
         copy = _concrete(value)
         inputs.append(copy)
         if isinstance(value, torch.Tensor):
@@ -92,9 +94,13 @@ def check_sample_mixing(region) -> PassResult:
                 batch.append(copy)
                 dims.append(dim)
     if not batch:
-        return PassResult(region, False)
+        return
     devices = sorted({t.device.index or 0 for t in inputs if isinstance(t, torch.Tensor) and t.is_cuda})
     with torch.random.fork_rng(devices=devices), torch.enable_grad(), \
-            MixingMonitor(batch, ctx.batch_size, batch_dims=dims):
-        region.gm(*inputs)
-    return PassResult(region, False)
+            MixingMonitor(batch, ctx.batch_size, batch_dims=dims) as monitor:
+        outputs = gm(*inputs)
+    for t in tree_flatten(outputs)[0]:
+        held = getattr(monitor.place(t), "message", None) if isinstance(t, torch.Tensor) else None
+        if held is not None and (t.is_floating_point() or t.is_complex()):
+            raise SampleMixingError(held + " (A value mixed across the batch without gradient leaves a compiled "
+                                           "region here, where fxdp can no longer follow it.)")

@@ -8,8 +8,6 @@ Pipeline, each a small function ``Region -> PassResult(region, modified)``:
 1. :func:`find_parameters` -- which graph inputs are trainable parameters of a
    privatized model, and that model's open forward pass (compiled regions of
    an unprivatized model are refused: never non-private training).
-1b. :func:`fxdp.compile.graph_checks.check_sample_mixing` -- the graph run once
-   under the eager structural sample-mixing monitor (every graph, parameters or not).
 2. :func:`bind_call_sites` -- runs the graph once on its example inputs under
    the same interceptor as eager ``privatize``: every call that uses a
    trainable parameter is bound by the same rule registry (or refused with the
@@ -318,8 +316,7 @@ def match_analysis(region: Region) -> PassResult:
 
 
 def run_region_passes(region: Region) -> Region:
-    """inline_checkpoints -> find_parameters -> check_sample_mixing -> bind_call_sites -> match_analysis ->
-    insert_taps -> check_no_direct_use,
+    """inline_checkpoints -> find_parameters -> bind_call_sites -> match_analysis -> insert_taps -> check_no_direct_use,
     linting after each rewrite, dumping each pass's graph with FXDP_DEBUG >= 2, naming a failing pass."""
     from fxdp.analysis.dumps import debug_level, new_dump_folder
     from fxdp.compile.insert_taps import check_no_direct_use, insert_taps
@@ -327,9 +324,8 @@ def run_region_passes(region: Region) -> Region:
     folder = new_dump_folder("compile") if debug_level() >= 2 else None
     if folder is not None:
         (folder / "00_dynamo_graph.txt").write_text(region.gm.print_readable(print_output=False))
-    from fxdp.compile.graph_checks import check_sample_mixing
-    passes = (inline_checkpoints, find_parameters, check_sample_mixing, bind_call_sites, match_analysis,
-              insert_taps, check_no_direct_use)
+    passes = (inline_checkpoints, find_parameters, bind_call_sites, match_analysis, insert_taps,
+              check_no_direct_use)
 
     def recompile(_name, result: PassResult):
         if result.modified:
