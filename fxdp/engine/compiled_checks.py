@@ -18,7 +18,8 @@ the forward closes (:mod:`fxdp.compile.forwards`).
 Double backward (``create_graph=True``): aot_autograd defers its own refusal to the *second* backward, as
 a raw ``RuntimeError``; the first one (``torch.autograd.grad(loss, x, create_graph=True)``) would hand the
 penalty a gradient whose parameter part fxdp never sees. A pre-hook on every compiled region's node of
-this forward refuses any backward pass with ``create_graph=True`` through it, with the eager message.
+this forward (and on every capture, under the inner compiler ``"eager"``, whose hand-over to the engine runs
+with grad mode off inside a custom op) refuses any backward pass with ``create_graph=True`` through it.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def _compiled_nodes(output) -> List:
         if node in seen:
             continue
         seen.add(node)
-        if is_compiled_region(node):
+        if _is_tap(node):
             out.append(node)
         stack.extend(n for n, _ in node.next_functions if n is not None and getattr(n, "variable", None) is None)
     return out

@@ -191,12 +191,50 @@ def test_frozen_parameter_declared_public_may_change():
 
 
 # ------------------------------------------------------------------------------------- double backward
-def test_compiled_double_backward_is_refused_with_an_fxdp_error():
+@pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
+def test_compiled_double_backward_is_refused_with_an_fxdp_error(compiler):
+    """aot_autograd itself would only fail at the second backward, with a raw RuntimeError."""
     model = fxdp.privatize(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
     x, y = torch.randn(8, 6, requires_grad=True), torch.randint(0, 3, (8,))
-    loss = F.cross_entropy(_compile(model)(x), y)
+    loss = F.cross_entropy(_compile(model, compiler)(x), y)
     with pytest.raises(PrivacyError, match="create_graph=True"):
         torch.autograd.grad(loss, x, create_graph=True)
+    assert all(getattr(p, "private_grad", None) is None and p.grad is None for p in model.parameters())
+
+
+def test_input_gradient_without_create_graph_still_works_compiled():
+    model = fxdp.privatize(nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)))
+    x, y = torch.randn(8, 6, requires_grad=True), torch.randint(0, 3, (8,))
+    g, = torch.autograd.grad(F.cross_entropy(_compile(model)(x), y), x)
+    assert g.shape == x.shape and all(p.grad is None for p in model.parameters())
+
+
+class _Mul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, w):
+        ctx.save_for_backward(a, w)
+        return a @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        a, w = ctx.saved_tensors
+        return g @ w, g.t() @ a
+
+
+class CustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(3, 6))
+
+    def forward(self, x):
+        return _Mul.apply(x, self.w)
+
+
+def test_a_compile_time_refusal_is_an_fxdp_error_not_backend_compiler_failed():
+    model = fxdp.privatize(CustomFunction())
+    with pytest.raises(UncoveredParameterError, match="autograd_function_apply") as info:
+        _compile(model)(torch.randn(8, 6))
+    assert type(info.value).__module__ == "fxdp.core.errors"
 
 
 # ------------------------------------------------------------------------------------ no false refusals
