@@ -22,6 +22,9 @@ such as ``F.linear(x, model.fc.weight)``) is not a use fxdp can see: it reaches 
 the optimizer refuses (``public_grads="refuse"``) or adds only for parameters no privatized forward
 used on data in that step (``"add"``, :mod:`fxdp.training.release_check`).
 
+Compiled forwards (``torch.compile(model, backend="fxdp")``) run the same walk, with the graph's
+captures as taps: :mod:`fxdp.engine.compiled_checks`.
+
 Buffers (section 7 of issue #13): a buffer updated from the batch during a training forward
 (an EMA normaliser, running statistics) is released by ``state_dict`` without clipping or noise.
 :class:`BufferWatch` compares the version counter and identity of every buffer -- and of every frozen
@@ -172,9 +175,11 @@ def _state(model: nn.Module):
 class BufferWatch:
     """Version counters and identities of a model's buffers and frozen parameters at the start of a forward.
 
-    With ``fingerprint`` (eager forwards) also a float64 sum and norm of every floating-point one: a write
+    With ``fingerprint`` (eager forwards) also a float64 sum and norm of every floating-point buffer: a write
     through ``.data`` (``self.mean.data.mul_(0.9).add_(...)``) bypasses the version counter but changes the
-    values (a change that leaves both the sum and the norm exactly as they were is not seen). Compiled
+    values (a change that leaves both the sum and the norm exactly as they were is not seen). Frozen
+    parameters are watched by version and identity only (fingerprinting them would read every frozen base
+    weight of a LoRA model twice per forward): a ``.data`` write to one is not seen in eager mode. Compiled
     forwards need no fingerprint: the graph writes a mutated input back with a copy the counter records."""
 
     def __init__(self, model: nn.Module, public: Iterable[str], fingerprint: bool = False):
@@ -186,7 +191,7 @@ class BufferWatch:
     def _fingerprint(self):
         names, parts = [], []
         with torch.no_grad():
-            for n, b in _state(self.model):
+            for n, b in self.model.named_buffers():
                 if n not in self.public and (b.is_floating_point() or b.is_complex()) and b.numel():
                     names.append(n)
                     v = torch.view_as_real(b) if b.is_complex() else b
