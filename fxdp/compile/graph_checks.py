@@ -47,11 +47,15 @@ from fxdp.engine.compiled_checks import register_tap_class
 register_tap_class(Capture)  # its backward returns no parameter gradient (fxdp.engine.compiled_checks)
 
 
-def _open_context():
-    """The compiled forward pass this graph is compiled in (the only one open), and its engine."""
+def _open_context(example_inputs):
+    """The compiled forward pass this graph is compiled in, and its engine: that of the model owning the
+    graph's parameters, else the only one open (None when there is none, or several and no parameter)."""
     open_ = [(e.current_forward, e) for e in C.live_engines()
              if e.current_forward is not None and e.current_forward.compiled]
-    return open_[0] if len(open_) == 1 else (None, None)
+    ids = {id(v) for v in example_inputs if isinstance(v, torch.nn.Parameter)}
+    owners = [(c, e) for c, e in open_ if any(id(p) in ids for p in e.model.parameters())]
+    candidates = owners or open_
+    return candidates[0] if len(candidates) == 1 else (None, None)
 
 
 def _batch_dim(value, ctx, known, model_tensors):
@@ -78,14 +82,14 @@ def _concrete(v):
 
 def check_graph_mixing(gm, example_inputs) -> None:
     """Run a dynamo graph once under the structural mixing monitor; raises ``SampleMixingError``."""
-    ctx, engine = _open_context()
+    ctx, engine = _open_context(example_inputs)
     if ctx is None or ctx.batch_size < 2:
         return
     known = {id(t): d for t, d in getattr(ctx, "batch_inputs", ())}
     model_tensors = {id(t) for t in engine.model.parameters()} | {id(t) for t in engine.model.buffers()}
     batch, dims = [], []
     inputs = []
-    for node, value in zip([n for n in gm.graph.nodes if n.op == "placeholder"], example_inputs):
+    for value in example_inputs:
         copy = _concrete(value)
         inputs.append(copy)
         if isinstance(value, torch.Tensor):
