@@ -1,6 +1,7 @@
 """Compiled forwards get the eager per-forward checks (issue #13): sample mixing in every compiled graph,
 parameter uses that skip a tap, frozen state changed by the forward, double backward."""
 import copy
+import pickle
 
 import pytest
 import torch
@@ -183,6 +184,26 @@ def test_state_updated_from_the_batch_is_refused(cls, compiled):
         F.cross_entropy((_compile(model) if compiled else model)(x), y).backward()
 
 
+class ReadsBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 6))
+        self.frozen = nn.Parameter(torch.ones(6), requires_grad=False)
+
+    def forward(self, x):
+        return self.fc(x * self.scale * self.frozen)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_buffers_and_frozen_parameters_only_read_are_accepted(compiled):
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    model = fxdp.privatize(ReadsBuffer(), max_grad_norm=0.1)
+    for _ in range(2):
+        F.cross_entropy((_compile(model) if compiled else model)(x), y).backward()
+    assert model.fc.weight.private_grad is not None
+
+
 def test_frozen_parameter_declared_public_may_change():
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     model = fxdp.privatize(EMAParam(), max_grad_norm=0.1, public_buffers=["mean"])
@@ -235,6 +256,7 @@ def test_a_compile_time_refusal_is_an_fxdp_error_not_backend_compiler_failed():
     with pytest.raises(UncoveredParameterError, match="autograd_function_apply") as info:
         _compile(model)(torch.randn(8, 6))
     assert type(info.value).__module__ == "fxdp.core.errors"
+    assert type(pickle.loads(pickle.dumps(info.value))) is UncoveredParameterError
 
 
 # ------------------------------------------------------------------------------------ no false refusals
