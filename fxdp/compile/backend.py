@@ -94,7 +94,7 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
         check_graph_mixing(gm, example_inputs)  # the eager structural sample-mixing check, on every graph
         region = run_region_passes(Region(gm, list(example_inputs)))
     except PrivacyError as exc:
-        raise surfaced(exc).with_traceback(exc.__traceback__) from None
+        raise surfaced(exc, example_inputs).with_traceback(exc.__traceback__) from None
     if region.site_uids:
         weakref.finalize(region.gm, release_sites, list(region.site_uids))
     if region.plan_ids:

@@ -47,7 +47,7 @@ from fxdp.engine.compiled_checks import register_tap_class
 register_tap_class(Capture)  # its backward returns no parameter gradient (fxdp.engine.compiled_checks)
 
 
-def _open_context(example_inputs):
+def open_context(example_inputs):
     """The compiled forward pass this graph is compiled in, and its engine: that of the model owning the
     graph's parameters, else the only one open (None when there is none, or several and no parameter)."""
     open_ = [(e.current_forward, e) for e in C.live_engines()
@@ -82,7 +82,7 @@ def _concrete(v):
 
 def check_graph_mixing(gm, example_inputs) -> None:
     """Run a dynamo graph once under the structural mixing monitor; raises ``SampleMixingError``."""
-    ctx, engine = _open_context(example_inputs)
+    ctx, engine = open_context(example_inputs)
     if ctx is None or ctx.batch_size < 2:
         return
     known = {id(t): d for t, d in getattr(ctx, "batch_inputs", ())}

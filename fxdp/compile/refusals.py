@@ -23,7 +23,10 @@ def _passthrough_class(cls: type) -> type:
     if cls not in _CLASSES:
         def __init__(self, *args):
             cls.__init__(self, *args)
+            # what dynamo reads of its own exceptions (torch._dynamo.exc.TorchDynamoException, ShortenTraceback)
             self.first_useful_frame = None
+            self._torch_dynamo_tracer_output = None
+            self.frame_exec_strategy = None
 
         def __reduce__(self):  # pickles as the plain fxdp error
             return cls, self.args
@@ -34,8 +37,16 @@ def _passthrough_class(cls: type) -> type:
     return _CLASSES[cls]
 
 
-def surfaced(exc: PrivacyError) -> PrivacyError:
-    """``exc`` as an error dynamo hands to the user unchanged (module docstring)."""
+def surfaced(exc: PrivacyError, example_inputs=()) -> PrivacyError:
+    """``exc`` as an error dynamo hands to the user unchanged (module docstring); the open forward pass
+    the graph belongs to is marked refused, in case dynamo runs it on regardless
+    (:func:`fxdp.engine.compiled_checks.record_compile_refusal`)."""
+    from fxdp.compile.graph_checks import open_context
+    from fxdp.engine.compiled_checks import record_compile_refusal
+
+    ctx, _ = open_context(example_inputs)
+    if ctx is not None:
+        record_compile_refusal(ctx, exc)
     new = _passthrough_class(type(exc))(*exc.args)
-    new.__dict__.update({k: v for k, v in exc.__dict__.items() if k != "first_useful_frame"})
+    new.__dict__.update({k: v for k, v in exc.__dict__.items() if k not in new.__dict__})
     return new

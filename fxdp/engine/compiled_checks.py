@@ -23,6 +23,7 @@ with grad mode off inside a custom op) refuses any backward pass with ``create_g
 """
 from __future__ import annotations
 
+import weakref
 from typing import Dict, List
 
 import torch
@@ -32,6 +33,22 @@ from fxdp.engine import forward_checks
 from fxdp.engine.tap import TapFunction
 
 _TAP_CLASSES: set = {TapFunction}
+# Open compiled forwards for which backend "fxdp" refused a graph (ForwardContext -> the refusal), and
+# engines refused under torch._dynamo.config.suppress_errors (Engine -> the refusal)
+_REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_STICKY: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def record_compile_refusal(ctx, exc: PrivacyError) -> None:
+    """The backend refused a graph of the forward ``ctx``. dynamo normally re-raises the refusal (and
+    compiles the frame again, and refuses again, at every call). With
+    ``torch._dynamo.config.suppress_errors`` it instead runs the frame uncompiled -- now and at every later
+    call -- and compiles the frames it calls, so the refused code would run unchecked: this forward is
+    refused when it ends, and under ``suppress_errors`` every later compiled forward of the model too."""
+    _REFUSED[ctx] = exc
+    engine = ctx.engine_ref() if ctx.engine_ref is not None else None
+    if engine is not None and getattr(torch._dynamo.config, "suppress_errors", False):
+        _STICKY[engine] = exc
 
 
 def register_tap_class(cls) -> None:
@@ -73,9 +90,17 @@ def _refuse_create_graph(grad_outputs):
     return None
 
 
-def check_compiled_output(output, trainable: Dict[int, str]) -> None:
-    """Refuse unseen parameter uses of a compiled forward's output; guard its compiled nodes against
-    double backward (module docstring)."""
+def check_compiled_output(output, trainable: Dict[int, str], ctx=None) -> None:
+    """Refuse a forward the backend refused a graph of, and unseen parameter uses of a compiled forward's
+    output; guard its compiled nodes against double backward (module docstring)."""
+    refused = _REFUSED.pop(ctx, None) if ctx is not None else None
+    if refused is None and ctx is not None and ctx.engine_ref is not None:
+        refused = _STICKY.get(ctx.engine_ref())
+    if refused is not None:
+        raise type(refused)(
+            f"{refused} (fxdp refused a graph of this forward pass while compiling it, and dynamo ran the forward "
+            "anyway -- torch._dynamo.config.suppress_errors -- partly uncompiled, where the refused code is not "
+            "checked; the forward is refused.)")
     forward_checks.refuse_unseen_uses(output, trainable, is_tap=_is_tap)
     for node in _compiled_nodes(output):
         node.register_prehook(_refuse_create_graph)

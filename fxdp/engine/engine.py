@@ -210,7 +210,7 @@ class Engine:
                 forward_checks.refuse_unseen_uses(output, mode.param_names)
             else:
                 try:
-                    compiled_checks.check_compiled_output(output, self.trainable())
+                    compiled_checks.check_compiled_output(output, self.trainable(), ctx)
                 except PrivacyError:
                     self.compiled_forwards.release(ctx)
                     raise

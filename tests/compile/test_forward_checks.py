@@ -94,6 +94,22 @@ def test_min_max_scaling_over_the_batch_is_refused_when_compiled(compiler):
         F.cross_entropy(_compile(model, compiler)(x), y).backward()
 
 
+@torch._dynamo.config.patch(suppress_errors=True)
+def test_refused_graph_stays_refused_when_dynamo_suppresses_errors():
+    """With suppress_errors dynamo would run the refused frame uncompiled and compile the Linear it calls."""
+    x, y = _data()
+
+    class MinMaxSuppressed(MinMax):  # a class of its own: no graph of MinMax's cached
+        pass
+
+    model = fxdp.privatize(MinMaxSuppressed().double(), max_grad_norm=0.1)
+    compiled = _compile(model)
+    for _ in range(3):
+        with pytest.raises(SampleMixingError, match="min reduces"):
+            F.cross_entropy(compiled(x), y).backward()
+    assert getattr(model.fc.weight, "private_grad", None) is None
+
+
 def test_mixing_only_for_large_batches_is_refused_when_that_branch_compiles():
     x, y = _data()
     model = fxdp.privatize(LargeBatchesOnly().double(), max_grad_norm=0.5)
