@@ -20,6 +20,11 @@ a raw ``RuntimeError``; the first one (``torch.autograd.grad(loss, x, create_gra
 penalty a gradient whose parameter part fxdp never sees. A pre-hook on every compiled region's node of
 this forward (and on every capture, under the inner compiler ``"eager"``, whose hand-over to the engine runs
 with grad mode off inside a custom op) refuses any backward pass with ``create_graph=True`` through it.
+
+Refused graphs: a graph the backend refuses while compiling marks the open forward refused
+(:func:`record_compile_refusal`), so that a forward dynamo completes anyway, partly uncompiled, is refused
+when it ends; under ``torch._dynamo.config.suppress_errors`` every later compiled forward of the model is
+refused too (privatize the fixed model again to clear it).
 """
 from __future__ import annotations
 
