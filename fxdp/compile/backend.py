@@ -99,18 +99,22 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     inner = _inner_compiler(compiler, mode, example_inputs)
     from fxdp.compile.region import Region, run_region_passes
 
+    from fxdp.compile.graph_checks import check_graph_mixing
+    from fxdp.compile.refusals import surfaced
+
     if not torch.is_grad_enabled() and not any(n.target is torch._C._set_grad_enabled for n in gm.graph.nodes):
         return inner(gm, example_inputs)  # no gradient, nothing to clip (evaluation under torch.no_grad)
     original = _copy(gm)
     try:
         _refuse_closed_forward(example_inputs)
+        check_graph_mixing(gm, example_inputs)  # the eager structural sample-mixing check, on every graph
         region = run_region_passes(Region(gm, list(example_inputs)))
     except EagerFallback:
         positions = tuple(i for i, v in enumerate(example_inputs)
                           if isinstance(v, torch.nn.Parameter) and v.requires_grad)
         return eager_region(original, positions)
     except PrivacyError as exc:
-        raise _as_user_error(exc) from None
+        raise surfaced(exc, example_inputs).with_traceback(exc.__traceback__) from None
     if region.site_uids:
         weakref.finalize(region.gm, release_sites, list(region.site_uids))
     if region.plan_ids:
@@ -137,28 +141,6 @@ def _refuse_closed_forward(example_inputs) -> None:
                 "module's hooks, where fxdp opens each forward pass; a compiled loss using the parameters outside "
                 "the model (a regulariser) is not a per-sample use. Compile the module itself: "
                 "torch.compile(model, backend=\"fxdp\") or model.compile(backend=\"fxdp\"), and call the model.")
-
-
-_USER_ERRORS: Dict[type, type] = {}
-
-
-def _as_user_error(exc: PrivacyError) -> BaseException:
-    """``exc`` as an exception dynamo hands to the caller unchanged: dynamo wraps anything a backend raises in
-    ``BackendCompilerFailed`` except its own ``ShortenTraceback`` errors, so the refusal is re-raised as an
-    instance of a subclass of both its own fxdp type (``except fxdp.UncoveredParameterError`` works) and that."""
-    try:
-        from torch._dynamo.exc import ShortenTraceback
-    except ImportError:  # pragma: no cover - other torch versions
-        return exc
-    cls = type(exc)
-    if cls not in _USER_ERRORS:
-        _USER_ERRORS[cls] = type(cls.__name__, (cls, ShortenTraceback),
-                                 {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
-    out = Exception.__new__(_USER_ERRORS[cls])
-    out.__dict__.update(exc.__dict__)
-    out.args = exc.args
-    out.first_useful_frame = None
-    return out
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:

@@ -37,7 +37,7 @@ from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.plan_groups import GroupPlan
-from fxdp.engine import finalize, forward_checks, units
+from fxdp.engine import compiled_checks, finalize, forward_checks, units
 from fxdp.engine.clip_bound import ClipBound
 from fxdp.rules import factors as F
 from fxdp.rules.virtual import resolve_virtuals
@@ -187,9 +187,10 @@ class Engine:
             raise
         ctx = ForwardContext(B, weakref.ref(self), key, unit_scope=self.unit_scope, unit_ids=unit_ids)
         self._context = ctx
-        self._watch = forward_checks.BufferWatch(self.model, self.public_buffers)
+        compiled = in_compiled_module()
+        self._watch = forward_checks.BufferWatch(self.model, self.public_buffers, fingerprint=not compiled)
         forward_checks.open_forward().__enter__()
-        if in_compiled_module():
+        if compiled:
             self.compiled_forwards.open(ctx, table, leaves, dims, trainable)
             return
         self._mode = ParameterInterceptor(trainable, RuntimeRecorder(ctx, table, trainable))
@@ -218,6 +219,12 @@ class Engine:
             watch.check()
             if not ctx.compiled:
                 forward_checks.refuse_unseen_uses(output, mode.param_names)
+            else:
+                try:
+                    compiled_checks.check_compiled_output(output, self.trainable(), ctx)
+                except PrivacyError:
+                    self.compiled_forwards.release(ctx)
+                    raise
         if not ctx.compiled and ctx.pending_layouts:
             self._resolve_pending(ctx, args, kwargs)
         if output is not None and not ctx.compiled:

@@ -22,11 +22,15 @@ such as ``F.linear(x, model.fc.weight)``) is not a use fxdp can see: it reaches 
 the optimizer refuses (``public_grads="refuse"``) or adds only for parameters no privatized forward
 used on data in that step (``"add"``, :mod:`fxdp.training.release_check`).
 
+Compiled forwards (``torch.compile(model, backend="fxdp")``) run the same walk, with the graph's
+captures as taps: :mod:`fxdp.engine.compiled_checks`.
+
 Buffers (section 7 of issue #13): a buffer updated from the batch during a training forward
 (an EMA normaliser, running statistics) is released by ``state_dict`` without clipping or noise.
-:class:`BufferWatch` compares the version counter and identity of every buffer before and after
-the forward and refuses a change unless the buffer is declared public
-(``privatize(..., public_buffers=[names])``).
+:class:`BufferWatch` compares the version counter and identity of every buffer -- and of every frozen
+parameter (``requires_grad=False``), which ``state_dict`` releases the same way -- before and after
+the forward (eager and compiled: a compiled graph's input mutations are written back to the tensor)
+and refuses a change unless it is declared public (``privatize(..., public_buffers=[names])``).
 """
 from __future__ import annotations
 
@@ -144,13 +148,17 @@ def _describe(node) -> str:
 
 
 def is_tap(node) -> bool:
+    """An eager tap's autograd node (its parameter inputs get no gradient)."""
     return getattr(node, "_forward_cls", None) is TapFunction
 
 
-def unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> List[Tuple[str, str]]:
+tensors_of = _tensors
+
+
+def unseen_uses(output, trainable: Dict[int, str], is_tap=is_tap) -> List[Tuple[str, str]]:
     """(parameter name, how) for every path from ``output`` to a trainable parameter's gradient that
-    does not go through a tap (an autograd node for which ``covered(node)`` holds: its parameter inputs
-    get no gradient)."""
+    does not go through a tap (an autograd node for which ``is_tap(node)`` holds: the eager taps;
+    compiled forwards add the graph's, :mod:`fxdp.engine.compiled_checks`)."""
     found: List[Tuple[str, str]] = []
     stack, seen = [], set()
     for t in _tensors(output):
@@ -163,7 +171,7 @@ def unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> List[Tuple
         if node in seen:
             continue
         seen.add(node)
-        tap = covered(node)
+        tap = is_tap(node)
         for nxt, _ in node.next_functions:
             if nxt is None:
                 continue
@@ -176,8 +184,8 @@ def unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> List[Tuple
     return found
 
 
-def refuse_unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> None:
-    found = unseen_uses(output, trainable, covered)
+def refuse_unseen_uses(output, trainable: Dict[int, str], is_tap=is_tap) -> None:
+    found = unseen_uses(output, trainable, is_tap)
     if not found:
         return
     lines = "; ".join(f"{n} through {how}" for n, how in dict(found).items())
@@ -191,35 +199,72 @@ def refuse_unseen_uses(output, trainable: Dict[int, str], covered=is_tap) -> Non
 
 
 # ----------------------------------------------------------------------------- buffers
-class BufferWatch:
-    """Version counters and identities of a model's buffers at the start of a forward."""
+def _state(model: nn.Module):
+    """The model's released state that no private gradient covers: buffers and frozen parameters (a running
+    statistic kept as ``nn.Parameter(..., requires_grad=False)`` is in ``state_dict`` like a buffer)."""
+    yield from model.named_buffers()
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            yield n, p
 
-    def __init__(self, model: nn.Module, public: Iterable[str]):
+
+class BufferWatch:
+    """Version counters and identities of a model's buffers and frozen parameters at the start of a forward.
+
+    With ``fingerprint`` (eager forwards) also a float64 sum and norm of every floating-point buffer: a write
+    through ``.data`` (``self.mean.data.mul_(0.9).add_(...)``) bypasses the version counter but changes the
+    values (a change that leaves both the sum and the norm exactly as they were is not seen). Frozen
+    parameters are watched by version and identity only (fingerprinting them would read every frozen base
+    weight of a LoRA model twice per forward): a ``.data`` write to one is not seen in eager mode. Compiled
+    forwards need no fingerprint: the graph writes a mutated input back with a copy the counter records."""
+
+    def __init__(self, model: nn.Module, public: Iterable[str], fingerprint: bool = False):
         self.model = model
         self.public = frozenset(public)
-        self.before = {n: (id(b), b._version) for n, b in model.named_buffers() if n not in self.public}
+        self.before = {n: (id(b), b._version) for n, b in _state(model) if n not in self.public}
+        self.sums = self._fingerprint() if fingerprint else None
+
+    def _fingerprint(self):
+        names, parts = [], []
+        with torch.no_grad():
+            for n, b in self.model.named_buffers():
+                if n not in self.public and (b.is_floating_point() or b.is_complex()) and b.numel():
+                    names.append(n)
+                    v = torch.view_as_real(b) if b.is_complex() else b
+                    parts.append(torch.stack([torch.sum(v, dtype=torch.float64),
+                                              torch.linalg.vector_norm(v, dtype=torch.float64)]))
+        return names, parts
 
     def changed(self) -> List[str]:
-        after = {n: (id(b), b._version) for n, b in self.model.named_buffers() if n not in self.public}
-        return sorted(n for n, v in self.before.items() if after.get(n) != v)
+        after = {n: (id(b), b._version) for n, b in _state(self.model) if n not in self.public}
+        out = {n for n, v in self.before.items() if after.get(n) != v}
+        if self.sums is not None and self.sums[0]:
+            names, now = self._fingerprint()
+            if names == self.sums[0]:
+                device = now[0].device
+                differs = torch.stack([((a != b) & ~(a.isnan() & b.isnan())).any().to(device)
+                                       for a, b in zip(self.sums[1], now)]).tolist()  # one sync
+                out.update(n for n, d in zip(names, differs) if d)
+        return sorted(out)
 
     def check(self) -> None:
         changed = self.changed()
         if changed:
             raise PrivacyError(
                 f"fxdp: buffer(s) {', '.join(changed[:5])} were updated during a private training forward; a buffer "
-                "computed from the batch (an EMA normaliser, running statistics) is released by state_dict() "
-                "without clipping or noise. Update it under torch.no_grad() from public data only, or, if it "
-                "does not depend on the data (a step counter), declare it with "
-                "fxdp.privatize(..., public_buffers=[names]).")
+                "(or a frozen parameter, requires_grad=False) computed from the batch (an EMA normaliser, running "
+                "statistics) is released by state_dict() without clipping or noise. Update it under "
+                "torch.no_grad() from public data only, or, if it does not depend on the data (a step counter), "
+                "declare it with fxdp.privatize(..., public_buffers=[names]).")
 
 
 def check_public_buffers(model: nn.Module, public: Iterable[str]) -> frozenset:
     names = frozenset(public or ())
-    known = {n for n, _ in model.named_buffers()}
+    known = {n for n, _ in _state(model)}
     unknown = sorted(names - known)
     if unknown:
-        raise ValueError(f"fxdp: public_buffers {unknown} are not buffers of the model (known: {sorted(known)[:8]}).")
+        raise ValueError(f"fxdp: public_buffers {unknown} are not buffers (or frozen parameters) of the model "
+                         f"(known: {sorted(known)[:8]}).")
     return names
 
 
