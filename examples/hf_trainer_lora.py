@@ -1,6 +1,7 @@
 """DP fine-tuning with the HuggingFace Trainer: tiny GPT-2 + LoRA at a stated ε.
 
     python examples/hf_trainer_lora.py [--epsilon 8] [--epochs 3] [--max-steps N] [--output-dir DIR]
+    torchrun --nproc_per_node=2 examples/hf_trainer_lora.py     # the same script on 2 processes
 
 GPT-2 (2 layers, d=32, built from config with random weights: nothing is
 downloaded) gets LoRA adapters (PEFT) and is fine-tuned on a small in-memory
@@ -10,6 +11,11 @@ Poisson logical batches of 32 (8 per micro-batch × 4 accumulation steps),
 per-sample loss, σ calibrated by the PLD accountant for the target ε over the
 planned steps, ε logged by the Trainer at each logging step. Runs in about a
 minute on a laptop CPU; prints the loss before and after and the ε spent.
+
+Under ``torchrun`` (W processes, gloo on CPU) DPTrainer runs fxdp's data
+parallelism, not the Trainer's DDP: the logical batch becomes 32 × W (each rank
+draws its share of the global Poisson batch), rank 0 adds the noise once per
+logical batch, every rank applies the same update and logs the same ε; rank 0 prints.
 """
 from __future__ import annotations
 
@@ -103,13 +109,16 @@ def main(argv=None) -> dict:
     seconds = time.time() - start
     after = mean_loss(model, test)
     eps = trainer.get_epsilon()
+    result = {"before": before, "after": after, "epsilon": eps, "steps": trainer.state.global_step}
+    if not trainer.is_world_process_zero():
+        return result
     for entry in trainer.state.log_history:
         if "loss" in entry:
             print(f"step {entry['step']:4d}  loss {entry['loss']:.3f}  ε {entry['epsilon']:.3f}  "
                   f"clipped {entry.get('clipped_fraction', math.nan):.2f}")
     print(f"test loss {before:.3f} -> {after:.3f} in {trainer.state.global_step} steps ({seconds:.0f} s); "
           f"σ = {trainer.budget.sigma:.3f}, R = 1.0, ε = {eps:.3f} at δ = {a.delta:g} (target {a.epsilon:g})")
-    return {"before": before, "after": after, "epsilon": eps, "steps": trainer.state.global_step}
+    return result
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 
 from fxdp.core.identity import trainable_ids
 from fxdp.core.inputs import input_batch_dims
+from fxdp.analysis.checkpointing import transparent_checkpoints
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.runner import PassResult
@@ -241,7 +242,8 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     taint.mark([t for t, d in zip(leaves, dims) if isinstance(t, torch.Tensor) and d is not None])
     recorder = ProbeRecorder(run, analysis, lifts, keep_graph, taint)
     engine = getattr(model, "_fxdp_engine", None)
-    with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()):
+    with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()), \
+            transparent_checkpoints():
         torch.manual_seed(20260)
         interceptor = ParameterInterceptor(trainable, recorder)
         with torch.enable_grad(), analysis_forward(analysis), interceptor, MixingMonitor(structural=False) as calls:

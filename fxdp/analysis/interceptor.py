@@ -15,22 +15,28 @@ Two optional recorder hooks: ``observe(func, args, kwargs, out)`` sees every cal
 batch-free ops (``W.t()``, ``table[index]``, ``scale.exp()``) into a *virtual
 parameter* (:mod:`fxdp.rules.virtual`): a fresh leaf the interceptor then treats
 like a trainable parameter (``param_names``) at the ops where it meets the batch.
+
+Activation checkpointing (:mod:`fxdp.analysis.checkpointing`): inside the forward of a non-reentrant
+``torch.utils.checkpoint`` region calls are handled as usual, but only a recorder that replays the
+recomputation (``recorder.replays_checkpoints``, the engine's) may tap them; any other refuses. In the
+no-grad forward of a reentrant region a parameter use is bound as in grad mode and handed to the
+recorder inside ``recorder.reentrant(region)`` (the engine reserves its tap for the re-run in backward);
+its result is detached, as the no-grad forward would have made it.
 """
 from __future__ import annotations
 
-import os
-import sys
 from typing import Dict
 
 import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fxdp.core.errors import SampleMixingError, UncoveredParameterError
 from fxdp.rules import OpCall, bind, decomposition, func_name
 from fxdp.rules.functional import PerSampleFallbackRule
 from fxdp.rules.virtual import root_names
+from fxdp.analysis.checkpointing import in_checkpoint, reentrant_checkpoint
 
 FALLBACK = PerSampleFallbackRule()
 
@@ -47,34 +53,17 @@ BATCH_MIXING = {
 SUGGEST = "Replace BatchNorm with GroupNorm or LayerNorm (fxdp.fix_batchnorm(model) does it for you)."
 
 
-def in_checkpoint() -> bool:
-    """Inside the forward of a non-reentrant ``torch.utils.checkpoint`` (its saved-tensor hooks are active)."""
-    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
-    return hooks is not None and "checkpoint" in (getattr(hooks[0], "__module__", "") or "")
-
-
-def in_reentrant_checkpoint() -> bool:
-    """Inside the (no-grad) forward of a reentrant ``torch.utils.checkpoint``."""
-    frame = sys._getframe(1)
-    for _ in range(12):
-        frame = frame.f_back
-        if frame is None:
-            return False
-        code = frame.f_code
-        if code.co_name == "forward" and code.co_filename.endswith(os.path.join("utils", "checkpoint.py")):
-            return True
-    return False
-
-
-def checkpoint_refusal(names, func, reentrant: bool) -> UncoveredParameterError:
+def checkpoint_refusal(names, func, reentrant: bool, why: str = "") -> UncoveredParameterError:
+    """Refusal of a parameter use inside a ``torch.utils.checkpoint`` region this recorder cannot replay."""
     names = _roots(names)
     kind = "reentrant" if reentrant else "non-reentrant"
+    why = why or ("this pass of fxdp cannot replay the recomputation that backward runs, so the parameters' "
+                  "gradients would not be clipped per sample")
     exc = UncoveredParameterError(
         f"fxdp: {', '.join(names)} used by {func_name(func)} inside a {kind} torch.utils.checkpoint region "
-        "(activation / gradient checkpointing): its recomputation in backward runs outside fxdp's interception, "
-        "so the parameters' gradients would not be clipped per sample. Activation checkpointing is not supported "
-        "yet: disable it (HuggingFace: model.gradient_checkpointing_disable()) and reduce the batch size with "
-        "fxdp.BatchMemoryManager (micro-batches, noise once per logical batch) instead.")
+        f"(activation / gradient checkpointing): {why}. Disable checkpointing for this module (HuggingFace: "
+        "model.gradient_checkpointing_disable()) and reduce the batch size with fxdp.BatchMemoryManager "
+        "(micro-batches, noise once per logical batch) instead.")
     exc.param_names = names
     return exc
 
@@ -105,11 +94,11 @@ class ParameterInterceptor(TorchFunctionMode):
         if substitute is not None:
             return substitute()
         if not torch.is_grad_enabled():
-            if in_reentrant_checkpoint():
-                leaves, _ = tree_flatten((args, kwargs))
-                names = [self.param_names[id(t)] for t in leaves if isinstance(t, torch.Tensor) and id(t) in self.param_names]
-                if names:
-                    return self.recorder.refuse(checkpoint_refusal(names, func, reentrant=True), func, args, kwargs)
+            leaves, _ = tree_flatten((args, kwargs))
+            names = [self.param_names[id(t)] for t in leaves if isinstance(t, torch.Tensor) and id(t) in self.param_names]
+            region = reentrant_checkpoint() if names else None
+            if region is not None:
+                return self._reentrant_call(region, names, func, args, kwargs)
             return func(*args, **kwargs)
         if func in BATCH_MIXING:
             self._refuse_batch_mixing(func, args, kwargs)
@@ -118,7 +107,7 @@ class ParameterInterceptor(TorchFunctionMode):
                      if isinstance(t, torch.Tensor) and id(t) in self.param_names}
         if not trainable:
             return func(*args, **kwargs)
-        if in_checkpoint():
+        if in_checkpoint() and not getattr(self.recorder, "replays_checkpoints", False):
             return self.recorder.refuse(checkpoint_refusal(trainable.values(), func, reentrant=False), func, args, kwargs)
         call = OpCall(func, tuple(args), dict(kwargs), trainable)
         decomposed = decomposition(call)
@@ -161,6 +150,15 @@ class ParameterInterceptor(TorchFunctionMode):
             exc.param_names = _roots(trainable.values())
             return self.recorder.refuse(exc, func, args, kwargs, out)
         return out
+
+    def _reentrant_call(self, region, names, func, args, kwargs):
+        """A parameter use in the no-grad forward of a reentrant checkpoint: bound as in grad mode, and handed
+        to the recorder, which reserves its tap for the recomputation in backward (``recorder.reentrant``)."""
+        if not getattr(self.recorder, "replays_checkpoints", False):
+            return self.recorder.refuse(checkpoint_refusal(names, func, reentrant=True), func, args, kwargs)
+        with self.recorder.reentrant(region), torch.enable_grad():
+            out = self._call(func, args, kwargs)
+        return tree_map(lambda t: t.detach() if isinstance(t, torch.Tensor) else t, out)
 
     def _refuse_batch_mixing(self, func, args, kwargs):
         training = kwargs.get("training", args[5] if len(args) > 5 else False)

@@ -122,8 +122,9 @@ def _inline(gm: fx.GraphModule, node: fx.Node) -> None:
 
 def inline_checkpoints(region: Region) -> PassResult:
     """Activation checkpointing (``torch.utils.checkpoint`` / HF ``gradient_checkpointing_enable``) reaches a
-    region as a ``tag_activation_checkpoint`` call of a body graph. Parameter uses inside it must be tapped
-    like any other, so the body is inlined: exact, but its activations are kept, not recomputed (warned)."""
+    region as a ``tag_activation_checkpoint`` call of a body graph (reentrant ones too). Parameter uses inside
+    it must be tapped like any other, so the body is inlined: exact, but its activations are kept, not
+    recomputed (warned; the eager path replays the recomputation instead, :mod:`fxdp.engine.checkpointing`)."""
     hops = [n for n in region.gm.graph.nodes if n.op == "call_function"
             and n.target is getattr(torch.ops.higher_order, "tag_activation_checkpoint", None)]
     if not hops:
@@ -135,7 +136,7 @@ def inline_checkpoints(region: Region) -> PassResult:
         _inline(region.gm, node)
     warnings.warn("fxdp backend: activation checkpointing inside a compiled region is inlined -- gradients are "
                   "exact, but the checkpointed activations are kept instead of recomputed (no memory saving). "
-                  "Eager fxdp.privatize does not support checkpointing either.", UserWarning, stacklevel=2)
+                  "Eager fxdp.privatize (without torch.compile) recomputes them.", UserWarning, stacklevel=2)
     return PassResult(region, True)
 
 

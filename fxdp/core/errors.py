@@ -15,3 +15,8 @@ class SampleMixingError(PrivacyError):
 
 class BatchLayoutError(PrivacyError):
     """The batch dimension of a tensor could not be determined reliably."""
+
+
+class PrivacyConfigError(PrivacyError, ValueError):
+    """A setup that cannot be trained privately as given (a wrapper, a loss normaliser, a data set
+    holding an example twice, ...). Also a ``ValueError``, as these refusals were before."""

@@ -9,6 +9,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch.utils.data import DataLoader, IterableDataset
 
+from fxdp.core.errors import PrivacyConfigError
 from fxdp.core.version import VERSION
 from fxdp.core.identity import set_view
 from fxdp.engine import install as api
@@ -36,20 +37,20 @@ def unwrap_compiled(module: nn.Module) -> nn.Module:
 def refuse_unsupported(module: nn.Module) -> None:
     """DDP / FSDP wrappers and sharded (DTensor) parameters are refused with what to do instead."""
     if isinstance(module, nn.parallel.DistributedDataParallel):
-        raise ValueError(
+        raise PrivacyConfigError(
             "fxdp: do not wrap the model in DistributedDataParallel: fxdp's private gradients are written after "
             "autograd, so DDP's reducer never sees them (it would wait for gradients that never come, or average "
             "zeros). Pass the plain model to fxdp.DPDistributed: it broadcasts the parameters and sums the clipped "
             "gradients across ranks itself.")
     from torch.distributed.fsdp import FullyShardedDataParallel
     if isinstance(module, FullyShardedDataParallel):
-        raise ValueError("fxdp: FSDP1 (FullyShardedDataParallel) is not supported; shard the model with FSDP2 "
+        raise PrivacyConfigError("fxdp: FSDP1 (FullyShardedDataParallel) is not supported; shard the model with FSDP2 "
                          "(torch.distributed.fsdp.fully_shard), which fxdp.DPDistributed supports.")
     if is_fully_sharded(module):
         return  # checked by fxdp.distributed.fsdp.refuse_unsupported_fsdp
     from torch.distributed.tensor import DTensor
     if any(isinstance(p, DTensor) for p in module.parameters()):
-        raise ValueError("fxdp: DTensor (tensor-parallel or sharded) parameters are not supported yet; use "
+        raise PrivacyConfigError("fxdp: DTensor (tensor-parallel or sharded) parameters are not supported yet; use "
                          "data parallelism with a full replica of the model on every rank.")
 
 
@@ -186,6 +187,7 @@ class DPDistributed(PrivateTrainingEngine):
             inner, batch_first=batch_first, batch_dim=batch_dim, style=style, max_grad_norm=max_grad_norm,
             clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
             loss_reduction=loss_reduction, block_heads=block_heads)
+        self.claim(engine)
         config = engine.config
         adaptive = from_clipping_option(clipping, inner, adaptive_options)
         indices = visited_indices(data_loader)  # the sampled set: the examples data_loader visits

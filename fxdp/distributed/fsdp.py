@@ -27,6 +27,7 @@ from typing import Dict, List
 import torch
 import torch.nn as nn
 
+from fxdp.core.errors import PrivacyConfigError
 from fxdp.distributed.shards import ShardingError, reduce_scatter_rows
 
 
@@ -56,7 +57,7 @@ def refuse_unsupported_fsdp(model: nn.Module, process_group=None) -> None:
     from torch.distributed.fsdp._fully_shard._fsdp_common import HSDPMeshInfo
 
     if any(isinstance(m, FullyShardedDataParallel) for m in model.modules()):
-        raise ValueError("fxdp: FSDP1 (FullyShardedDataParallel) is not supported; shard the model with FSDP2 "
+        raise PrivacyConfigError("fxdp: FSDP1 (FullyShardedDataParallel) is not supported; shard the model with FSDP2 "
                          "(torch.distributed.fsdp.fully_shard) instead.")
     roots = fsdp_modules(model)
     if roots and roots[0] is not model:

@@ -18,6 +18,7 @@ import weakref
 import torch
 import torch.nn as nn
 
+from fxdp.core.errors import PrivacyConfigError
 from fxdp.core.config import DPConfig, make_config
 from fxdp.analysis.plan_groups import plan_groups
 from fxdp.engine import forward_checks, units
@@ -75,7 +76,7 @@ def refuse_data_parallel_wrappers(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, tuple(wrappers)):
             where = "the model" if not name else f"submodule {name!r}"
-            raise ValueError(
+            raise PrivacyConfigError(
                 f"fxdp: {where} is wrapped in {type(m).__name__}, whose gradient synchronisation works on p.grad; "
                 "fxdp writes p.private_grad after autograd, so the wrapper never synchronises it (ranks would "
                 "diverge, and each would add its own noise). Pass the plain model to fxdp.DPDistributed (it "
@@ -131,6 +132,12 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
     if is_privatized(model):
         raise ValueError("fxdp: this model is already privatized; call fxdp.unprivatize(model) first.")
     refuse_data_parallel_wrappers(model)
+    lazy = [name for name, p in model.named_parameters() if isinstance(p, nn.parameter.UninitializedParameter)]
+    if lazy:
+        raise PrivacyConfigError(
+            f"fxdp: {', '.join(lazy[:3])} {'is a' if len(lazy) == 1 else 'are'} lazy parameter(s) (nn.LazyLinear / "
+            "LazyConv...) not initialised yet; fxdp plans the per-sample rules from the parameters' shapes. Run one "
+            "forward pass on a batch (under torch.no_grad()) before fxdp.privatize(model).")
     inner = [name for name, m in model.named_modules() if name and is_privatized(m)]
     if inner:
         raise ValueError(f"fxdp: submodule(s) {inner[:3]} are already privatized; one loss must have one engine "
@@ -179,7 +186,7 @@ def unprivatize(model: nn.Module) -> nn.Module:
 
 
 @contextlib.contextmanager
-def privacy_units(model, ids=None, *, views: Optional[int] = None):
+def privacy_units(model, ids=None, *, views: Optional[int] = None, layout: Optional[str] = None):
     """Clip the summed gradient of each privacy unit once, in one backward (:mod:`fxdp.engine.units`).
 
     Args:
@@ -188,19 +195,21 @@ def privacy_units(model, ids=None, *, views: Optional[int] = None):
             one unit (e.g. ``torch.arange(N).repeat(K)`` for K views concatenated, a user id per
             example for user-level DP, ``torch.arange(B).repeat_interleave(T)`` for tokens flattened
             to (B·T, d) before the model).
-        views: instead of ids: each forward has K·N rows, K views of N examples concatenated along the
-            batch dimension (``torch.cat([aug(x) for _ in range(K)])``); row r belongs to example r mod N.
+        views: instead of ids: each forward has K·N rows, K views of each of N examples.
+        layout: with ``views``, required: ``"stacked"`` (``torch.cat([aug(x) for _ in range(K)])``: row r
+            belongs to example r mod N) or ``"interleaved"`` (``x.repeat_interleave(K, 0)``: row r belongs
+            to example r // K).
 
     Example::
 
-        with fxdp.privacy_units(model, views=K):
+        with fxdp.privacy_units(model, views=K, layout="stacked"):
             loss = F.cross_entropy(model(torch.cat(views)), y.repeat(K))
             loss.backward()
     """
     engine = get_engine(model)
     if engine is None:
         raise ValueError("fxdp: privacy_units needs a privatized model (fxdp.privatize(model) first).")
-    scope = units.make_scope(ids, views)
+    scope = units.make_scope(ids, views, layout)
     if engine.unit_scope is not None:
         raise ValueError("fxdp: privacy_units blocks do not nest.")
     engine.unit_scope = scope

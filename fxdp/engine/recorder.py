@@ -7,6 +7,7 @@ control flow) is marked pending and resolved after the forward by the engine.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Optional
 
 import torch
@@ -14,6 +15,8 @@ from torch.utils._pytree import tree_flatten
 
 from fxdp.core.inputs import input_batch_dims
 from fxdp.core.layout import BatchLayout, LayoutKind
+from fxdp.engine.checkpointing import (checkpoint_virtual_refusal, current_region, lift_operand, region_of,
+                                       unique_tensors)
 from fxdp.engine.tap import ForwardContext, LayerUse, TapFunction
 from fxdp.rules.virtual import make_virtuals, virtual_binding
 
@@ -88,11 +91,26 @@ def single_sample_layout(binding) -> BatchLayout:
 
 
 class RuntimeRecorder:
-    """Routes bound calls of a training forward through taps."""
+    """Routes bound calls of a training forward through taps (inside ``torch.utils.checkpoint`` regions:
+    taps that the recomputation replays, :mod:`fxdp.engine.checkpointing`)."""
 
-    def __init__(self, context: ForwardContext, table: Optional[LayoutTable]):
+    replays_checkpoints = True
+
+    def __init__(self, context: ForwardContext, table: Optional[LayoutTable], param_names=None):
         self.context = context
         self.table = table
+        self.param_names = param_names if param_names is not None else {}
+        self._reentrant = None  # the reentrant checkpoint region whose no-grad forward is running
+
+    @contextlib.contextmanager
+    def reentrant(self, owner):
+        """Parameter uses in the no-grad forward of a reentrant checkpoint: reserved, not tapped."""
+        old = self._reentrant
+        self._reentrant = region_of(owner, self.param_names, reentrant=True)
+        try:
+            yield
+        finally:
+            self._reentrant = old
 
     def substitute(self, func, args, kwargs):
         return None
@@ -106,6 +124,10 @@ class RuntimeRecorder:
         if self.table is None:
             return None
         ordinal = len(ctx.uses) + ctx.virtual_sites
+        if self._reentrant is not None or current_region(self.param_names) is not None:
+            if ordinal < len(self.table.virtual) and self.table.virtual[ordinal]:
+                raise checkpoint_virtual_refusal(call)
+            return None
         if ordinal >= len(self.table.virtual) or not self.table.virtual[ordinal] \
                 or not self.table.is_virtual(ordinal, call.name, virtual_binding(call).param_names):
             return None
@@ -134,20 +156,20 @@ class RuntimeRecorder:
         elif "input_layouts" in binding.options:
             binding.options["input_layouts"] = self.table.inputs_of(ordinal)
         if lift:
-            src = binding.layout_source
-            lifted = src.expand(B, *src.shape[1:])
-            call.args = tuple(lifted if a is src else a for a in call.args)
-            call.kwargs = {k: (lifted if v is src else v) for k, v in call.kwargs.items()}
-            binding.saved = {k: (lifted if v is src else v) for k, v in binding.saved.items()}
-            binding.layout_source = lifted
+            lift_operand(call, binding, B)
         use = LayerUse(ordinal, call.name, binding, layout, ctx)
         ctx.uses.append(use)
-        tensors, seen = [], set()
-        for t in tree_flatten((call.args, call.kwargs))[0]:
-            if isinstance(t, torch.Tensor) and id(t) not in seen:
-                seen.add(id(t))
-                tensors.append(t)
-        out = TapFunction.apply(use, call, *tensors)
+        if self._reentrant is not None:
+            self._reentrant.add(use, lift)  # tapped when backward re-runs the region
+            with torch.no_grad():
+                out = call.func(*call.args, **call.kwargs)
+            binding.layout_source, binding.saved = None, {}
+            return out
+        region = current_region(self.param_names)
+        if region is not None:
+            region.add(use, lift)
+            use.checkpointed = True
+        out = TapFunction.apply(use, call, *unique_tensors(call))
         # The use keeps detached copies only: a reference to a tensor with a grad_fn
         # would close a cycle through the autograd graph that Python cannot collect.
         binding.layout_source, binding.saved = None, {}

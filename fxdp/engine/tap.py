@@ -16,6 +16,7 @@ gradients, which the first pass through the forward has formed (see
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -24,7 +25,6 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from fxdp.core.errors import PrivacyError
 from fxdp.rules.base import Binding, OpCall
-from fxdp.core.errors import PrivacyError
 from fxdp.core.layout import BatchLayout
 
 
@@ -42,6 +42,12 @@ class LayerUse:
     extra_grads: Dict[str, torch.Tensor] = field(default_factory=dict)
     versions: Dict[str, int] = field(default_factory=dict)
     received: bool = False  # its output gradient reached the engine (in the first backward pass through it)
+    # inside a non-reentrant checkpoint: the tap keeps its operands as autograd saved tensors (recomputed
+    # in backward by the checkpoint), not on this record (fxdp.engine.checkpointing)
+    checkpointed: bool = False
+    # made by a reentrant checkpoint's recomputation: the backward pass (graph task) it belongs to, the
+    # outer one, not the nested backward the checkpoint runs
+    backward_task: Optional[int] = None
 
     @property
     def rule(self):
@@ -84,6 +90,8 @@ class TapFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, use: LayerUse, call: OpCall, *tensors):
+        if use.checkpointed:
+            return _checkpointed_forward(ctx, use, call, tensors)
         binding = use.binding
         leaves, spec = tree_flatten((call.args, call.kwargs))
         replace: Dict[int, Any] = {}
@@ -127,6 +135,8 @@ class TapFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         use = ctx.use
+        if use.checkpointed:
+            return _checkpointed_backward(ctx, use, grad_output)
         if ctx.out is None:
             raise PrivacyError(
                 f"fxdp: backward reached {use.op} ({', '.join(use.binding.param_names)}) a second time, but its "
@@ -149,3 +159,100 @@ class TapFunction(torch.autograd.Function):
         if not keep:
             ctx.out = None
         return (None, None, *input_grads)
+
+
+# ------------------------------------------------------------------ inside a non-reentrant checkpoint
+def _checkpointed_forward(ctx, use: LayerUse, call: OpCall, tensors):
+    """The op on detached parameters, without a subgraph: its operands (and the rule's saved tensors) are
+    autograd saved tensors, which the enclosing checkpoint drops after the forward and recomputes in
+    backward -- the activation memory is saved as without fxdp. The recomputation re-runs this forward
+    with the same calls (:mod:`fxdp.engine.checkpointing`), so the checkpoint finds the same tensors."""
+    binding = use.binding
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    param_ids = {id(p) for p in binding.params.values()}
+    slot_of = {id(t): i for i, t in enumerate(tensors)}
+    params = {i: t for i, t in enumerate(tensors) if id(t) in param_ids}
+    stored, index = [], {}
+    for t in [t for i, t in enumerate(tensors) if i not in params] + list(binding.saved.values()):
+        if id(t) not in index:
+            index[id(t)] = len(stored)
+            stored.append(t)
+    ctx.save_for_backward(*stored)
+    ctx.inputs = [(i, index[id(t)]) for i, t in enumerate(tensors) if i not in params]
+    ctx.saved_keys = [(k, index[id(v)]) for k, v in binding.saved.items()]
+    ctx.params = params
+    ctx.roles = {slot_of[id(p)]: r for r, p in binding.params.items() if r in binding.broadcast}
+    ctx.leaf_slots = [slot_of.get(id(x)) if isinstance(x, torch.Tensor) else None for x in leaves]
+    ctx.leaves = [None if isinstance(x, torch.Tensor) else x for x in leaves]
+    ctx.spec, ctx.func, ctx.use, ctx.n = spec, call.func, use, len(tensors)
+    ctx.autocast = _autocast_state(tensors)
+    with torch.no_grad():
+        values = {i: t.detach() for i, t in enumerate(tensors)}
+        for i, role in ctx.roles.items():
+            values[i] = values[i].expand(binding.broadcast[role])
+        out = _run(ctx, values)
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"fxdp: {use.op} returned {type(out).__name__}; taps expect one tensor.")
+    use.saved, use.versions = {}, {}
+    return out
+
+
+def _autocast_state(tensors) -> list:
+    """(device type, enabled, dtype) of autocast for the devices of ``tensors``: the op is run again in
+    backward, where the forward's autocast is no longer active."""
+    devices = sorted({t.device.type for t in tensors} | {"cpu"})
+    return [(d, torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in devices
+            if torch.amp.is_autocast_available(d)]
+
+
+def _run(ctx, values: Dict[int, torch.Tensor]):
+    leaves = [values[s] if s is not None else x for s, x in zip(ctx.leaf_slots, ctx.leaves)]
+    args, kwargs = tree_unflatten(leaves, ctx.spec)
+    with contextlib.ExitStack() as stack:
+        for device, enabled, dtype in getattr(ctx, "autocast", ()):
+            stack.enter_context(torch.autocast(device, dtype=dtype, enabled=enabled))
+        return ctx.func(*args, **kwargs)
+
+
+def _checkpointed_backward(ctx, use: LayerUse, grad_output):
+    """The saved operands (recomputed by the checkpoint) go to the use record; the op is run once more on
+    them, in grad mode, for the gradients of its non-parameter inputs."""
+    stored = ctx.saved_tensors
+    use.saved = {k: stored[j].detach() for k, j in ctx.saved_keys}
+    use.versions = {k: v._version for k, v in use.saved.items()}
+    binding = use.binding
+    values, targets, slots, broadcast = {}, [], [], []
+    with torch.enable_grad():
+        for i, p in ctx.params.items():
+            if i in ctx.roles:
+                d = p.detach().requires_grad_()
+                broadcast.append((ctx.roles[i], d.expand(binding.broadcast[ctx.roles[i]])))
+                values[i] = broadcast[-1][1]
+            else:
+                values[i] = p.detach()
+        for i, j in ctx.inputs:
+            t = stored[j]
+            if ctx.needs_input_grad[2 + i] and (t.is_floating_point() or t.is_complex()):
+                values[i] = t.detach().requires_grad_()
+                targets.append(values[i])
+                slots.append(i)
+            else:
+                values[i] = t.detach()
+        wanted = targets + [e for _, e in broadcast]
+        grads = ()
+        if wanted:
+            out = _run(ctx, values)
+            if out.requires_grad:
+                grads = torch.autograd.grad(out, wanted, grad_output, allow_unused=True)
+    input_grads = [None] * ctx.n
+    for slot, g in zip(slots, grads[: len(targets)]):
+        input_grads[slot] = g
+    extra = {}
+    for k, (role, e) in enumerate(broadcast):
+        g = grads[len(targets) + k] if len(grads) > len(targets) + k else None
+        extra[role] = g if g is not None else torch.zeros_like(e)
+    engine = use.context.engine_ref()
+    if engine is None:
+        raise RuntimeError("fxdp: the privatized model was released before backward finished.")
+    engine.receive(use, grad_output, extra)
+    return (None, None, *input_grads)

@@ -32,18 +32,27 @@ from __future__ import annotations
 
 from typing import Dict, List, Optional, Tuple
 
+import enum
+
 import torch
 
-from fxdp.core.errors import PrivacyError
+from fxdp.core.errors import PrivacyConfigError, PrivacyError
 from fxdp.rules import factors as F
+
+
+class ViewLayout(enum.Enum):
+    """How K views of N examples are laid out along the batch dimension of one forward."""
+    STACKED = "stacked"          # torch.cat([v_1, ..., v_K]) / x.repeat(K, ...): row r is example r mod N
+    INTERLEAVED = "interleaved"  # x.repeat_interleave(K, 0): row r is example r div K
 
 
 class UnitScope:
     """The privacy units of one ``with privacy_units(...)`` block (one backward pass)."""
 
-    def __init__(self, ids: Optional[torch.Tensor], views: Optional[int]):
+    def __init__(self, ids: Optional[torch.Tensor], views: Optional[int], layout: Optional[ViewLayout] = None):
         self.ids = ids
         self.views = views
+        self.layout = layout
         self.finalized = False
 
     def ids_for(self, batch_size: int) -> torch.Tensor:
@@ -52,6 +61,8 @@ class UnitScope:
             if batch_size % self.views:
                 raise ValueError(f"fxdp: privacy_units(views={self.views}) needs a batch of K·N rows (K views of N "
                                  f"examples concatenated along the batch dimension), got {batch_size} rows.")
+            if self.layout is ViewLayout.INTERLEAVED:
+                return torch.arange(batch_size) // self.views
             return torch.arange(batch_size) % (batch_size // self.views)
         if self.ids.shape[0] != batch_size:
             raise ValueError(f"fxdp: privacy_units got {self.ids.shape[0]} unit ids but the forward pass has "
@@ -59,12 +70,27 @@ class UnitScope:
         return self.ids
 
 
-def make_scope(ids=None, views: Optional[int] = None) -> UnitScope:
-    """Validate the arguments of :func:`fxdp.privacy_units` (strings and tensors at the API edge)."""
+def make_scope(ids=None, views: Optional[int] = None, layout: Optional[str] = None) -> UnitScope:
+    """Validate the arguments of :func:`fxdp.privacy_units` (strings and tensors at the API edge).
+
+    ``views=K`` needs ``layout``: the same K·N rows group into different units whether the views were
+    stacked (``torch.cat``) or interleaved (``repeat_interleave``), and fxdp cannot tell which from
+    the batch; a wrong guess clips the wrong rows together (up to K·R per example)."""
     if (ids is None) == (views is None):
         raise ValueError("fxdp: give privacy_units either ids (one per row) or views=K, not both / neither.")
     if views is not None and (not isinstance(views, int) or isinstance(views, bool) or views < 1):
         raise ValueError(f"fxdp: views must be a positive int, got {views!r}.")
+    if views is None and layout is not None:
+        raise ValueError("fxdp: privacy_units(layout=...) goes with views=K; ids already say which row is which unit.")
+    if views is not None:
+        names = [m.value for m in ViewLayout]
+        if layout not in names:
+            raise PrivacyConfigError(
+                f"fxdp: privacy_units(views={views}) needs layout='stacked' (torch.cat of the K views, or "
+                f"x.repeat(K, ...): row r is example r mod N) or layout='interleaved' (x.repeat_interleave(K, 0): "
+                f"row r is example r // K), got {layout!r}; fxdp cannot tell them apart from the batch, and the "
+                "wrong one would clip rows of different examples together. Or pass ids= (one unit id per row).")
+        return UnitScope(None, views, ViewLayout(layout))
     if ids is not None:
         ids = torch.as_tensor(ids)
         if ids.dim() != 1 or ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:

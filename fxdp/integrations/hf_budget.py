@@ -14,8 +14,9 @@ calibrated number of steps, which the calibration already proved within budget.
 
 The checkpoint file ``fxdp_privacy.pt`` (written next to the Trainer's own files,
 loadable with ``weights_only=True``) holds the accountant history, the Poisson
-sampler's generator state and the calibration (σ, R, q, δ), so that a resume
-continues the same accounting and refuses a different calibration.
+sampler's generator state (one per rank under a multi-process launch, gathered by
+rank 0), the world size and the calibration (σ, R, q, δ), so that a resume continues
+the same accounting and sampling, and refuses a different calibration or world size.
 """
 from __future__ import annotations
 
@@ -88,11 +89,13 @@ class BudgetCallback(TrainerCallback):
         return control
 
 
-def save_state(trainer, folder: str) -> None:
-    """Write ``fxdp_privacy.pt`` into the checkpoint ``folder`` (module docstring)."""
+def save_state(trainer, folder: str, rank_sampler_states=None) -> None:
+    """Write ``fxdp_privacy.pt`` into the checkpoint ``folder`` (module docstring);
+    ``rank_sampler_states``: every rank's sampler generator state, under a multi-process launch."""
     b = trainer.budget
     sampler_state = None if trainer.privacy_args.secure_mode else trainer.sampler_generator.get_state()
     torch.save({"format": FORMAT, "accountant": b.accountant.state_dict(), "sampler_generator_state": sampler_state,
+                "world_size": int(trainer.args.world_size), "rank_sampler_generator_states": rank_sampler_states,
                 "noise_multiplier": b.sigma, "sample_rate": b.sample_rate, "delta": b.delta,
                 "max_grad_norm": trainer.privacy_args.config.max_grad_norm,
                 "secure_mode": trainer.privacy_args.secure_mode}, os.path.join(folder, STATE_FILE))
@@ -107,6 +110,12 @@ def load_state(trainer, folder: str) -> None:
     state = torch.load(path, weights_only=True)
     if state.get("format") != FORMAT:
         raise PrivacyError(f"fxdp: {path} has an unknown format {state.get('format')!r}.")
+    world_size = int(state.get("world_size", 1))
+    if world_size != int(trainer.args.world_size):
+        raise PrivacyError(f"fxdp: the checkpoint {folder} was written by {world_size} process(es), this run has "
+                           f"{trainer.args.world_size}: each rank's Poisson sampling stream is saved, and they cannot "
+                           "be re-split over another number of ranks without replaying earlier draws. Resume with "
+                           f"the same number of processes ({world_size}).")
     b = trainer.budget
     mismatched = [f"{k}: checkpoint {state[k]} vs now {now}" for k, now in
                   (("noise_multiplier", b.sigma), ("sample_rate", b.sample_rate), ("delta", b.delta),
@@ -117,7 +126,11 @@ def load_state(trainer, folder: str) -> None:
                            "; ".join(mismatched) + "); resume with the same PrivacyArguments, batch sizes, data set "
                            "and number of steps.")
     b.accountant.load_state_dict(state["accountant"])
-    if state["sampler_generator_state"] is not None and not trainer.privacy_args.secure_mode:
+    if trainer.privacy_args.secure_mode:
+        return
+    if world_size > 1 and state.get("rank_sampler_generator_states") is not None:
+        trainer.sampler_generator.set_state(state["rank_sampler_generator_states"][int(trainer.args.process_index)])
+    elif world_size == 1 and state["sampler_generator_state"] is not None:
         trainer.sampler_generator.set_state(state["sampler_generator_state"])
 
 

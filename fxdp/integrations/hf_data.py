@@ -4,7 +4,9 @@ The Trainer runs ``gradient_accumulation_steps`` (GA) forward/backward passes,
 then one optimizer step. :class:`PoissonMicroBatchSampler` makes each group of GA
 batches one Poisson sample of the data set (every example independently with
 probability q = L / N, L = per-device batch × GA × world size), split into GA
-micro-batches of as-equal-as-possible sizes (some may be empty). The private
+micro-batches of as-equal-as-possible sizes (some may be empty). Under a
+multi-process launch, :class:`MicroBatchSampler` splits each rank's share of
+the global Poisson batch (:mod:`fxdp.integrations.hf_distributed`) the same way. The private
 gradients of the GA micro-batches add up to the clipped sum over the logical
 batch, and the optimizer noises once per step: exactly one Poisson-subsampled
 Gaussian mechanism per step, as the accountant charges.
@@ -52,10 +54,30 @@ class PoissonMicroBatchSampler(Sampler[List[int]]):
     def __iter__(self) -> Iterator[List[int]]:
         for _ in range(self.steps_per_epoch):
             mask = torch.rand(self.num_samples, generator=self.generator) < self.sample_rate
-            idx = mask.nonzero().flatten().tolist()
-            n, m = len(idx), self.micro_batches
-            for i in range(m):
-                yield idx[i * n // m:(i + 1) * n // m]
+            yield from split_micro_batches(mask.nonzero().flatten().tolist(), self.micro_batches)
+
+
+def split_micro_batches(indices: List[int], micro_batches: int) -> List[List[int]]:
+    """``indices`` cut, in order, into ``micro_batches`` consecutive lists whose sizes differ by at most 1."""
+    n, m = len(indices), int(micro_batches)
+    return [indices[i * n // m:(i + 1) * n // m] for i in range(m)]
+
+
+class MicroBatchSampler(Sampler[List[int]]):
+    """Each logical batch of the batch sampler ``logical`` (e.g. this rank's share of a distributed
+    Poisson batch, :class:`fxdp.distributed.DistributedPoissonSampler`) yielded as ``micro_batches``
+    index lists; a logical batch is drawn when its first micro-batch is asked for."""
+
+    def __init__(self, logical: Sampler, micro_batches: int):
+        self.logical, self.micro_batches = logical, int(micro_batches)
+        self.sample_rate = logical.sample_rate
+
+    def __len__(self) -> int:
+        return len(self.logical) * self.micro_batches
+
+    def __iter__(self) -> Iterator[List[int]]:
+        for batch in self.logical:
+            yield from split_micro_batches(list(batch), self.micro_batches)
 
 
 def _rows(value):
@@ -119,4 +141,5 @@ def check_train_dataset(dataset) -> Optional[int]:
     return len(dataset)
 
 
-__all__ = ["PerSampleCollator", "PoissonMicroBatchSampler", "check_train_dataset"]
+__all__ = ["MicroBatchSampler", "PerSampleCollator", "PoissonMicroBatchSampler", "check_train_dataset",
+           "split_micro_batches"]

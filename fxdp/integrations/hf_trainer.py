@@ -11,9 +11,13 @@ mechanism with sensitivity R, and the accountant charges exactly those steps):
 - privatizes the model in place (``fxdp.privatize``; PEFT models: only the trainable
   adapters get private gradients);
 - samples Poisson logical batches of expected size L = per_device_train_batch_size ×
-  gradient_accumulation_steps (q = L / N), split into the GA micro-batches the Trainer
-  accumulates over (virtual steps: clipping per sample, noise once per step, division by
-  the expected L) -- :mod:`fxdp.integrations.hf_data`;
+  gradient_accumulation_steps × world size (q = L / N), split into the GA micro-batches the
+  Trainer accumulates over (virtual steps: clipping per sample, noise once per step, division
+  by the expected L) -- :mod:`fxdp.integrations.hf_data`;
+- under a multi-process launch (``torchrun --nproc_per_node=W train.py``) runs fxdp's data
+  parallelism instead of the Trainer's DDP: each rank draws its share of the global Poisson
+  batch, rank 0 adds the noise once, the clipped sums are all-reduced in buckets, every rank
+  applies the same update and charges the same accountant -- :mod:`fxdp.integrations.hf_distributed`;
 - computes the per-sample loss itself (mean over each sample's own tokens, then over the
   batch; labels are never passed to the model) -- :mod:`fxdp.integrations.hf_loss`;
 - calibrates σ for ``target_epsilon`` over the Trainer's planned number of optimizer steps
@@ -33,9 +37,10 @@ Poisson), an overridden train dataloader / sampler, an ``IterableDataset``, pack
 collators (and, at run time, any batch whose rows are not its examples),
 ``compute_loss_func``, ``auto_find_batch_size``, labels reaching the model's forward in
 training (its own loss is a token mean over the batch), a model output with a loss
-computed without labels, a resume from a checkpoint without fxdp's privacy state, and
-multi-process / multi-GPU runs (not supported yet: use :class:`fxdp.DPDistributed` in a
-hand-written loop). The Trainer's own ``max_grad_norm`` is set to 0: R is
+computed without labels, a resume from a checkpoint without fxdp's privacy state (or from
+one written by another number of processes), FSDP / DeepSpeed / tensor parallelism and
+``nn.DataParallel`` (:func:`~fxdp.integrations.hf_distributed.refuse_unsupported_parallelism`).
+The Trainer's own ``max_grad_norm`` is set to 0: R is
 ``privacy_args.max_grad_norm``. ``ignore_data_skip`` is set: a resumed run draws its next
 Poisson batches from the saved sampler state instead of replaying skipped ones.
 """
@@ -53,6 +58,7 @@ from fxdp.core.errors import PrivacyError
 from fxdp.engine.install import clear_private_grads, get_engine, privatize
 from fxdp.integrations.hf_arguments import PrivacyArguments
 from fxdp.integrations.hf_budget import Budget, BudgetCallback, load_state, save_state
+from fxdp.integrations import hf_distributed as ddp
 from fxdp.integrations.hf_data import PerSampleCollator, PoissonMicroBatchSampler, check_train_dataset
 from fxdp.integrations.hf_loss import batch_mean, default_per_sample_losses, is_causal_lm
 from fxdp.training.accounting import PoissonCharge, create_accountant, epsilon_spent, get_noise_multiplier
@@ -96,10 +102,7 @@ class DPTrainer(Trainer):
         self.privacy_args = privacy_args
         self._fxdp_compile = self._check_args(args)
         super().__init__(model, args, *pargs, **kwargs)
-        if self.args.world_size > 1 or self.args.n_gpu > 1:
-            raise ValueError("fxdp: DPTrainer runs in one process on one device for now; for DDP use "
-                             "fxdp.DPDistributed in a hand-written loop (distributed Poisson sampling and one noise "
-                             "draw per logical batch across ranks).")
+        ddp.refuse_unsupported_parallelism(self.args, self)
         for name in ("get_train_dataloader", "_get_train_sampler"):
             if getattr(type(self), name) is not getattr(DPTrainer, name):
                 raise PrivacyError(f"fxdp: {type(self).__name__} overrides {name}; DPTrainer's Poisson sampling is "
@@ -120,6 +123,7 @@ class DPTrainer(Trainer):
     # ------------------------------------------------------------------ setup
     @staticmethod
     def _check_args(args) -> bool:
+        ddp.refuse_unsupported_parallelism(args)
         if args.fp16:
             raise ValueError("fxdp: fp16 with the Trainer's GradScaler is not supported by DPTrainer; use bf16=True.")
         if getattr(args, "train_sampling_strategy", "random") != "random" or getattr(args, "group_by_length", False):
@@ -150,9 +154,13 @@ class DPTrainer(Trainer):
         self.model.register_forward_pre_hook(_RefuseLabels(self.label_names), with_kwargs=True)
 
     def _wrap_model(self, model, training=True, dataloader=None):
-        """The Trainer's wrapping; with ``torch_compile=True`` the training model is
-        ``torch.compile(model, backend="fxdp")`` (hooks outside dynamo, one graph per region)."""
+        """The Trainer's wrapping, except DDP: under a multi-process launch the model is prepared by
+        accelerate in evaluation mode (device placement and autocast, no DistributedDataParallel, which
+        would reduce p.grad) -- fxdp reduces the private gradients itself. With ``torch_compile=True``
+        the training model is ``torch.compile(model, backend="fxdp")`` (one graph per region)."""
         model = super()._wrap_model(model, training, dataloader)
+        if training and ddp.is_multi_process(self.args) and model is self.model:
+            model = self.accelerator.prepare_model(model, evaluation_mode=True)  # marks it prepared: no DDP later
         if self._fxdp_compile and training and not isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
             model = torch.compile(model, backend="fxdp")
         return model
@@ -180,12 +188,20 @@ class DPTrainer(Trainer):
             collate = self.data_collator
         else:
             collate = self._get_collator_with_removed_columns(self.data_collator, description="training")
+        multi = ddp.is_multi_process(self.args)
         if self.sampler_generator is None:
             seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
-            self.sampler_generator = (generator_from_os_entropy() if self.privacy_args.secure_mode
-                                      else torch.Generator().manual_seed(int(seed)))
+            if multi:  # independent streams per rank (a shared seed would correlate the ranks' draws)
+                self.sampler_generator = ddp.rank_sampler_generator(int(seed), self.privacy_args.secure_mode)
+            else:
+                self.sampler_generator = (generator_from_os_entropy() if self.privacy_args.secure_mode
+                                          else torch.Generator().manual_seed(int(seed)))
         self._sampling = (q, logical, n)
-        sampler = PoissonMicroBatchSampler(n, q, ga, math.ceil(n / logical), self.sampler_generator)
+        steps = math.ceil(n / logical)
+        if multi:  # this rank's share of each global Poisson batch
+            sampler = ddp.distributed_sampler(self.args, n, q, steps, self.sampler_generator)
+        else:
+            sampler = PoissonMicroBatchSampler(n, q, ga, steps, self.sampler_generator)
         workers = self.args.dataloader_num_workers
         return DataLoader(dataset, batch_sampler=sampler, collate_fn=PerSampleCollator(collate, dataset),
                           num_workers=workers, pin_memory=self.args.dataloader_pin_memory,
@@ -204,6 +220,19 @@ class DPTrainer(Trainer):
         """The Trainer's optimizer wrapped in :class:`fxdp.DPOptimizer`, with σ calibrated for the run."""
         if self.dp_optimizer is not None:
             return self.optimizer
+        if not ddp.is_multi_process(self.args):
+            dp = self._build_dp_optimizer(model)
+        else:  # the ranks fail together: an error on one rank must not leave the others waiting
+            dp, error = None, None
+            try:
+                dp = self._build_dp_optimizer(model)
+            except Exception as exc:
+                error = exc
+            ddp.agree_and_broadcast(self.model, dp, self.privacy_args, self._sampling, self.budget, error)
+        self.optimizer = self.dp_optimizer = dp
+        return dp
+
+    def _build_dp_optimizer(self, model):
         inner = super().create_optimizer(model)
         if self._sampling is None or self._planned_steps is None:
             raise ValueError("fxdp: DPTrainer builds its optimizer inside train() (it needs the sampling rate and the "
@@ -225,11 +254,14 @@ class DPTrainer(Trainer):
                     raise PrivacyError(f"fxdp: noise_multiplier={sigma} over {steps} steps at q={q:.4g} spends "
                                        f"ε = {eps:.4g} > target_epsilon = {pa.target_epsilon} (δ = {delta:g}).")
         self.budget = Budget(accountant, delta, pa.target_epsilon, sigma, q, steps)
-        dp = DPOptimizer(inner, sigma, pa.config.max_grad_norm, expected_batch_size=logical, loss_reduction="mean",
-                         secure_mode=pa.secure_mode)
+        if ddp.is_multi_process(self.args):  # noise once on rank 0, bucketed sum of the clipped sums
+            dp = ddp.distributed_optimizer(inner, sigma, pa.config.max_grad_norm, logical, secure=pa.secure_mode,
+                                           bucket_cap_mb=self.args.ddp_bucket_cap_mb)
+        else:
+            dp = DPOptimizer(inner, sigma, pa.config.max_grad_norm, expected_batch_size=logical,
+                             loss_reduction="mean", secure_mode=pa.secure_mode)
         dp.attach_step_hook(PoissonCharge(accountant, q))
         dp.set_param_names(self.model)
-        self.optimizer = self.dp_optimizer = dp
         return dp
 
     # -------------------------------------------------------------- the step
@@ -255,6 +287,7 @@ class DPTrainer(Trainer):
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         """Forward and backward of one micro-batch; its private gradients add to the logical batch's."""
+        ddp.refuse_ddp_wrapped(model)
         model.train()
         inputs = self._prepare_inputs(inputs)
         with self.compute_loss_context_manager():
@@ -285,6 +318,8 @@ class DPTrainer(Trainer):
             logs["epsilon"] = self.budget.epsilon()
             logs["noise_multiplier"] = self.budget.sigma
             logs["max_grad_norm"] = self.privacy_args.config.max_grad_norm
+            if self.privacy_args.log_clipped_fraction and ddp.is_multi_process(self.args):
+                self._clip_counts = ddp.sum_over_ranks(self._clip_counts)  # collective: every rank logs
             if self._clip_counts[1]:
                 logs["clipped_fraction"] = self._clip_counts[0] / self._clip_counts[1]
                 self._clip_counts = [0, 0]
@@ -293,9 +328,14 @@ class DPTrainer(Trainer):
     # ----------------------------------------------------------- checkpoints
     def _save_checkpoint(self, model, trial):
         super()._save_checkpoint(model, trial)
-        if self.args.should_save and self.budget is not None:
+        if self.budget is None:
+            return
+        states = None
+        if ddp.is_multi_process(self.args):  # collective: rank 0 saves every rank's sampler stream
+            states = ddp.sampler_states(self.sampler_generator, self.privacy_args.secure_mode)
+        if self.args.should_save:
             folder = os.path.join(self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}")
-            save_state(self, folder)
+            save_state(self, folder, states)
 
     def _load_optimizer_and_scheduler(self, checkpoint):
         if checkpoint is not None and not os.path.isfile(os.path.join(checkpoint, OPTIMIZER_FILE)):

@@ -58,6 +58,11 @@ def batch_dependent_normaliser(criterion) -> str:
             and getattr(criterion, "weight", None) is not None:
         return (f"{type(criterion).__name__}(weight=...) with reduction='mean' divides by the sum of the class "
                 "weights of the batch's targets, which depends on the other examples")
+    if isinstance(criterion, CLASS_LOSSES) and getattr(criterion, "reduction", None) == "mean" \
+            and getattr(criterion, "ignore_index", -100) != -100:
+        return (f"{type(criterion).__name__}(ignore_index={criterion.ignore_index}) with reduction='mean' divides by "
+                "the number of targets of the batch that are not ignored (padding), which depends on the other "
+                "examples")
     return ""
 
 

@@ -9,11 +9,13 @@ write and read their checkpoints (single process: :mod:`fxdp.training.checkpoint
 from __future__ import annotations
 
 import warnings
+import weakref
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from fxdp.core.errors import PrivacyConfigError
 from fxdp.training import checkpoint as single_process_checkpoint
 from fxdp.training.accounting import create_accountant, epsilon_spent
 
@@ -31,6 +33,20 @@ class PrivateTrainingEngine:
         self.optimizer = None
         self.data_loader = None
         self.sampler_generator: Optional[torch.Generator] = None
+
+    def claim(self, engine) -> None:
+        """Make this entry point the one that accounts for ``engine``'s model. A second entry point
+        (a fresh ``PrivacyEngine``) on the same model would start ε from zero although the model has
+        already spent budget on the data: refused. The same entry point may call ``make_private`` again."""
+        owner = getattr(engine, "accounting_owner", None)
+        owner = owner() if owner is not None else None
+        if owner is not None and owner is not self and len(owner.accountant) > 0:
+            raise PrivacyConfigError(
+                f"fxdp: this model's training is already accounted by another {type(owner).__name__} "
+                f"(ε spent so far: {len(owner.accountant)} charges); a new one would report ε from zero. Call "
+                "make_private again on that same engine to continue the run, or fxdp.unprivatize(model) and "
+                "re-privatize a fresh copy of the model for a new, separately accounted run.")
+        engine.accounting_owner = weakref.ref(self)
 
     def get_epsilon(self, delta: float) -> float:
         """ε spent so far at ``delta`` (0 before the first step; inf after a step with σ = 0), for the

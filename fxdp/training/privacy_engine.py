@@ -56,7 +56,7 @@ from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSample
 from torch.utils.data import DataLoader
 
 from fxdp.engine import install as api
-from fxdp.core.errors import PrivacyError
+from fxdp.core.errors import PrivacyConfigError, PrivacyError
 from fxdp.training.entry_point import PrivateTrainingEngine
 from fxdp.training.accounting import (REPLACE_ONE_SENSITIVITY, EpochCharge, PoissonCharge, get_noise_multiplier,
                                       mark_epochs, sampling_of)
@@ -65,6 +65,7 @@ from fxdp.training.noise import generator_from_global_rng, generator_from_os_ent
 from fxdp.training.adaptive import check_clipping_option, from_clipping_option
 from fxdp.training.optimizer import DPOptimizer
 from fxdp.training.loaders import make_poisson_loader
+from fxdp.training.samplers import refuse_repeated_examples
 from fxdp.training.step_check import bind_loader_check, refuse_unowned
 
 GRAD_SAMPLE_MODES = ("hooks", "functorch", "ew", "ghost")
@@ -142,7 +143,7 @@ class PrivacyEngine(PrivateTrainingEngine):
         if not isinstance(module, nn.Module):
             raise ValueError(f"fxdp: module must be an nn.Module, got {type(module).__name__}.")
         if isinstance(module, nn.parallel.DistributedDataParallel):
-            raise ValueError("fxdp: PrivacyEngine runs in one process; for DistributedDataParallel use "
+            raise PrivacyConfigError("fxdp: PrivacyEngine runs in one process; for DistributedDataParallel use "
                              "fxdp.DPDistributed.")
         if isinstance(optimizer, DPOptimizer):
             optimizer = optimizer.original_optimizer
@@ -159,12 +160,15 @@ class PrivacyEngine(PrivateTrainingEngine):
         if not isinstance(wrap_model, bool):
             raise ValueError(f"fxdp: wrap_model must be a bool, got {wrap_model!r}.")
         if criterion is not None and "ghost" not in grad_sample_mode and batch_dependent_normaliser(criterion):
-            raise ValueError(f"fxdp: the criterion is not a per-sample loss: {batch_dependent_normaliser(criterion)}, "
-                             f"so one example could move the update by far more than R. Use {SAFE_FORM}.")
-        config = api.ensure_privatized(
+            raise PrivacyConfigError(
+                f"fxdp: the criterion is not a per-sample loss: {batch_dependent_normaliser(criterion)}, "
+                f"so one example could move the update by far more than R. Use {SAFE_FORM}.")
+        engine = api.ensure_privatized(
             module, batch_first=batch_first, batch_dim=batch_dim, style=style, max_grad_norm=max_grad_norm,
             clipping_fn=clipping_fn, numerical_stability_constant=numerical_stability_constant,
-            loss_reduction=loss_reduction, block_heads=block_heads).config
+            loss_reduction=loss_reduction, block_heads=block_heads)
+        self.claim(engine)
+        config = engine.config
         adaptive = from_clipping_option(clipping, module, adaptive_options)
         sampling = sampling_of(data_loader)
         dp_optimizer = DPOptimizer(optimizer, noise_multiplier, config.max_grad_norm, sampling.expected_batch_size,
@@ -204,6 +208,7 @@ class PrivacyEngine(PrivateTrainingEngine):
                                          rand_on_empty=rand_on_empty)
             self.sampler_generator = generator
             return loader
+        refuse_repeated_examples(data_loader.dataset)
         sampling = sampling_of(data_loader)
         if not sampling.poisson:
             warnings.warn(

@@ -18,9 +18,9 @@ from typing import List, Optional, Sequence
 
 import torch
 from opacus.utils.uniform_sampler import DistributedUniformWithReplacementSampler, UniformWithReplacementSampler
-from torch.utils.data import BatchSampler, RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
+from torch.utils.data import BatchSampler, ConcatDataset, RandomSampler, SequentialSampler, Subset, SubsetRandomSampler
 
-from fxdp.core.errors import PrivacyError
+from fxdp.core.errors import PrivacyConfigError, PrivacyError
 
 
 class DrawnSizes:
@@ -44,17 +44,43 @@ class DrawnSizes:
         return self._queue.popleft()
 
 
-def refuse_repeated_subset(dataset) -> None:
-    """A ``Subset`` (at any depth) that lists an underlying example more than once would let that example
-    enter one Poisson batch several times (k·R) while q is charged once: refused."""
-    while isinstance(dataset, Subset):
+def _leaf_rows(dataset, rows=None):
+    """``(leaf data set, its row indices or None for all of them)`` for every leaf under ``Subset`` /
+    ``ConcatDataset`` wrappers (``rows``: the rows of ``dataset`` that are visited, None: all)."""
+    if isinstance(dataset, Subset):
         indices = [int(i) for i in dataset.indices]
-        if len(set(indices)) != len(indices):
-            raise PrivacyError(
-                "fxdp: the data set is a Subset that lists an example more than once; each copy would be sampled "
-                "independently, so one example could contribute several times R to a step while the accountant "
-                "charges it once. Pass a Subset of distinct indices (oversampling is not private).")
-        dataset = dataset.dataset
+        yield from _leaf_rows(dataset.dataset, indices if rows is None else [indices[r] for r in rows])
+    elif isinstance(dataset, ConcatDataset):
+        starts = [0, *dataset.cumulative_sizes]
+        for child, lo, hi in zip(dataset.datasets, starts, starts[1:]):
+            picked = None if rows is None else [r - lo for r in rows if lo <= r < hi]
+            if picked is None or picked:
+                yield from _leaf_rows(child, picked)
+    else:
+        yield dataset, rows
+
+
+def refuse_repeated_examples(dataset) -> None:
+    """A data set that holds an underlying example more than once -- a ``Subset`` listing an index twice,
+    ``ConcatDataset([d, d])``, at any depth -- would let that example enter one Poisson batch several
+    times (k·R), or several fixed-size batches of one epoch, while the accountant charges it once: refused."""
+    if not isinstance(dataset, (Subset, ConcatDataset)):
+        return
+    seen = {}
+    for leaf, rows in _leaf_rows(dataset):
+        key = id(leaf)
+        listed = list(range(len(leaf))) if rows is None else rows
+        if key in seen or len(set(listed)) != len(listed):
+            if key in seen and not set(seen[key]).isdisjoint(listed) or len(set(listed)) != len(listed):
+                raise PrivacyConfigError(
+                    "fxdp: the data set holds an example more than once (a Subset that lists an index twice, or one "
+                    "data set concatenated with itself); each copy would be drawn independently, so one example "
+                    "could contribute several times R to a step or an epoch while the accountant charges it once. "
+                    "Train on distinct examples (oversampling is not private), or clip each example's copies as one "
+                    "privacy unit with fxdp.privacy_units.")
+            seen[key] = [*seen[key], *listed]
+        else:
+            seen[key] = listed
 
 
 def visited_indices(data_loader) -> Optional[List[int]]:
@@ -63,7 +89,7 @@ def visited_indices(data_loader) -> Optional[List[int]]:
     Raises:
         PrivacyError: a sampler whose set of visited examples fxdp cannot read.
     """
-    refuse_repeated_subset(data_loader.dataset)
+    refuse_repeated_examples(data_loader.dataset)
     sampler = data_loader.batch_sampler
     if isinstance(sampler, IndexedPoissonSampler):
         return None if sampler.indices is None else list(sampler.indices)

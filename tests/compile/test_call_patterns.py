@@ -82,22 +82,30 @@ class Checkpointed(nn.Module):
     def forward(self, x):
         def body(z):
             return torch.tanh(self.a(z))
-        h = torch.utils.checkpoint.checkpoint(body, x, use_reentrant=False) if self.checkpointed else body(x)
+        reentrant = getattr(self, "reentrant", False)
+        h = torch.utils.checkpoint.checkpoint(body, x, use_reentrant=reentrant) if self.checkpointed else body(x)
         return self.b(h)
 
 
-def test_activation_checkpointing_is_refused_under_compile_as_in_eager_mode():
-    """The analysis of each input structure runs eagerly, where checkpointing is refused (its recomputation
-    runs outside the interceptor); the region pass that inlines checkpoints is kept for when it is not."""
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_activation_checkpointing_is_inlined_under_compile_and_exact(reentrant):
+    """Both flavours reach the region as a checkpoint body, which is inlined and tapped like the rest (exact;
+    the activations are kept, warned); the eager analysis of the input structure sees through checkpoints."""
     torch.manual_seed(31)
-    model = fxdp.privatize(Checkpointed().double(), max_grad_norm=0.1)
+    base = Checkpointed().double()
+    base.reentrant = reentrant
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, 3, (5,))
-    with pytest.raises(fxdp.UncoveredParameterError, match="checkpoint"):
+    eager = fxdp.privatize(Checkpointed(checkpointed=False).double(), max_grad_norm=0.1)
+    eager.load_state_dict(base.state_dict())
+    Z.ce_sum(eager(x), y).backward()
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
+    with pytest.warns(UserWarning, match="inlined"):
         Z.ce_sum(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(x), y).backward()
+    assert_same_private_grads(model, eager)
 
 
-@pytest.mark.skip(reason="activation checkpointing is refused by the eager analysis (issue #18 §3 open)")
-def test_huggingface_gradient_checkpointing():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_huggingface_gradient_checkpointing(reentrant):
     torch.manual_seed(32)
     base = Z.gpt2()
     ids = torch.randint(0, 40, (4, 8))
@@ -106,7 +114,7 @@ def test_huggingface_gradient_checkpointing():
     ck = copy.deepcopy(base)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        ck.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
     model = fxdp.privatize(ck.train(), max_grad_norm=0.1)
     with pytest.warns(UserWarning, match="inlined"):
         Z.lm_sum(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(ids), ids).backward()

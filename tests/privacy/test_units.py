@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fxdp
-from fxdp.core.errors import PrivacyError
+from fxdp.core.errors import PrivacyConfigError, PrivacyError
 from tests import models_zoo as Z
 from tests.privacy.neighbours import FunctionalReuse, delta_norms
 from tests.reference import clip_factor
@@ -113,10 +113,11 @@ def _views(x, K, g):
 
 @pytest.mark.parametrize("style", ["all-layer", "block-wise"])
 @pytest.mark.parametrize("fn", FNS)
-@pytest.mark.parametrize("separate_forwards", [False, True])
-def test_views_of_one_example_move_the_update_by_at_most_R(style, fn, separate_forwards):
-    """K = 4 augmented views per example, in one forward (views=K) or K forwards summed into one loss:
-    removing an example (all its views) moves the clipped sum by <= R (rows clipped separately: ~4 R)."""
+@pytest.mark.parametrize("layout", ["separate forwards", "stacked", "interleaved"])
+def test_views_of_one_example_move_the_update_by_at_most_R(style, fn, layout):
+    """K = 4 augmented views per example, in one forward (views=K, stacked with torch.cat or interleaved with
+    repeat_interleave) or K forwards summed into one loss: removing an example (all its views) moves the
+    clipped sum by <= R (rows clipped separately: ~4 R)."""
     torch.manual_seed(0)
     K, N, R = 4, 6, 0.05
     g = torch.Generator().manual_seed(1)
@@ -128,18 +129,34 @@ def test_views_of_one_example_move_the_update_by_at_most_R(style, fn, separate_f
     def run(keep):
         fxdp.clear_private_grads(model)
         vs = [v[keep] for v in views]
-        if separate_forwards:
+        if layout == "separate forwards":
             with fxdp.privacy_units(model, torch.arange(len(keep))):
                 sum(Z.ce_sum(model(v), y[keep]) for v in vs).backward()
-        else:
-            with fxdp.privacy_units(model, views=K):
+        elif layout == "stacked":
+            with fxdp.privacy_units(model, views=K, layout="stacked"):
                 Z.ce_sum(model(torch.cat(vs)), y[keep].repeat(K)).backward()
+        else:
+            rows = torch.stack(vs, 1).flatten(0, 1)  # example-major: the K views of example i are rows iK..iK+K-1
+            with fxdp.privacy_units(model, views=K, layout="interleaved"):
+                Z.ce_sum(model(rows), y[keep].repeat_interleave(K)).backward()
         return {n: p.private_grad.clone() for n, p in model.named_parameters()}
 
     groups = [list(gr) for gr in fxdp.get_engine(model).plan.groups]
     full = run(list(range(N)))
     worst = max(delta_norms(full, run([j for j in range(N) if j != i]), groups)[0] for i in range(N))
     assert R * 0.9 <= worst <= R * (1 + 1e-9), worst / R
+
+
+def test_views_without_a_layout_are_refused_since_stacked_and_interleaved_rows_group_differently():
+    """The same K·N rows form different units under torch.cat and repeat_interleave; guessing the
+    wrong one clipped rows of different examples together (2.9 R in a review): the layout is required."""
+    model = fxdp.privatize(Z.MLP())
+    with pytest.raises(PrivacyConfigError, match=r"layout='stacked'.*layout='interleaved'"):
+        with fxdp.privacy_units(model, views=2):
+            pass
+    with pytest.raises(PrivacyConfigError, match="layout"):
+        with fxdp.privacy_units(model, views=2, layout="by-example"):
+            pass
 
 
 def test_without_units_several_forwards_in_one_loss_are_refused_with_the_units_advice():
@@ -153,7 +170,7 @@ def test_without_units_several_forwards_in_one_loss_are_refused_with_the_units_a
 def test_second_backward_in_one_units_block_is_refused():
     model = fxdp.privatize(Z.MLP())
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
-    with fxdp.privacy_units(model, views=2):
+    with fxdp.privacy_units(model, views=2, layout="stacked"):
         F.cross_entropy(model(x), y).backward()
         with pytest.raises(PrivacyError, match="second backward pass for the same fxdp.privacy_units block"):
             F.cross_entropy(model(x), y).backward()
@@ -162,7 +179,7 @@ def test_second_backward_in_one_units_block_is_refused():
 def test_mixing_unit_and_plain_forwards_in_one_backward_is_refused():
     model = fxdp.privatize(Z.MLP())
     x, y = torch.randn(4, 6), torch.randint(0, 3, (4,))
-    with fxdp.privacy_units(model, views=2):
+    with fxdp.privacy_units(model, views=2, layout="stacked"):
         a = F.cross_entropy(model(x), y)
     with pytest.raises(PrivacyError, match="not all inside the same fxdp.privacy_units block"):
         (a + F.cross_entropy(model(x), y)).backward()
@@ -175,7 +192,7 @@ def test_bad_unit_arguments_are_value_errors():
         with fxdp.privacy_units(model, torch.tensor([0, 1, 2])):
             model(x)
     with pytest.raises(ValueError, match="K·N rows"):
-        with fxdp.privacy_units(model, views=3):
+        with fxdp.privacy_units(model, views=3, layout="stacked"):
             model(x)
     with pytest.raises(ValueError, match="1-D integer"):
         with fxdp.privacy_units(model, torch.rand(4)):

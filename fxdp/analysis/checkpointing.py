@@ -1,0 +1,125 @@
+"""Where an intercepted call sits with respect to ``torch.utils.checkpoint`` (activation checkpointing).
+
+Both flavours of ``torch.utils.checkpoint`` run the checkpointed function twice: once in the forward
+and once more in backward (the recomputation). fxdp's taps must be made once per real use, by the
+forward, and the recomputation must reproduce exactly what the forward saved (see
+:mod:`fxdp.engine.checkpointing`). This module only *locates* a call:
+
+- :func:`checkpoint_frame` -- inside the forward of a non-reentrant checkpoint: the
+  ``_CheckpointFrame`` whose saved-tensor hooks are the innermost ones (its ``recompute_fn`` is what
+  backward runs), or None;
+- :func:`in_recomputation` -- inside a non-reentrant recomputation (its recomputation hooks are the
+  innermost saved-tensor hooks);
+- :func:`reentrant_checkpoint` -- inside the (no-grad) forward of a reentrant checkpoint: the
+  autograd context of its ``CheckpointFunction`` (its ``run_function`` is what backward re-runs under
+  grad mode), or None;
+- :func:`transparent_checkpoints` -- for fxdp's analysis runs: checkpointed functions run as plain
+  calls (grad mode, no hooks), so the analysis sees the same calls, in the same order, as a forward
+  without checkpointing.
+
+These read torch internals (``torch.utils.checkpoint`` of torch 2.13): the closure of the
+checkpoint's pack hook and the locals of ``CheckpointFunction.forward``. Where they are not found
+as expected, the callers refuse (a checkpoint fxdp cannot see into is never trained).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+from typing import Any, Optional
+
+import torch
+import torch.utils.checkpoint as _ckpt
+
+_CHECKPOINT_FILE = os.path.join("utils", "checkpoint.py")
+
+
+def _top_pack_hook():
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return None if hooks is None else hooks[0]
+
+
+def _closure(fn) -> dict:
+    code = getattr(fn, "__code__", None)
+    cells = getattr(fn, "__closure__", None) or ()
+    if code is None:
+        return {}
+    return {name: cell.cell_contents for name, cell in zip(code.co_freevars, cells)}
+
+
+def _is_checkpoint_hook(fn, owner: str) -> bool:
+    return fn is not None and getattr(fn, "__module__", "") == _ckpt.__name__ \
+        and getattr(fn, "__qualname__", "").startswith(owner + ".")
+
+
+def in_checkpoint() -> bool:
+    """Innermost saved-tensor hooks are a non-reentrant checkpoint's (its forward or its recomputation)."""
+    hook = _top_pack_hook()
+    return hook is not None and "checkpoint" in (getattr(hook, "__module__", "") or "")
+
+
+def checkpoint_frame() -> Optional[Any]:
+    """The ``_CheckpointFrame`` of the non-reentrant checkpoint whose forward is running, or None (also None
+    when checkpoint hooks are active but their frame cannot be read: callers then refuse)."""
+    hook = _top_pack_hook()
+    if not _is_checkpoint_hook(hook, "_checkpoint_hook"):
+        return None
+    frame = _closure(hook).get("frame")
+    return frame if frame is not None and hasattr(frame, "recompute_fn") else None
+
+
+def in_recomputation() -> bool:
+    """Inside the recomputation of a non-reentrant checkpoint (its recomputation hooks are innermost)."""
+    return _is_checkpoint_hook(_top_pack_hook(), "_recomputation_hook")
+
+
+def reentrant_checkpoint() -> Optional[Any]:
+    """The autograd context of the innermost reentrant ``CheckpointFunction`` whose forward is running (its
+    ``run_function`` is re-run in backward), or None. Walks the whole Python stack (no depth limit: a use
+    deep inside a checkpointed block must not be missed); only no-grad calls that use trainable parameters
+    inside a private forward ask."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE) \
+                and getattr(code, "co_qualname", "CheckpointFunction.forward") == "CheckpointFunction.forward":
+            ctx = frame.f_locals.get("ctx")
+            if ctx is not None and hasattr(ctx, "run_function"):
+                return ctx
+        frame = frame.f_back
+    return None
+
+
+def in_reentrant_checkpoint() -> bool:
+    """Inside the (no-grad) forward of a reentrant ``torch.utils.checkpoint``."""
+    return reentrant_checkpoint() is not None
+
+
+class _PlainFunction:
+    """Stands in for ``CheckpointFunction`` in analysis runs: the function, called as is."""
+
+    @staticmethod
+    def apply(function, preserve_rng_state, *args):
+        return function(*args)
+
+
+def _plain_generator(*args, **kwargs):
+    yield  # checkpoint() runs the function between the two next() calls of this generator
+
+
+@contextlib.contextmanager
+def transparent_checkpoints():
+    """Within this block, ``torch.utils.checkpoint.checkpoint`` (both flavours, and everything built on it:
+    ``checkpoint_sequential``, HF ``gradient_checkpointing_enable``) calls its function directly.
+
+    For fxdp's analysis runs only: they must see the forward's calls in grad mode and a graph without
+    recomputation (the gradient-reach check backpropagates through it). Checkpointing changes where
+    activations live, not which calls run or what they compute. The two module attributes are swapped for
+    the block (process-wide): a checkpoint another thread calls meanwhile runs as a plain call too -- the same
+    gradients, without its memory saving."""
+    saved = _ckpt.CheckpointFunction, _ckpt._checkpoint_without_reentrant_generator
+    _ckpt.CheckpointFunction, _ckpt._checkpoint_without_reentrant_generator = _PlainFunction, _plain_generator
+    try:
+        yield
+    finally:
+        _ckpt.CheckpointFunction, _ckpt._checkpoint_without_reentrant_generator = saved
