@@ -172,7 +172,7 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
     engine.grad_scaler = grad_scaler
     engine.public_buffers = public
     model.__dict__[ENGINE_ATTR] = engine
-    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    model.register_forward_pre_hook(_pre_hook, with_kwargs=True, prepend=True)
     model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
     forward_checks.install_submodule_hooks(model)
     _ROOTS.add(model)

@@ -296,7 +296,10 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Noise, scale and step once per logical batch (module docstring). Returns the closure's loss."""
-        scaler = release_check.check_loss_scaling(self) if getattr(self, "grad_scale", None) is not None else None
+        # Under scaler.step(optimizer): GradScaler sets found_inf (and grad_scale, unless the user called
+        # scaler.unscale_(optimizer) first, a no-op here: the model undid the loss scale when it clipped).
+        under_scaler = getattr(self, "grad_scale", None) is not None or hasattr(self, "found_inf")
+        scaler = release_check.check_loss_scaling(self) if under_scaler else None
         loss = None
         if closure is not None:
             with torch.enable_grad():
