@@ -19,6 +19,8 @@ parameter to the graph's outputs goes through a capture.
 """
 from __future__ import annotations
 
+import operator
+import weakref
 from dataclasses import replace
 
 import torch
@@ -30,6 +32,7 @@ from torch.utils._pytree import tree_flatten
 
 from fxdp.analysis.runner import PassResult
 from fxdp.compile.composite_taps import InnerSite, register_plan, run_composite
+from fxdp.compile.virtual_taps import release_virtual_sites, virtual_site
 
 
 def _batch_size_node(region, g: fx.Graph, after: fx.Node) -> fx.Node:
@@ -61,7 +64,7 @@ def insert_taps(region) -> PassResult:
     last = [n for n in g.nodes if n.op == "placeholder"][-1]
     params = list(region.param_nodes)
     plan = C.RegionPlan(tuple(region.param_nodes[p] for p in params), region.first_ordinal,
-                        tuple(C.SiteCheck(s.ordinal, s.binding.rule.name, tuple(s.binding.param_names), bool(s.lift))
+                        tuple(C.SiteCheck(s.ordinal, s.label or s.binding.rule.name, tuple(s.binding.param_names), bool(s.lift))
                               for s in region.sites))
     region.site_uids.append(C.register_region(plan))
     with g.inserting_after(last):
@@ -70,12 +73,15 @@ def insert_taps(region) -> PassResult:
 
     def detach(p: fx.Node) -> fx.Node:
         if p not in detached:
-            with g.inserting_after(token):
+            with g.inserting_after(p if p in region.virtual_nodes else token):
                 detached[p] = g.call_method("detach", (p,))
         return detached[p]
 
-    composites = {}
+    composites, virtual_uids = {}, []
     for site in region.sites:
+        if site.virtual:
+            _record_virtual(region, site, g, token, detach, virtual_uids)
+            continue
         if site.composite:
             uid = _register(region, site, next((k for k, v in site.binding.saved.items()
                                                 if v is site.binding.layout_source), None))
@@ -123,19 +129,53 @@ def insert_taps(region) -> PassResult:
         region.plan_ids.append(plan_id)
         n.args = (token, plan_id, positions) + tuple(n.args)
         n.target = run_composite
+    if region.crossing:  # returned at a graph break: handed on without a gradient path to the parameters
+        out = next(n for n in g.nodes if n.op == "output")
+        out.args = fx.node.map_arg(out.args, lambda a: detach(a) if a in region.crossing else a)
+    if virtual_uids:
+        weakref.finalize(region.gm, release_virtual_sites, virtual_uids)
     return PassResult(region, True)
 
 
+def _record_virtual(region, site, g: fx.Graph, token: fx.Node, detach, uids) -> None:
+    """After a batch-free node: ``fxdp::virtual(token, site, [detached tensor inputs], [ints], [floats])``
+    (:mod:`fxdp.compile.virtual_taps`). The node itself is left as is: its readers are call sites."""
+    n = site.node
+    names = {**region.param_nodes, **region.virtual_nodes}
+    values = dict(region.values)
+    values.update({a: a.meta.get("example_value") for a in n.all_input_nodes if a not in values})
+    vsite, tensor_nodes, int_nodes, float_nodes = virtual_site(n, site.ordinal, names, values, site.virtual)
+    uids.append(vsite.uid)
+    tensors = [detach(a) if a in names else a for a in tensor_nodes]
+    with g.inserting_after(n):
+        g.call_function(torch.ops.fxdp.virtual.default, (token, vsite.uid, tensors, int_nodes, float_nodes))
+
+
 def check_no_direct_use(region) -> PassResult:
-    """Every reader of a trainable parameter is a detach, a capture, or a node seen to carry no gradient."""
-    for p in region.param_nodes:
+    """Every reader of a trainable parameter -- or of a virtual parameter made from them -- is a detach, a
+    capture, a batch-free call site making a virtual parameter, or a node seen to carry no gradient."""
+    makers = {s.node for s in region.sites if s.virtual}
+    names = {**region.param_nodes, **region.virtual_nodes}
+    for p, name in names.items():
         for user in p.users:
             ok = (user.op == "call_method" and user.target == "detach") or user.target is C.capture \
-                or user.target is run_composite or user in region.benign \
+                or user.target is run_composite or user in region.benign or user in makers \
                 or user.target is torch.ops.fxdp.forward_token.default
+            if not ok and user.op == "output" and p in region.virtual_nodes:
+                raise PrivacyError(
+                    f"fxdp backend: virtual parameter {name} (a batch-free transform of trainable parameters) "
+                    "leaves the compiled region (a graph break right after it?); its gradient would reach the "
+                    "parameters unclipped in the next region. Avoid the graph break, or use eager fxdp.privatize.")
             if not ok:
                 raise PrivacyError(
                     f"fxdp backend: after the rewrite, graph node {user.name} ({user.target}) still reads trainable "
-                    f"parameter {region.param_nodes[p]} directly; its gradient would bypass clipping. This is a "
+                    f"parameter {name} directly; its gradient would bypass clipping. This is a "
                     "bug in fxdp; please report the model.")
+    for n in makers:
+        if n not in region.virtual_nodes and any(
+                not (u.op == "call_function" and u.target is operator.getitem and u in region.virtual_nodes)
+                and u.target is not torch.ops.fxdp.virtual.default for u in n.users):
+            raise PrivacyError(
+                f"fxdp backend: the results of batch-free call site {n.name} are read other than one by one; "
+                "fxdp cannot tap them inside a compiled graph. Use eager fxdp.privatize for this model.")
     return PassResult(region, False)

@@ -45,6 +45,7 @@ from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.runner import PassError, PassResult, run_passes
 from fxdp.compile import graph_ops as C
 from fxdp.compile.composite_taps import is_composite, positions_of
+from fxdp.compile.virtual_taps import bind_virtual, refuse_virtual_from_earlier_region
 
 
 @dataclass
@@ -66,6 +67,8 @@ class BoundSite:
     param_positions: tuple = ()
     saved_positions: tuple = ()
     mutated: bool = False  # the graph modifies the call's output in place (ReLU(inplace=True), ``h += r``)
+    label: str = ""  # the analysis's rule label of a virtual site ("virtual (permute)")
+    virtual: tuple = ()  # a batch-free call: the names of the virtual parameters it makes (fxdp.rules.virtual)
 
 
 @dataclass
@@ -83,6 +86,8 @@ class Region:
     first_ordinal: int = 0
     site_uids: List[int] = field(default_factory=list)
     plan_ids: List[int] = field(default_factory=list)  # composite-op plans, released with the graph
+    virtual_nodes: Dict[fx.Node, str] = field(default_factory=dict)  # node -> the virtual parameter it holds
+    crossing: List[fx.Node] = field(default_factory=list)  # virtual parameters the graph returns
 
 
 def _placeholders(gm):
@@ -172,15 +177,51 @@ def find_parameters(region: Region) -> PassResult:
                 "torch.compile(model, backend=\"fxdp\").")
         region.context = ctx
         C.COMPILED_CLASSES.add(type(region.engine.model))
+        _refuse_untraced_recurrent(region.engine.model)
     return PassResult(region, False)
 
 
-class _SiteRecorder:
-    """Recorder for the interceptor: records each bound call with the node being run."""
+def _refuse_untraced_recurrent(model) -> None:
+    """Dynamo does not trace into ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` unless
+    ``torch._dynamo.config.allow_rnn`` is set: it breaks the graph and runs the layer uncompiled, where no
+    tap sees its weights. Refused up front with the fix (with the flag set, the fused op is one graph node,
+    replayed as the recurrence of :mod:`fxdp.rules.recurrent` with each step's linear ops tapped)."""
+    if getattr(torch._dynamo.config, "allow_rnn", True):
+        return
+    rnns = [n for n, m in model.named_modules()
+            if isinstance(m, torch.nn.RNNBase) and any(p.requires_grad for p in m.parameters())]
+    if rnns:
+        raise UncoveredParameterError(
+            f"fxdp backend: recurrent layer(s) {', '.join(rnns[:3])} would run outside the compiled graph: dynamo "
+            "breaks the graph at nn.LSTM / nn.GRU / nn.RNN by default, and fxdp cannot tap a layer dynamo does not "
+            "trace, so its weights' gradients would not be clipped. Set torch._dynamo.config.allow_rnn = True "
+            "before compiling (fxdp then taps every time step inside the graph, exactly), or use eager "
+            "fxdp.privatize for this model.")
 
-    def __init__(self, interpreter):
+
+class _SiteRecorder:
+    """Recorder for the interceptor: records each bound call with the node being run; a call the
+    forward's analysis found batch-free makes virtual parameters, as in eager mode."""
+
+    def __init__(self, interpreter, table=None, first_ordinal: int = 0):
         self.interpreter = interpreter
         self.sites: List[BoundSite] = []
+        self.table = table
+        self.first_ordinal = first_ordinal
+
+    def virtual(self, call, interceptor):
+        """At a call site the eager analysis found batch-free: virtual parameters (fxdp.rules.virtual)."""
+        node = self.interpreter.current
+        made = bind_virtual(call, interceptor, self.table, self.first_ordinal + len(self.sites), node,
+                            self.interpreter.sample_nodes,
+                            node.op == "call_function" and is_composite(node.target)
+                            or any(s.node is node for s in self.sites))
+        if made is None:
+            return None
+        out, binding, names = made
+        self.interpreter.virtual_leaves.update(names)
+        self.sites.append(BoundSite(node, call.name, binding, virtual=tuple(names.values())))
+        return out
 
     def substitute(self, func, args, kwargs):
         return None
@@ -231,12 +272,17 @@ class _NodeTracking(fx.Interpreter):
 
     current: Optional[fx.Node] = None
 
-    def __init__(self, gm, param_nodes, recorder_sites):
+    def __init__(self, gm, param_nodes, recorder_sites, fixed_nodes=frozenset()):
         super().__init__(gm)
         self.param_nodes = set(param_nodes)
+        self.fixed_nodes = fixed_nodes  # placeholders that cannot carry the samples (see bind_call_sites)
+        self.sample_nodes = set()  # nodes whose tensors may depend on the samples (not only on sizes)
         self.recorder_sites = recorder_sites
         self.benign = set()
         self.outputs = {}  # call-site node -> its output tensors and their versions when made
+        self.virtual_leaves: Dict[int, str] = {}  # id(virtual parameter) -> its name
+        self.virtual_nodes: Dict[fx.Node, str] = {}  # nodes whose value is a virtual parameter
+        self.crossing: List[fx.Node] = []  # virtual-parameter nodes the graph returns (a graph break follows)
 
     def mutated(self, node) -> bool:
         """Whether the rest of the graph modified the call site's output (or a view of it) in place."""
@@ -245,8 +291,23 @@ class _NodeTracking(fx.Interpreter):
     def run_node(self, n):
         self.current = n
         result = super().run_node(n)
+        has_tensor = any(isinstance(t, torch.Tensor) for t in tree_flatten(result)[0])
+        if has_tensor and (n not in self.fixed_nodes if n.op == "placeholder"
+                           else any(a in self.sample_nodes for a in n.all_input_nodes)):
+            self.sample_nodes.add(n)
+        if isinstance(result, torch.Tensor) and id(result) in self.virtual_leaves:
+            # a virtual parameter (or one output of a call making several): read like a parameter from here on
+            self.virtual_nodes[n] = self.virtual_leaves[id(result)]
+            self.param_nodes.add(n)
+            return result
         if any(s.node is n for s in self.recorder_sites()):
             self.outputs[n] = [(t, t._version) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
+        if n.op == "output" and not [a for a in n.all_input_nodes if a in self.param_nodes
+                                     and a not in self.virtual_nodes]:
+            # virtual parameters returned at a graph break: handed on detached (insert_taps), so that no
+            # gradient reaches the parameters through them; a later use needing one fails the analysis match
+            self.crossing = [a for a in n.all_input_nodes if a in self.virtual_nodes]
+            return result
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
             leaves, _ = tree_flatten(result)
@@ -275,8 +336,15 @@ def bind_call_sites(region: Region) -> PassResult:
     if region.engine is None:
         return PassResult(region, False)
     recorder = None
-    interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites)
-    recorder = _SiteRecorder(interp)
+    model = region.engine.model
+    # inputs that may carry the samples: the model's batched inputs and activations that carry a gradient
+    batched = {id(t) for t, _ in region.context.batch_inputs} if region.context is not None else set()
+    params = {id(t) for t in model.parameters()}
+    fixed = frozenset(n for n, v in region.values.items() if id(v) in params or (
+        isinstance(v, torch.Tensor) and not v.requires_grad and id(v) not in batched))
+    interp = _NodeTracking(region.gm, region.param_nodes, lambda: recorder.sites, fixed)
+    ctx = region.context
+    recorder = _SiteRecorder(interp, ctx.table if ctx is not None else None, ctx.next_ordinal if ctx is not None else 0)
     ids = {id(region.values[n]): name for n, name in region.param_nodes.items()}
     inputs = [_concrete(v) for v in region.example_inputs]
     devices = [v.device for v in inputs if isinstance(v, torch.Tensor) and v.device.type == "cuda"]
@@ -285,6 +353,8 @@ def bind_call_sites(region: Region) -> PassResult:
         interp.run(*inputs)
     region.benign = interp.benign
     region.sites = recorder.sites
+    region.virtual_nodes = interp.virtual_nodes
+    region.crossing = interp.crossing
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
     return PassResult(region, False)
@@ -303,9 +373,17 @@ def match_analysis(region: Region) -> PassResult:
             continue
         names = site.binding.param_names
         rule = site.binding.rule.name
+        if site.virtual:
+            if not (site.ordinal < len(table.keys) and table.virtual[site.ordinal]
+                    and tuple(table.keys[site.ordinal][1]) == names):
+                rule = f"virtual ({site.binding.options.get('kind', 'vjp')})"
+            else:
+                site.label = table.rules[site.ordinal]
+                continue
         if not table.matches(site.ordinal, rule, names):
             seen = (f"{table.keys[site.ordinal][0]} bound by the {table.rules[site.ordinal]} rule using "
                     f"{', '.join(table.keys[site.ordinal][1])}" if site.ordinal < len(table.keys) else "nothing")
+            refuse_virtual_from_earlier_region(table, site.ordinal, region.sites, seen)
             raise PrivacyError(
                 f"fxdp backend: compiled call site {site.ordinal} ({site.op} bound by the {rule} rule using "
                 f"{', '.join(names)}) does not match the eager analysis of the forward pass, which saw {seen} "

@@ -40,3 +40,37 @@ def test_mixtral_with_frozen_experts_equals_reference():
     torch.manual_seed(1)
     ids = torch.randint(1, 40, (4, 6))
     check_against_reference(model, (), {"input_ids": ids}, ids, lm_loss, rtol=2e-4, atol=1e-7)
+
+
+def test_per_expert_loop_with_trainable_experts_is_refused_with_the_routing_reason():
+    """``_experts_implementation="eager"`` indexes the stacked weight with the routed expert id
+    (``W[expert_idx]``): a slice chosen by the samples, refused by the lift pass saying so."""
+    model = mixtral()
+    model.config._experts_implementation = "eager"
+    fxdp.privatize(model)
+    ids = torch.randint(1, 40, (4, 6))
+    with pytest.raises(fxdp.UncoveredParameterError,
+                       match="(?s)experts.gate_up_proj.*index computed from the samples.*mixture-of-experts.*Freeze"):
+        lm_loss(model(input_ids=ids), ids).backward()
+
+
+def test_mixtral_compiled_refuses_trainable_experts_and_equals_eager_with_frozen_ones():
+    import copy
+    ids = torch.randint(1, 40, (4, 6), generator=torch.Generator().manual_seed(2))
+    trainable = fxdp.privatize(mixtral())
+    with pytest.raises(fxdp.UncoveredParameterError, match="(?s)mixture-of-experts.*Freeze"):
+        torch.compile(trainable, backend="fxdp", options={"compiler": "aot_eager"})(input_ids=ids)
+    base = mixtral()
+    for n, p in base.named_parameters():
+        if ".experts." in n:
+            p.requires_grad_(False)
+    eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.01)
+    lm_loss(eager(input_ids=ids), ids).backward()
+    model = fxdp.privatize(base, max_grad_norm=0.01)
+    lm_loss(torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})(input_ids=ids), ids).backward()
+    for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+        assert p.grad is None
+        if p.requires_grad:
+            torch.testing.assert_close(p.private_grad, q.private_grad, rtol=1e-5, atol=1e-8, msg=name)
+        else:
+            assert getattr(p, "private_grad", None) is None

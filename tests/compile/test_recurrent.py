@@ -1,0 +1,48 @@
+"""Recurrent layers under torch.compile(backend="fxdp"). Dynamo breaks the graph at nn.LSTM / nn.GRU / nn.RNN
+unless ``torch._dynamo.config.allow_rnn`` is set: then the layer would run untapped, so fxdp refuses it at
+compile time, saying which flag to set. With the flag, the fused op is one graph node that fxdp replays as the
+recurrence of fxdp.rules.recurrent with every step tapped: exact against the one-sample-at-a-time reference
+(float64, R at the median norm)."""
+import pytest
+import torch
+import torch.nn as nn
+
+import fxdp
+from tests.compile.helpers import check_compiled_against_reference
+from tests.rules.test_recurrent import Tagger, data, sum_ce
+
+
+@pytest.mark.parametrize("cls,batch_first,style", [
+    (nn.LSTM, True, "all-layer"), (nn.LSTM, False, "block-wise"), (nn.GRU, True, "layer-wise"),
+    pytest.param(nn.GRU, False, "param-wise", marks=pytest.mark.slow)])
+def test_multilayer_bidirectional_recurrent_layers_are_exact_compiled(cls, batch_first, style):
+    torch.manual_seed(0)
+    ids, y = data(B=4, T=3)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        check_compiled_against_reference(Tagger(cls, batch_first=batch_first).double(), (ids,), {}, y, sum_ce,
+                                         style=style, fullgraph=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("cls,kw", [(nn.LSTM, {"proj_size": 2}), (nn.RNN, {"nonlinearity": "relu"})])
+def test_projected_lstm_and_relu_rnn_are_exact_compiled_with_inductor(cls, kw):
+    torch.manual_seed(1)
+    ids, y = data(B=4, T=3)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        check_compiled_against_reference(Tagger(cls, **kw).double(), (ids,), {}, y, sum_ce, compiler="inductor",
+                                         rtol=1e-6)
+
+
+class UntracedTagger(Tagger):
+    """A class of its own: dynamo's cache of Tagger.forward (compiled with allow_rnn) is not reused."""
+
+
+def test_recurrent_layer_dynamo_does_not_trace_is_refused_with_the_flag_to_set():
+    torch.manual_seed(0)
+    ids, y = data()
+    model = fxdp.privatize(UntracedTagger(nn.GRU).double())
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    with torch._dynamo.config.patch(allow_rnn=False):
+        with pytest.raises(Exception, match="(?s)rnn.*allow_rnn = True"):
+            compiled(ids)
+    assert all(getattr(p, "private_grad", None) is None and p.grad is None for p in model.parameters())
