@@ -93,7 +93,7 @@ def reduction(name, spec):
         if dim is None:
             return None
         if dim is FULL:
-            return ctx.mix(x, "over all elements (no dim) reduces across the batch dimension (dim {bd})")
+            return ctx.mix(x, f"over all elements (no dim) reduces across the batch dimension (dim {bd})")
         dims = _dims(dim, x.dim())
         if bd in dims:
             return ctx.mix(x, f"along dim {bd}, the batch dimension")

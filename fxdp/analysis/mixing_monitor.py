@@ -64,6 +64,7 @@ FULL_REDUCTIONS = {
     T.nanquantile, torch.mode, T.mode,
 }
 DIM_KEYS = ("dim", "axis")
+MASK_FULL_REDUCTIONS = {torch.any, T.any, torch.all, T.all, torch.count_nonzero, T.count_nonzero}
 _FRESH = fresh_ops()
 
 
@@ -168,6 +169,14 @@ class MixingMonitor(TorchFunctionMode):
 
     def _propagate(self, func, args, kwargs, out) -> None:
         name = getattr(func, "__name__", str(func))
+        if func in LEAVING and isinstance(args[0], torch.Tensor) and self._is_derived(args[0]):
+            _refuse_leaving(name, args[0], self.place(args[0]))
+        if (_is_full_reduction(func, args, kwargs) or func in MASK_FULL_REDUCTIONS and len(args) == 1
+                and kwargs.get("dim") is None) and isinstance(args[0], torch.Tensor) \
+                and self._is_derived(args[0]) and not args[0].is_floating_point() and args[0].numel() > 1:
+            self._hold_outputs(out, _message(name, "reduces a mask or count computed from the batch over all its "
+                                             "elements, across the batch dimension", self.B))
+            return
         if _is_full_reduction(func, args, kwargs) and isinstance(args[0], torch.Tensor) \
                 and self._is_derived(args[0]) and args[0].is_floating_point() and args[0].numel() > 1:
             raise SampleMixingError(
@@ -212,6 +221,12 @@ class MixingMonitor(TorchFunctionMode):
                 raise
             return None
 
+    def _hold_outputs(self, out, message: str) -> None:
+        self._any_held += 1
+        for t in ([out] if isinstance(out, torch.Tensor) else tree_flatten(out)[0]):
+            if isinstance(t, torch.Tensor):
+                self.set(t, _Held(message, self._any_held))
+
     def _held(self, args, kwargs):
         """The held mixing result among the inputs: refused if it meets a tensor with a batch place."""
         if not self._any_held:
@@ -223,6 +238,32 @@ class MixingMonitor(TorchFunctionMode):
                                  or any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves)):
             raise SampleMixingError(held.message)
         return held
+
+
+# Values leaving torch (to Python or NumPy), where the tracking cannot follow them, and gradient
+# hooks, which run in backward, outside the forward this monitor sees.
+LEAVING = {T.numpy, T.tolist, T.item, T.__float__, T.__int__, T.__index__, T.register_hook}
+
+
+def _refuse_leaving(name: str, t: torch.Tensor, place) -> None:
+    """A floating-point value computed from the batch taken out of torch (``x.detach().numpy()``,
+    ``tolist()``, ``item()``, ``float(x)``) can steer every sample's computation from Python (min-max
+    scaling with NumPy: 2.1 R); a gradient hook on it can mix samples' gradients in backward
+    (``g + g.sum(0)``: 2.9 R). Both are refused in a training forward. (Python control flow on
+    ``bool(t)`` is not followed: masks are tested that way, ``if torch.all(mask == 1)``.)"""
+    if not (t.is_floating_point() or t.is_complex()):
+        return
+    if name == "register_hook":
+        raise SampleMixingError(
+            "fxdp: register_hook on a tensor computed from the batch inside the privatized forward: the hook runs "
+            "in backward, where fxdp's checks do not see it, and can mix samples' gradients (g + g.sum(0)) or "
+            "rescale them after clipping decided their norm. Register gradient hooks outside the model's forward "
+            "on tensors that do not depend on the batch, or compute the effect in the forward.")
+    raise SampleMixingError(
+        f"fxdp: {name}() takes a floating-point value computed from the batch out of torch inside the privatized "
+        "forward; fxdp cannot follow it there, and a statistic of the batch computed in Python or NumPy (a min-max "
+        "scaling, a threshold) would make each sample's output depend on the other samples. Compute it with "
+        "torch ops along each sample's own dimensions, or outside the model from public data.")
 
 
 class _Held:

@@ -156,6 +156,7 @@ def audit(noise_multiplier: float, max_grad_norm: float = 1.0, *, steps: int = 4
     """
     from fxdp.training.accounting import attach_accountant, create_accountant, epsilon_spent
     from fxdp.training.optimizer import DPOptimizer
+    from fxdp.training.step_check import DrawnBatchCheck
 
     sigma = float(noise_multiplier)
     if not math.isfinite(sigma) or sigma <= 0:
@@ -196,8 +197,11 @@ def audit(noise_multiplier: float, max_grad_norm: float = 1.0, *, steps: int = 4
                       generator=None if secure_mode else torch.Generator().manual_seed(seed + 1),
                       secure_mode=secure_mode)
     attach_accountant(opt, create_accountant(accountant), 1.0)
+    # Every row is drawn (q = 1 per run): drawn = clipped is checked at each step.
+    opt.batch_check = DrawnBatchCheck("the canary audit's batch of all runs")
     for _ in range(steps):
         opt.zero_grad()
+        opt.batch_check.drew(len(x))
         out = model(run_ids, x)
         loss = out.mean() if config.loss_reduction.value == "mean" else out.sum()
         loss.backward()

@@ -36,7 +36,20 @@ _ROOTS: "weakref.WeakSet[nn.Module]" = weakref.WeakSet()
 @torch._dynamo.disable
 def _pre_hook(module, args, kwargs):
     _ROOTS.add(module)
+    refuse_inside_ddp_forward()
     module._fxdp_engine.before_forward(args, kwargs)
+
+
+def refuse_inside_ddp_forward() -> None:
+    """``DistributedDataParallel(fxdp.privatize(model))`` (or a privatized ``ddp.module``) runs the forward
+    inside DDP's: DDP's reducer synchronises ``p.grad``, never ``p.private_grad``, so ranks would diverge
+    and each would add its own noise. Refused, as wrapping before privatizing is."""
+    if nn.parallel.DistributedDataParallel._active_ddp_module is not None:
+        raise PrivacyConfigError(
+            "fxdp: the privatized model runs inside a DistributedDataParallel forward; DDP synchronises p.grad, "
+            "but fxdp writes p.private_grad after autograd, so ranks would diverge and each would add its own "
+            "noise. Do not wrap a privatized model in DDP: pass the plain model to fxdp.DPDistributed, which "
+            "broadcasts the parameters and sums the clipped gradients across ranks itself.")
 
 
 @torch._dynamo.disable
@@ -159,7 +172,7 @@ def privatize(model: nn.Module, style="all-layer", max_grad_norm: float = 1.0, c
     engine.grad_scaler = grad_scaler
     engine.public_buffers = public
     model.__dict__[ENGINE_ATTR] = engine
-    model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+    model.register_forward_pre_hook(_pre_hook, with_kwargs=True, prepend=True)
     model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True)
     forward_checks.install_submodule_hooks(model)
     _ROOTS.add(model)

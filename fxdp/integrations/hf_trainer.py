@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader
 from transformers import Trainer, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
+from fxdp.engine.finalize import accumulation_dtype
 from fxdp.core.errors import PrivacyError
 from fxdp.engine.install import clear_private_grads, get_engine, privatize
 from fxdp.integrations.hf_arguments import PrivacyArguments
@@ -290,6 +291,11 @@ class DPTrainer(Trainer):
         ddp.refuse_ddp_wrapped(model)
         model.train()
         inputs = self._prepare_inputs(inputs)
+        if _rows(inputs) == 0:
+            # An empty micro-batch (frequent under Poisson sampling) contributes an exact zero clipped sum;
+            # many models cannot run a forward on zero rows (HF GPT-2 reshapes its attention mask).
+            add_zero_private_grads(self.model)
+            return torch.zeros((), device=self.args.device)
         with self.compute_loss_context_manager():
             loss = self.compute_loss(model, inputs)
         self.accelerator.backward(loss)
@@ -348,3 +354,18 @@ class DPTrainer(Trainer):
 
 
 __all__ = ["DPTrainer", "PrivacyArguments"]
+
+
+def _rows(inputs) -> int:
+    """The number of rows of a collated micro-batch (-1 if it holds no tensor)."""
+    for value in inputs.values():
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return value.shape[0]
+    return -1
+
+
+def add_zero_private_grads(model) -> None:
+    """The clipped sum of an empty batch: zero, for every trainable parameter without a private gradient yet."""
+    for p in model.parameters():
+        if p.requires_grad and getattr(p, "private_grad", None) is None:
+            p.private_grad = torch.zeros(p.shape, dtype=accumulation_dtype(p), device=p.device)

@@ -254,9 +254,24 @@ class DPOptimizer(Optimizer):
         self._skip_next = not ends_logical_batch
 
     def reset_logical_batch(self) -> None:
-        """Forget micro-batch bookkeeping (a loop left mid logical batch); the next zero_grad() clears."""
+        """A loop left mid logical batch (``BatchMemoryManager`` exited): what its micro-batches
+        accumulated is discarded -- private gradients and the drawn count -- so that the partial batch
+        can never be released with the next logical batch (it is never charged either)."""
         self._skip_next = False
         self._last_step_skipped = False
+        self._clear_private_gradients()
+        if self.batch_check is not None:
+            self.batch_check.reset()
+
+    def _clear_private_gradients(self) -> None:
+        """Every private gradient of the models this optimizer steps, their ledgers, and the adaptive
+        count (which lives and dies with the private gradients)."""
+        step_check.clear_engines(step_check.engines_of(self.params))
+        for p in self.params:
+            if hasattr(p, "private_grad"):
+                del p.private_grad
+        if self.adaptive_clipping is not None:
+            self.adaptive_clipping.bound.clear_pending()
 
     # ------------------------------------------------------------------ step
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -264,12 +279,7 @@ class DPOptimizer(Optimizer):
         step, where everything accumulated for the logical batch is kept."""
         if self._last_step_skipped:
             return
-        step_check.clear_engines(step_check.engines_of(self.params))
-        for p in self.params:
-            if hasattr(p, "private_grad"):
-                del p.private_grad
-        if self.adaptive_clipping is not None:
-            self.adaptive_clipping.bound.clear_pending()  # the count lives and dies with the private gradients
+        self._clear_private_gradients()
         self._call_inner("zero_grad", set_to_none=set_to_none)
         self._zeroed_since_step = True
 
@@ -286,7 +296,10 @@ class DPOptimizer(Optimizer):
     @torch.no_grad()
     def step(self, closure: Optional[Callable] = None):
         """Noise, scale and step once per logical batch (module docstring). Returns the closure's loss."""
-        scaler = release_check.check_loss_scaling(self) if getattr(self, "grad_scale", None) is not None else None
+        # Under scaler.step(optimizer): GradScaler sets found_inf (and grad_scale, unless the user called
+        # scaler.unscale_(optimizer) first, a no-op here: the model undid the loss scale when it clipped).
+        under_scaler = getattr(self, "grad_scale", None) is not None or hasattr(self, "found_inf")
+        scaler = release_check.check_loss_scaling(self) if under_scaler else None
         loss = None
         if closure is not None:
             with torch.enable_grad():

@@ -58,9 +58,12 @@ def check_release(opt, params) -> Dict[int, torch.Tensor]:
             "optimizer part of the privatized model, and was it trainable when the model was privatized?")
     check_writers(opt, have)
     engines = step_check.engines_of(have)
+    step_check.check_one_engine(engines)
     step_check.check_owned(params, engines)
     if opt.batch_check is not None:
         opt.batch_check.verify(engines)
+    elif opt.expected_batch_size is not None:
+        step_check.check_plausible_count(engines, opt.expected_batch_size)
     public = public_gradients(opt, params)
     opt.unclipped_count = opt.adaptive_clipping.count_share() if opt.adaptive_clipping is not None else None
     return public

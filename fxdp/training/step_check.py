@@ -25,6 +25,8 @@ to the examples the data loader drew. These checks do, at every real ``DPOptimiz
 """
 from __future__ import annotations
 
+import math
+
 from typing import Dict, Iterable, List
 
 from fxdp.core.errors import PrivacyError
@@ -74,6 +76,36 @@ def check_owned(params: List, engines: List[object]) -> None:
         names = unowned_trainable(engine.model, params)
         if names:
             raise PrivacyError(ownership_message(names, "that steps"))
+
+
+def check_one_engine(engines: List[object]) -> None:
+    """One step releases the private gradients of one privatized model: two models each clip a sample
+    to R on their own, so one example that went through both moves the step by up to √2·R (N models:
+    √N·R) while σ is calibrated to R."""
+    if len(engines) > 1:
+        raise PrivacyError(
+            f"fxdp: this step would release private gradients written by {len(engines)} separately privatized "
+            "models; each clips an example's gradient to R on its own, so an example used by all of them "
+            f"contributes up to √{len(engines)}·R while the noise is calibrated to R. Privatize one module that "
+            "holds them all (e.g. an nn.ModuleDict, with a forward that calls each) so that one engine clips each "
+            "example's joint gradient, or give each model its own optimizer and accountant.")
+
+
+def check_plausible_count(engines: List[object], expected_batch_size: float) -> None:
+    """Where no fxdp loader says what was drawn (``privatize`` + ``DPOptimizer`` by hand), a step whose
+    clipped samples far exceed what a Poisson batch of the expected size can hold is refused: a backward
+    left in the private gradients (``model.zero_grad()`` does not clear ``p.private_grad``), or views
+    clipped separately. The bound L + 8√L + 8 is exceeded by a Poisson(L) draw with probability < 1e-12."""
+    clipped = sum(b for engine in engines for b in engine.ledger.batch_sizes)
+    L = float(expected_batch_size)
+    if L > 0 and clipped > L + 8 * math.sqrt(L) + 8:
+        raise PrivacyError(
+            f"fxdp: this step would release the clipped gradients of {clipped} samples, far more than a batch of "
+            f"the expected size {L:g} holds. A backward pass whose private gradients should have been discarded "
+            "is probably still in them (adversarial examples computed with loss.backward(), a validation batch): "
+            "note that model.zero_grad() does not clear p.private_grad -- call optimizer.zero_grad() (the "
+            "DPOptimizer's) or fxdp.clear_private_grads(model), or compute input gradients with "
+            "torch.autograd.grad(loss, x). Several views of one example belong in one fxdp.privacy_units block.")
 
 
 def refuse_unowned(module, optimizer) -> None:

@@ -116,14 +116,21 @@ def test_setitem_of_batch_rows_into_other_rows_is_refused_but_constants_are_not(
             h[0] = other * 2       # batch-derived values (position unknown) written into sample 0
 
 
-def test_integer_and_boolean_tensors_are_not_refused():
+def test_integer_and_boolean_tensors_are_not_refused_and_their_full_reductions_are_held():
+    """Counts / masks carry no gradient: not refused (token routing sorts and indexes them along the
+    batch); a full reduction of one over the batch is held, and refused where it meets per-sample values
+    (a normaliser of every sample's output, an ``any()`` gate)."""
     mask = torch.ones(B, T, dtype=torch.long)
-    with monitor(mask) as m:
+    x = torch.randn(B, T, requires_grad=True)
+    with monitor(mask, x) as m:
         counts = mask.sum(0)       # a count over the batch: no gradient
         assert m.place(counts) is None
         assert m.place(mask.bool()[:, :2]) == (0, 1)
         mask.argmax(0)
         mask[1:]
+        x * mask                   # per-sample mask: fine
+        with pytest.raises(SampleMixingError, match="across the batch dimension"):
+            x / mask.sum()
 
 
 def test_unknown_ops_lose_the_position_without_refusing():

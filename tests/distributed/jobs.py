@@ -134,6 +134,19 @@ def setup_variant(rank, world_size, *, kind):
     return "set up"
 
 
+def ddp_around_privatized(rank, world_size, *, inner):
+    """DDP wrapped around a privatized model (or a privatized ``ddp.module``): the forward is refused."""
+    x, y, _ = _loader(8, 0.5, seed=0)
+    model = make_model(0)
+    if inner:
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        fxdp.privatize(ddp.module, max_grad_norm=1.0)
+    else:
+        ddp = torch.nn.parallel.DistributedDataParallel(fxdp.privatize(model, max_grad_norm=1.0))
+    ddp(x)
+    return "trained"
+
+
 def step_failure(rank, world_size, *, kind):
     """A step that fails on rank 1 only; afterwards a collective checks that the group still works."""
     x, y, base_loader = _loader(24, 0.25, seed=0)

@@ -24,8 +24,17 @@ def test_a_setup_error_on_one_rank_is_raised_on_every_rank(cluster):
 
 def test_a_ddp_wrapped_model_is_refused_with_what_to_do(cluster):
     for o in cluster.run("tests.distributed.jobs:setup_variant", timeout=30, kind="ddp"):
-        assert o.error_type == "ValueError" and "DistributedDataParallel" in o.message
+        assert o.error_type == "PrivacyConfigError" and "DistributedDataParallel" in o.message
         assert "Pass the plain model" in o.message
+
+
+@pytest.mark.parametrize("inner", [False, True])
+def test_ddp_around_a_privatized_model_is_refused_at_its_first_forward(cluster, inner):
+    """DDP synchronises p.grad, never p.private_grad: without the refusal the ranks trained apart (0.49 apart
+    after 3 steps) and each added its own noise."""
+    for o in cluster.run("tests.distributed.jobs:ddp_around_privatized", timeout=30, inner=inner):
+        assert o.error_type == "PrivacyConfigError" and "inside a DistributedDataParallel forward" in o.message
+        assert "fxdp.DPDistributed" in o.message
 
 
 @pytest.mark.parametrize("kind,phrase", [("frozen", "frozen"), ("lr", "learning-rate scheduler"),

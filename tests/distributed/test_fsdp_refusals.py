@@ -3,7 +3,7 @@ HSDP / 2-D meshes, tensor-parallel DTensor parameters, FSDP2 CPU offload, torch.
 of the whole sharded model, a model whose root is not fully_shard-ed."""
 import pytest
 
-CASES = {"hsdp": ("ShardingError", "2-D mesh"), "tensor-parallel": ("ValueError", "DTensor"),
+CASES = {"hsdp": ("ShardingError", "2-D mesh"), "tensor-parallel": ("PrivacyConfigError", "DTensor"),
          "cpu-offload": ("ShardingError", "CPU offload"), "compiled-block": ("ShardingError", "compile"),
          "compiled-model": ("ValueError", "torch.compile"), "not-root": ("ValueError", "root module")}
 

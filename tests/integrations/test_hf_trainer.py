@@ -188,3 +188,18 @@ def test_torch_compile_uses_the_fxdp_backend_in_one_graph_and_matches_eager(tmp_
             assert counters["stats"]["unique_graphs"] >= 1 and sum(counters["graph_break"].values()) == 0
     for n in result[False]:
         torch.testing.assert_close(result[True][n], result[False][n], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("accumulation", [1, 4])
+def test_zero_row_micro_batches_skip_the_model_and_still_step_and_charge(tmp_path, accumulation):
+    """HF GPT-2 with an attention mask cannot run a forward on zero rows (a raw torch reshape error,
+    and under two ranks the other rank hung in the step's agreement): an empty micro-batch contributes
+    the exact zero clipped sum without a forward, and every logical step is still noised and charged."""
+    trainer = DPTrainer(model=tiny_gpt2(), args=args(tmp_path, per_device_train_batch_size=1,
+                                                     gradient_accumulation_steps=accumulation, max_steps=4),
+                        train_dataset=padded_texts(6), privacy_args=PrivacyArguments(noise_multiplier=1.0))
+    calls = []
+    trainer.model.register_forward_pre_hook(lambda m, a, k: calls.append(len(next(iter(k.values())))),
+                                            with_kwargs=True)
+    trainer.train()
+    assert len(trainer.budget.accountant) == 4 and 0 not in calls

@@ -173,3 +173,30 @@ def test_scaler_step_with_a_model_that_does_not_know_the_scaler_is_refused():
                            expected_batch_size=B)
     with pytest.raises(ValueError, match="grad_scaler=scaler"):
         scaler.step(opt)
+
+
+def test_the_usual_amp_loop_with_unscale_and_clip_grad_norm_steps_the_clipped_sum():
+    """``scaler.unscale_(opt); clip_grad_norm_(...); scaler.step(opt); scaler.update()`` (the AMP recipe):
+    unscale_ and clip_grad_norm_ are no-ops for fxdp (the engine undid the loss scale when it clipped per
+    sample); the step is the same as without them (it raised torch's AssertionError in update before)."""
+    torch.manual_seed(0)
+    model = Autocast(Z.MLP(), torch.float16)
+    x, y = torch.randn(B, 6), torch.randint(0, 3, (B,))
+    updates = []
+    for recipe in ("plain", "unscale"):
+        m = copy.deepcopy(model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+        fxdp.privatize(m, max_grad_norm=1.3, grad_scaler=scaler)
+        opt = fxdp.DPOptimizer(torch.optim.SGD(m.parameters(), lr=0.1), noise_multiplier=0.0, max_grad_norm=1.3,
+                               expected_batch_size=B)
+        before = [p.detach().clone() for p in m.parameters()]
+        scaler.scale(F.cross_entropy(m(x).float(), y)).backward()
+        if recipe == "unscale":
+            scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(m.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+        updates.append([p0 - p.detach() for p0, p in zip(before, m.parameters())])
+    assert any(bool(u.abs().max() > 0) for u in updates[0])
+    for u, v in zip(*updates):
+        torch.testing.assert_close(u, v, rtol=0, atol=0)

@@ -400,9 +400,9 @@ def test_per_sample_reductions_and_mask_counts_are_not_refused():
             self.fc = nn.Linear(6, 3)
 
         def forward(self, x, mask):
-            n = mask.sum()                         # an integer count: no gradient, not refused
+            n = mask.sum(1, keepdim=True)          # each sample's own count: not refused
             h = (x - x.amin(dim=1, keepdim=True)) / (x.amax(1, keepdim=True) - x.amin(1, keepdim=True))
-            return self.fc(h * (n > 0))
+            return self.fc(h * (n > 0))  # (a count over the whole batch here would gate every sample: refused)
 
     model = fxdp.privatize(PerSample(), max_grad_norm=0.1)
     F.cross_entropy(model(torch.randn(8, 6), torch.ones(8, 6, dtype=torch.long)), torch.randint(0, 3, (8,))).backward()

@@ -135,6 +135,7 @@ def test_without_the_structural_rules_the_same_loop_exceeds_R(name, monkeypatch)
     """The test above is not vacuous: with the propagation rules removed (only full reductions
     refused, as before), neighbours differ by more than R and nothing is raised."""
     monkeypatch.setattr(mixing_monitor, "RULES", {})
+    monkeypatch.setattr(mixing_monitor, "MASK_FULL_REDUCTIONS", set())
     cls, _ = MODELS[name]
     template = _template(cls)
     x, y = _data()

@@ -1,0 +1,97 @@
+"""Batch-wide values the structural check used to let through (issue #13 §6, second review).
+
+Each was measured above R with noise off (D vs D minus one example) with no error: a min-max
+scaling computed with NumPy (2.1 R), a gradient hook that mixes samples' gradients in backward
+(2.9 R), an ``any()`` gate over the batch (2.6 R) and a mean pooling divided by the integer token
+count of the whole batch (2.0 R). Values taken out of torch and gradient hooks inside the forward are
+refused; boolean / integer reductions over the batch are held, and refused when they meet per-sample
+values -- which per-sample mask counts and HF's ``if torch.all(mask == 1)`` never do.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxdp
+from fxdp.core.errors import SampleMixingError
+
+
+class NumpyMinMax(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        a = x.detach().numpy()
+        return self.fc((x - float(a.min())) / float(a.max() - a.min()))
+
+
+class GradientHook(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2, self.on = nn.Linear(6, 8), nn.Linear(8, 3), False
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        if self.on:  # switched on after the analysed forward (on from the start, the analysis refuses it)
+            h.register_hook(lambda g: g + g.sum(0, keepdim=True))
+        return self.fc2(h)
+
+
+class AnyGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(torch.where((x.abs() > 5).any(), x / 10, x))
+
+
+class BatchTokenCount(nn.Module):
+    def __init__(self, per_sample=False):
+        super().__init__()
+        self.fc, self.head, self.per_sample = nn.Linear(4, 8), nn.Linear(8, 3, bias=False), per_sample
+
+    def forward(self, x):
+        m = x[..., 4].long()
+        count = m.sum(1, keepdim=True).clamp(min=1) if self.per_sample else m.sum()
+        return self.head((torch.tanh(self.fc(x[..., :4])) * m.unsqueeze(-1)).sum(1) / count)
+
+
+def _step(model, x, y):
+    F.cross_entropy(model(x), y).backward()
+
+
+@pytest.mark.parametrize("model_class,match", [(NumpyMinMax, r"numpy\(\) takes a floating-point value"),
+                                               (GradientHook, "register_hook"),
+                                               (AnyGate, "any reduces a mask or count"),
+                                               (BatchTokenCount, "mask or count computed from the batch")])
+def test_batch_values_leaving_torch_or_gating_every_sample_are_refused(model_class, match):
+    """The batches are built so that the analysis's numeric probe (it replaces one of the first samples)
+    sees nothing: the extremes, the trigger and the long sequence are in samples it does not touch."""
+    torch.manual_seed(0)
+    model = fxdp.privatize(model_class().double(), max_grad_norm=0.1)
+    if model_class is BatchTokenCount:
+        x = torch.randn(12, 10, 5, dtype=torch.float64)
+        lengths = torch.ones(12, 1, dtype=torch.long)
+        lengths[6] = 10
+        x[..., 4] = (torch.arange(10)[None] < lengths).double()
+    else:
+        x = 0.5 * torch.randn(12, 6, dtype=torch.float64)
+        x[0], x[5, 2] = 0.0, 30.0
+    if model_class is GradientHook:
+        _step(model, x, torch.randint(0, 3, (12,)))
+        model.on = True
+    with pytest.raises(SampleMixingError, match=match):
+        _step(model, x, torch.randint(0, 3, (12,)))
+
+
+def test_per_sample_mask_counts_are_not_refused():
+    torch.manual_seed(0)
+    model = fxdp.privatize(BatchTokenCount(per_sample=True).double(), max_grad_norm=0.1)
+    x = torch.randn(12, 10, 5, dtype=torch.float64)
+    x[..., 4] = (torch.arange(10)[None] < torch.randint(1, 10, (12, 1))).double()
+    _step(model, x, torch.randint(0, 3, (12,)))
+    assert all(p.private_grad is not None for p in model.parameters())
