@@ -120,6 +120,27 @@ def prepare(f):
     return f
 
 
+def _ghost_sq_norm(left: torch.Tensor, right: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``sum_{s,t} <l_s, l_t> <r_s, r_t>`` per sample. The Grams are symmetric: from T >= 2 * block only
+    their upper block triangle is formed (diagonal blocks once, off-diagonal ones counted twice), which
+    takes (k + 1) / 2k of the GEMM work with k = min(4, T // block) blocks (3/4 at T = 128)."""
+    B, G, T, _ = left.shape
+    L, R = left.reshape(B * G, T, -1), right.reshape(B * G, T, -1)
+    k = min(4, T // block)
+    if k < 2:
+        return (torch.bmm(L, L.transpose(1, 2)) * torch.bmm(R, R.transpose(1, 2))).sum((1, 2)).view(B, G).sum(1)
+    edges = [T * i // k for i in range(k + 1)]
+    total = None
+    for i in range(k):
+        Li, Ri = L[:, edges[i]:edges[i + 1]], R[:, edges[i]:edges[i + 1]]
+        for j in range(i, k):
+            Lj, Rj = L[:, edges[j]:edges[j + 1]], R[:, edges[j]:edges[j + 1]]
+            term = (torch.bmm(Li, Lj.transpose(1, 2)) * torch.bmm(Ri, Rj.transpose(1, 2))).sum((1, 2))
+            term = term if i == j else 2 * term
+            total = term if total is None else total + term
+    return total.view(B, G).sum(1)
+
+
 def sq_norm(f) -> torch.Tensor:
     """Per-sample squared Frobenius norm, shape (B,)."""
     if isinstance(f, LowRankGrad):
@@ -130,9 +151,7 @@ def sq_norm(f) -> torch.Tensor:
         if decide(f) == "outer":
             return (left.square().sum(-1) * right.square().sum(-1)).sum((1, 2))
         if f.decision == "ghost":
-            gl = torch.matmul(left, left.transpose(-1, -2))
-            gr = torch.matmul(right, right.transpose(-1, -2))
-            return (gl * gr).sum((1, 2, 3))
+            return _ghost_sq_norm(left, right)
         return torch.matmul(left.transpose(-1, -2), right).square().sum((1, 2, 3))
     if isinstance(f, EmbeddingGrad):
         return inner(f, f)

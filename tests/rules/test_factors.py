@@ -25,6 +25,13 @@ def test_lowrank_squared_norm_equals_materialised_norm_for_each_method(T, m, n, 
     assert f.decision == decision == F.norm_decision(T, m, n)
 
 
+@pytest.mark.parametrize("T", [64, 128, 131, 300])
+def test_ghost_norm_from_the_upper_block_triangle_of_the_grams_equals_the_full_gram_norm(T):
+    f = _lowrank(B=2, G=2, T=T, m=5, n=3)
+    expected = f.materialize().flatten(1).square().sum(1)
+    torch.testing.assert_close(F._ghost_sq_norm(f.left, f.right), expected)
+
+
 def test_embedding_squared_norm_counts_repeated_tokens_once_per_row():
     f = _embedding()
     torch.testing.assert_close(F.sq_norm(f), f.materialize().flatten(1).square().sum(1))
