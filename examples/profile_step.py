@@ -11,9 +11,11 @@ the percentages and the fxdp rows against the plain step of the same run):
 - forward taps: eager taps (the op re-run with detached parameters, inputs kept for the norms); compiled
   regions get ``fxdp::forward_token`` instead;
 - fxdp::stash: the compiled taps' hand-over of backward buffers to the engine (and copies inside it);
-- finalize, split into rule factors (per-sample gradient factors), norms (ghost Grams, instantiated norms,
-  cross terms), clip factors, clipped sums (one GEMM / index_add per use) and the rest (Python overhead
-  of the finalize pipeline: loops, dicts, dtype checks, the writer registry).
+- finalize, split into rule factors (per-sample gradient factors), instantiation (per-sample gradients of
+  the low-rank uses whose norm is computed by instantiation, reused by their clipped sums), norms (ghost
+  Grams, norms of dense per-sample gradients, cross terms), clip factors, clipped sums (one GEMM /
+  index_add / weighted sum per use) and the rest (Python overhead of the finalize pipeline: loops,
+  dicts, dtype checks, the writer registry).
 
 Each phase is a ``record_function`` label put around fxdp's functions by monkeypatching this process only.
 """
@@ -29,7 +31,7 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-FINALIZE_PARTS = ("rule factors", "norms", "clip factors", "clipped sums")
+FINALIZE_PARTS = ("rule factors", "instantiation", "norms", "clip factors", "clipped sums")
 
 
 def _wrap(owner, name, label, static=False):
@@ -47,7 +49,7 @@ def _wrap(owner, name, label, static=False):
 
 def instrument() -> None:
     """Label fxdp's phases (see the module docstring)."""
-    from fxdp.engine import engine as E, finalize as FZ
+    from fxdp.engine import engine as E
     from fxdp.engine.tap import TapFunction
     from fxdp.rules import factors as F
     from fxdp.rules.base import Rule
@@ -55,10 +57,9 @@ def instrument() -> None:
     _wrap(E.Engine, "after_forward", "forward bookkeeping")
     _wrap(TapFunction, "forward", "forward taps", static=True)
     _wrap(E.Engine, "finalize", "finalize")
-    for name in ("sq_norm", "inner", "sq_norms"):
+    for name in ("sq_norm", "inner"):
         _wrap(F, name, "norms")
-    for name in ("group_norms",):
-        _wrap(FZ, name, "norms")
+    _wrap(F, "prepare", "instantiation")
     _wrap(F, "clipped_sum", "clipped sums")
     _wrap(E, "clip_groups", "clip factors")
     todo = list(Rule.__subclasses__())
