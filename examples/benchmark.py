@@ -4,7 +4,7 @@ Opacus 1.6 (hooks and ghost clipping) and per-sample gradients by torch.func (vm
 printed as ratios to non-private eager and to non-private compiled.
 
     python examples/benchmark.py [--steps 10] [--warmup 3] [--rounds 2] [--device cpu|cuda] [--vocab 5000]
-    python examples/benchmark.py --profile fxdp-compiled      # per-phase breakdown (torch.profiler)
+    python examples/benchmark.py --profile plain,fxdp-compiled   # per-phase breakdown (examples/profile_step.py)
 
 Each configuration runs in a fresh process; ``--rounds`` repeats the whole set, interleaved, and
 reports the median over rounds of each process's median step time after ``--warmup`` steps. Peak
@@ -113,35 +113,39 @@ def _vmap_step(model, ids, B, R=1.0):
     return step
 
 
-def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257, profile=False):
+def make_step(mode, device, B=16, T=128, vocab=50257):
+    """The training step of one configuration (a closure over a fresh model and a fixed batch)."""
     import fxdp
     model = build(device, vocab=vocab, tied=not mode.startswith("opacus"))
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (B, T), generator=g).to(device)
     if mode.startswith("opacus"):
-        step = _opacus_step(model, mode, ids, B)
-    elif mode == "vmap":
-        step = _vmap_step(model, ids, B)
-    else:
+        return _opacus_step(model, mode, ids, B)
+    if mode == "vmap":
+        return _vmap_step(model, ids, B)
+    if mode.startswith("fxdp"):
+        fxdp.privatize(model, style="all-layer", max_grad_norm=1.0)
+    fwd = model
+    if mode.endswith("compiled"):
+        fwd = torch.compile(model, backend="fxdp" if mode.startswith("fxdp") else "inductor")
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.SGD(params, lr=1e-3)
+
+    def step():
+        loss = lm_loss(fwd(ids).logits, ids)
+        loss.backward()
         if mode.startswith("fxdp"):
-            fxdp.privatize(model, style="all-layer", max_grad_norm=1.0)
-        fwd = model
-        if mode.endswith("compiled"):
-            fwd = torch.compile(model, backend="fxdp" if mode.startswith("fxdp") else "inductor")
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.SGD(params, lr=1e-3)
+            for p in params:
+                p.grad = p.private_grad / B
+                del p.private_grad
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss
+    return step
 
-        def step():
-            loss = lm_loss(fwd(ids).logits, ids)
-            loss.backward()
-            if mode.startswith("fxdp"):
-                for p in params:
-                    p.grad = p.private_grad / B
-                    del p.private_grad
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            return loss
 
+def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257):
+    step = make_step(mode, device, B, T, vocab)
     t_compile = time.perf_counter()
     step()
     t_compile = time.perf_counter() - t_compile
@@ -162,9 +166,6 @@ def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257, profile=False
         peak = torch.cuda.max_memory_allocated() / 2**20
     else:
         peak = _peak_rss_mib()
-    if profile:
-        from examples.profile_phases import profile_steps
-        profile_steps(step, steps=3)
     return {"mode": mode, "median_ms": 1000 * statistics.median(times), "peak_mib": peak,
             "first_step_s": t_compile}
 
@@ -177,12 +178,17 @@ def main():
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--modes", default=",".join(MODES), help="comma-separated, of: " + ", ".join(MODES))
     ap.add_argument("--vocab", type=int, default=50257)
-    ap.add_argument("--profile", metavar="MODE", help="profile one configuration per phase instead")
+    ap.add_argument("--profile", metavar="MODES", help="per-phase breakdown of these configurations instead "
+                    "(examples/profile_step.py)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.one or args.profile:
-        print(json.dumps(run_one(args.one or args.profile, args.steps, args.warmup, args.device, vocab=args.vocab,
-                                 profile=bool(args.profile))))
+    if args.profile:
+        from examples import profile_step
+        sys.argv = [profile_step.__file__, "--modes", args.profile, "--vocab", str(args.vocab)]
+        profile_step.main()
+        return
+    if args.one:
+        print(json.dumps(run_one(args.one, args.steps, args.warmup, args.device, vocab=args.vocab)))
         return
     runs = {}
     for _ in range(args.rounds):

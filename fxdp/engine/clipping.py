@@ -51,14 +51,22 @@ def clip_groups(group_sq_norms: Dict[int, torch.Tensor], num_groups: int, config
     (the engine's current :class:`~fxdp.engine.clip_bound.ClipBound`; default ``config.max_grad_norm``)."""
     R = config.max_grad_norm if max_grad_norm is None else float(max_grad_norm)
     threshold = R / math.sqrt(max(num_groups, 1))
-    norms = {g: sq.clamp(min=0).sqrt() for g, sq in group_sq_norms.items()}
-    keep = torch.ones(batch_size, dtype=torch.bool, device=device)
-    for n in norms.values():
-        keep = keep & torch.isfinite(n).to(keep.device)
-    factors = {}
-    unclipped = keep.clone()
-    for g, n in norms.items():
-        unclipped = unclipped & (n <= threshold).to(keep.device)
-        c = clip_factor(n, threshold, config.clipping_fn, config.numerical_stability_constant)
-        factors[g] = torch.where(keep.to(c.device), c, torch.zeros((), dtype=c.dtype, device=c.device))
-    return ClipResult(factors, keep, norms, int((~keep).sum()), unclipped, R)
+    groups = list(group_sq_norms)
+    if not groups:
+        keep = torch.ones(batch_size, dtype=torch.bool, device=device)
+        return ClipResult({}, keep, {}, 0, keep.clone(), R)
+    sq = [group_sq_norms[g] for g in groups]
+    dt = sq[0].dtype
+    for t in sq[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    # all groups at once: one (num_groups, B) tensor of norms, one finiteness and one factor computation
+    norms = torch.stack([t.to(device=sq[0].device, dtype=dt) for t in sq]).clamp(min=0).sqrt()
+    keep = torch.isfinite(norms).all(0)
+    unclipped = keep & (norms <= threshold).all(0)
+    c = clip_factor(norms, threshold, config.clipping_fn, config.numerical_stability_constant)
+    c = torch.where(keep, c, torch.zeros((), dtype=c.dtype, device=c.device))
+    if device is not None:
+        keep, unclipped = keep.to(device), unclipped.to(device)
+    factors = {g: c[i].to(sq[i].dtype) for i, g in enumerate(groups)}  # each group keeps its dtype
+    return ClipResult(factors, keep, {g: norms[i].to(sq[i].dtype) for i, g in enumerate(groups)},
+                      int((~keep).sum()), unclipped, R)

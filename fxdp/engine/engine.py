@@ -370,6 +370,7 @@ class Engine:
             per_param, decisions, B = units.merge_contexts((ctx,) + together, collected)
         else:
             (per_param, decisions), B = collected[0], ctx.batch_size
+        del collected  # the factors are referenced from per_param only: finalize releases each once it is done with it
         params = write_targets(self.model)
         trainable = [n for n in self.plan.group_of if n in params and params[n].requires_grad]
         if together and any(c.virtuals for c in together):

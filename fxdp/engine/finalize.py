@@ -8,7 +8,8 @@ A pipeline of small steps, each a function of the previous one's result:
    in place after the op are refused.
 2. :func:`group_norms` -- per clip group, every sample's squared norm of the SUM of its gradients:
    for a parameter used several times, the squared norms of the parts plus twice every cross
-   term (never the sum of norms, never one part only).
+   term (never the sum of norms, never one part only). A low-rank factor whose norm is computed by
+   instantiation is instantiated here once and the same per-sample gradients give its clipped sum.
 3. clip factors -- :func:`fxdp.engine.clipping.clip_groups` (pure; one factor per group and sample,
    zero for samples with a non-finite norm).
 4. :func:`write_private_grads` -- per trainable parameter, the clipped sum of its factors as one
@@ -62,22 +63,36 @@ def collect(uses, batch_size: int) -> Tuple[PerParam, Dict[str, str]]:
         for role, factor in u.rule.factors(u.binding, u.saved, u.grad_output, u.extra_grads,
                                            u.layout, batch_size).items():
             per_param.setdefault(u.binding.roles[role], []).append(factor)
-            decisions[f"{u.ordinal}:{role}"] = factor.decision
+            decisions[f"{u.ordinal}:{role}"] = F.decide(factor)
         u.saved, u.grad_output, u.extra_grads = {}, None, {}
     return per_param, decisions
 
 
+def _total(terms: List[torch.Tensor]) -> torch.Tensor:
+    """Sum of (B,) tensors as one stacked reduction (promoted to the widest dtype among them)."""
+    if len(terms) == 1:
+        return terms[0]
+    dt = terms[0].dtype
+    for t in terms[1:]:
+        dt = torch.promote_types(dt, t.dtype)
+    return torch.stack([t.to(dt) for t in terms]).sum(0)
+
+
 def group_norms(per_param: PerParam, group_of: Dict[str, int], scale: float) -> Dict[int, torch.Tensor]:
-    """Per group, each sample's squared norm of its (scaled) summed gradient, cross terms included."""
-    group_sq: Dict[int, torch.Tensor] = {}
+    """Per group, each sample's squared norm of its (scaled) summed gradient, cross terms included.
+
+    Factors whose norm is computed by instantiation are replaced, in ``per_param``, by their dense
+    per-sample gradients (:func:`fxdp.rules.factors.prepare`), so the clipped sum reuses them; the low-rank
+    factors they replace are released here, so the instantiated gradients take their memory."""
+    terms: Dict[int, List[torch.Tensor]] = {}
     for name, factors in per_param.items():
-        sq = sum(F.sq_norm(f) for f in factors)
+        factors[:] = [F.prepare(f) for f in factors]
+        out = terms.setdefault(group_of[name], [])
+        out.extend(F.sq_norm(f) for f in factors)
         for i in range(len(factors)):
             for j in range(i + 1, len(factors)):
-                sq = sq + 2 * F.inner(factors[i], factors[j])
-        g = group_of[name]
-        group_sq[g] = group_sq[g] + sq if g in group_sq else sq
-    return {g: sq * scale * scale for g, sq in group_sq.items()}
+                out.append(2 * F.inner(factors[i], factors[j]))
+    return {g: _total(ts) * (scale * scale) for g, ts in terms.items()}
 
 
 def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[str], per_param: PerParam,
@@ -89,12 +104,17 @@ def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[s
     holds before it is added (a sharded model: this rank's reduce-scattered shard, see
     :mod:`fxdp.core.identity`); it is called for every trainable parameter, in the same order."""
     keep = None if result.num_nonfinite == 0 else result.keep
+    coefs: Dict[int, torch.Tensor] = {}
     for name in trainable:
         p = params[name]
         factors = per_param.pop(name, [])
         if factors:
-            coef = result.factors[group_of[name]] * scale
-            total = sum(F.clipped_sum(f, coef, keep) for f in factors)
+            g = group_of[name]
+            if g not in coefs:
+                coefs[g] = result.factors[g] * scale
+            total = F.clipped_sum(factors[0], coefs[g], keep)
+            for f in factors[1:]:
+                total = total + F.clipped_sum(f, coefs[g], keep)
             total = total.to(accumulation_dtype(p))
         else:
             total = torch.zeros(p.shape, dtype=accumulation_dtype(p), device=p.device)  # p may be a DTensor

@@ -22,7 +22,7 @@ import torch
 from fxdp.core.errors import UncoveredParameterError
 from fxdp.core.layout import LayoutKind
 from fxdp.rules.base import Binding, OpCall, Rule
-from fxdp.rules.factors import DenseGrad
+from fxdp.rules.factors import DenseGrad, compute_dtype
 
 T = torch.Tensor
 ELEMENTWISE = (
@@ -92,6 +92,7 @@ class BroadcastRule(Rule):
 
     def factors(self, binding, saved, grad_output, extra_grads, layout, batch_size):
         G = grad_output if binding.grad_of_output.get("param") else extra_grads["param"]
+        G = G.to(compute_dtype(G))  # per-sample sums over positions in float32 for half-precision models
         p = binding.params["param"]
         return {"param": DenseGrad(per_sample_broadcast_grad(G, p.shape, layout, batch_size, binding.roles["param"]))}
 

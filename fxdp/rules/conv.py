@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from fxdp.core.errors import SampleMixingError
 from fxdp.core.layout import LayoutKind
 from fxdp.rules.base import Binding, OpCall, Rule, trainable_roles
-from fxdp.rules.factors import DenseGrad, LowRankGrad
+from fxdp.rules.factors import DenseGrad, LowRankGrad, compute_dtype
 
 
 def _tuple(v, n):
@@ -90,7 +90,7 @@ class ConvRule(Rule):
             u = u.reshape(B, u.shape[1], G, o["in_per_group"] * K).transpose(1, 2)    # (B, G, L, Cin/G*K)
             out["weight"] = LowRankGrad(g, u, binding.params["weight"].shape)
         if "bias" in binding.roles:
-            out["bias"] = DenseGrad(g.sum(2).reshape(B, -1))
+            out["bias"] = DenseGrad(g.sum(2, dtype=compute_dtype(g)).reshape(B, -1))  # float32 for half
         return out
 
     def shape_summary(self, binding):

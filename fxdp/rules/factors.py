@@ -13,7 +13,10 @@ between two uses of the same parameter (tied weights) and the clipped sum
 ``sum_b coef[b] * grad_b`` as one matmul / index_add. All arithmetic is done in
 at least float32 (float64 stays float64). The choice between the ghost-norm
 (Gram) form and instantiation is taken per call from the real shapes and
-recorded on the factor (``decision``) so reports can show it.
+recorded on the factor (``decision``) so reports can show it. A low-rank factor
+whose norm is computed by instantiation is instantiated once (:func:`prepare`):
+the same per-sample gradients give its norm and its clipped sum, which is then a
+weighted sum over the batch instead of a second GEMM.
 """
 from __future__ import annotations
 
@@ -83,16 +86,59 @@ class DenseGrad:
 
 
 def use_ghost(T: int, m: int, n: int) -> bool:
-    """Ghost (Gram) norm iff it is cheaper than instantiation: 2T^2 < m*n."""
-    return 2 * T * T < m * n
+    """Ghost (Gram) norm iff instantiating the per-sample gradients would hold more than 7/4 of the memory
+    of the factors they replace: ``4 m n > 7 T (m + n)``.
+
+    Instantiated gradients (B m n values, one GEMM of B T m n) give both the norm and the clipped sum
+    (then a B m n weighted sum); the ghost norm costs B T^2 (m + n) on top of the clipped-sum GEMM
+    (B T m n). So instantiation is the cheaper one at every T > 1 that matters, and the condition is
+    about memory: the instantiated gradients replace the factors (B T (m + n) values) they come from."""
+    return 4 * m * n > 7 * T * (m + n)
 
 
 def norm_decision(T: int, m: int, n: int) -> str:
     """How the squared norm of a low-rank factor is computed: "outer" (T == 1),
-    "ghost" (Gram matrices, 2T^2 < m*n) or "instantiate"."""
+    "ghost" (Gram matrices, :func:`use_ghost`) or "instantiate"."""
     if T == 1:
         return "outer"
     return "ghost" if use_ghost(T, m, n) else "instantiate"
+
+
+def decide(f) -> Optional[str]:
+    """The norm method of ``f`` (set on a low-rank factor from its current shapes)."""
+    if isinstance(f, LowRankGrad):
+        f.decision = norm_decision(f.left.shape[2], f.left.shape[-1], f.right.shape[-1])
+    return f.decision
+
+
+def prepare(f):
+    """The form in which finalize computes with ``f``: a low-rank factor whose norm is computed by
+    instantiation becomes its dense per-sample gradients (in the compute dtype), computed once and
+    reused for the norm, cross terms and the clipped sum; any other factor is returned as it is."""
+    if isinstance(f, LowRankGrad) and decide(f) == "instantiate":
+        return DenseGrad(f.materialize(), "instantiate")
+    return f
+
+
+def _ghost_sq_norm(left: torch.Tensor, right: torch.Tensor, block: int = 64) -> torch.Tensor:
+    """``sum_{s,t} <l_s, l_t> <r_s, r_t>`` per sample. The Grams are symmetric: from T >= 2 * block only
+    their upper block triangle is formed (diagonal blocks once, off-diagonal ones counted twice), which
+    takes (k + 1) / 2k of the GEMM work with k = min(4, T // block) blocks (3/4 at T = 128)."""
+    B, G, T, _ = left.shape
+    L, R = left.reshape(B * G, T, -1), right.reshape(B * G, T, -1)
+    k = min(4, T // block)
+    if k < 2:
+        return (torch.bmm(L, L.transpose(1, 2)) * torch.bmm(R, R.transpose(1, 2))).sum((1, 2)).view(B, G).sum(1)
+    edges = [T * i // k for i in range(k + 1)]
+    total = None
+    for i in range(k):
+        Li, Ri = L[:, edges[i]:edges[i + 1]], R[:, edges[i]:edges[i + 1]]
+        for j in range(i, k):
+            Lj, Rj = L[:, edges[j]:edges[j + 1]], R[:, edges[j]:edges[j + 1]]
+            term = (torch.bmm(Li, Lj.transpose(1, 2)) * torch.bmm(Ri, Rj.transpose(1, 2))).sum((1, 2))
+            term = term if i == j else 2 * term
+            total = term if total is None else total + term
+    return total.view(B, G).sum(1)
 
 
 def sq_norm(f) -> torch.Tensor:
@@ -102,19 +148,16 @@ def sq_norm(f) -> torch.Tensor:
         left, right = f.left.to(dt), f.right.to(dt)
         B, G, T, m = left.shape
         n = right.shape[-1]
-        f.decision = norm_decision(T, m, n)
-        if f.decision == "outer":
+        if decide(f) == "outer":
             return (left.square().sum(-1) * right.square().sum(-1)).sum((1, 2))
         if f.decision == "ghost":
-            gl = torch.matmul(left, left.transpose(-1, -2))
-            gr = torch.matmul(right, right.transpose(-1, -2))
-            return (gl * gr).sum((1, 2, 3))
+            return _ghost_sq_norm(left, right)
         return torch.matmul(left.transpose(-1, -2), right).square().sum((1, 2, 3))
     if isinstance(f, EmbeddingGrad):
         return inner(f, f)
     if isinstance(f, DenseGrad):
         g = f.materialize()
-        return g.reshape(g.shape[0], -1).square().sum(1)
+        return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()  # no squared copy
     raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")
 
 
@@ -149,6 +192,15 @@ def _embedding_lowrank_inner(e: EmbeddingGrad, lr: LowRankGrad) -> torch.Tensor:
     return (picked * dots).sum((1, 2))
 
 
+def _embedding_dense_inner(e: EmbeddingGrad, d: DenseGrad) -> torch.Tensor:
+    # <sum_t onehot(x_t) g_t^T, D> = sum_t <g_t, D[x_t]>
+    dt = compute_dtype(e.grad, d.grad)
+    B, T = e.index.shape
+    dense = d.grad.to(dt).reshape(B, e.shape[0], -1)
+    rows = torch.gather(dense, 1, e.index.unsqueeze(-1).expand(B, T, dense.shape[-1]))
+    return (rows * e.grad.to(dt)).sum((1, 2))
+
+
 def inner(a, b) -> torch.Tensor:
     """Per-sample inner product <grad_a[b], grad_b[b]> of two uses of one parameter."""
     if isinstance(a, LowRankGrad) and isinstance(b, LowRankGrad) and a.left.shape[1] == b.left.shape[1] \
@@ -159,7 +211,9 @@ def inner(a, b) -> torch.Tensor:
     if isinstance(a, EmbeddingGrad) and isinstance(b, LowRankGrad) and b.left.shape[1] == 1 \
             and b.left.shape[-1] == a.shape[0]:
         return _embedding_lowrank_inner(a, b)
-    if isinstance(b, EmbeddingGrad) and isinstance(a, LowRankGrad):
+    if isinstance(a, EmbeddingGrad) and isinstance(b, DenseGrad) and b.shape == a.shape:
+        return _embedding_dense_inner(a, b)
+    if isinstance(b, EmbeddingGrad) and isinstance(a, (LowRankGrad, DenseGrad)):
         return inner(b, a)
     ga, gb = a.materialize(), b.materialize()
     dt = compute_dtype(ga, gb)
@@ -182,10 +236,16 @@ def clipped_sum(f, coef: torch.Tensor, keep: Optional[torch.Tensor] = None) -> t
         dt = compute_dtype(f.left, f.right, coef)
         B, G, T, m = f.left.shape
         n = f.right.shape[-1]
-        left = _mask_rows(f.left.to(dt), keep) * coef.to(dt).view(B, 1, 1, 1)
-        right = _mask_rows(f.right.to(dt), keep)
-        lhs = left.permute(1, 3, 0, 2).reshape(G, m, B * T)
-        rhs = right.permute(1, 0, 2, 3).reshape(G, B * T, n)
+        left, right = _mask_rows(f.left.to(dt), keep), _mask_rows(f.right.to(dt), keep)
+        c = coef.to(dt).view(B, 1, 1, 1)
+        if m <= n:  # scale the smaller side
+            left = left * c
+        else:
+            right = right * c
+        if G == 1:  # the GEMM reads the transposed operand in place
+            return torch.mm(left.reshape(B * T, m).t(), right.reshape(B * T, n)).reshape(f.shape)
+        lhs = left.transpose(0, 1).reshape(G, B * T, m).transpose(1, 2)
+        rhs = right.transpose(0, 1).reshape(G, B * T, n)
         return torch.bmm(lhs, rhs).reshape(f.shape)
     if isinstance(f, EmbeddingGrad):
         dt = compute_dtype(f.grad, coef)

@@ -5,7 +5,8 @@ Per-sample weight gradient of sample b with activations a_b (T x d) and output
 gradients g_b (T x p): ``g_b^T a_b`` (F.linear, weight p x d) or ``a_b^T g_b``
 (addmm / matmul, weight d x p) -- a :class:`LowRankGrad`, whose norm is a ghost
 norm or an instantiation by cost, and whose clipped sum is one matmul over the
-whole batch. Bias: ``sum_t g_b[t]`` (dense, B x p).
+whole batch. Bias: ``sum_t g_b[t]`` (dense, B x p; summed in float32 for half-precision models,
+as all norms are: :mod:`fxdp.rules.factors`).
 """
 from __future__ import annotations
 
@@ -15,11 +16,16 @@ import torch.nn.functional as F
 from fxdp.core.errors import UncoveredParameterError
 from fxdp.core.layout import batch_first_2d
 from fxdp.rules.base import Binding, OpCall, Rule, trainable_roles
-from fxdp.rules.factors import DenseGrad, LowRankGrad
+from fxdp.rules.factors import DenseGrad, LowRankGrad, compute_dtype
 
 
 def _lowrank(left, right, shape):
     return LowRankGrad(left.unsqueeze(1), right.unsqueeze(1), torch.Size(shape))
+
+
+def _bias(g):
+    """Per-sample bias gradient ``sum_t g[b, t]``, summed in float32 also for half-precision outputs."""
+    return g.sum(1, dtype=compute_dtype(g))
 
 
 class LinearRule(Rule):
@@ -48,7 +54,7 @@ class LinearRule(Rule):
             a = batch_first_2d(saved["x"], layout, batch_size)
             out["weight"] = _lowrank(g, a, binding.params["weight"].shape)
         if "bias" in binding.roles:
-            out["bias"] = DenseGrad(g.sum(1))
+            out["bias"] = DenseGrad(_bias(g))
         return out
 
     def shape_summary(self, binding):
@@ -90,7 +96,7 @@ class AddmmRule(Rule):
             out["weight"] = _lowrank(a * alpha if alpha != 1 else a, g, binding.params["weight"].shape)
         if "bias" in binding.roles:
             beta = binding.options["beta"]
-            out["bias"] = DenseGrad(g.sum(1) * beta if beta != 1 else g.sum(1))
+            out["bias"] = DenseGrad(_bias(g) * beta if beta != 1 else _bias(g))
         return out
 
     def shape_summary(self, binding):
