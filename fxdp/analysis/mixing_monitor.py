@@ -153,6 +153,9 @@ class MixingMonitor(TorchFunctionMode):
     # --------------------------------------------------------------------------- dispatch
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if func is T.register_hook and self.structural and len(args) == 2 and self._is_derived(args[0]) \
+                and args[0].is_floating_point():
+            args = (args[0], observe_only(args[1]))
         if func in MIXING_RELEVANT:
             self.signature = hash((self.signature, func))
             self.calls += 1
@@ -240,30 +243,38 @@ class MixingMonitor(TorchFunctionMode):
         return held
 
 
-# Values leaving torch (to Python or NumPy), where the tracking cannot follow them, and gradient
-# hooks, which run in backward, outside the forward this monitor sees.
-LEAVING = {T.numpy, T.tolist, T.item, T.__float__, T.__int__, T.__index__, T.register_hook}
+# Values leaving torch (to Python or NumPy), where the tracking cannot follow them.
+LEAVING = {T.numpy, T.tolist, T.item, T.__float__, T.__int__, T.__index__}
 
 
 def _refuse_leaving(name: str, t: torch.Tensor, place) -> None:
     """A floating-point value computed from the batch taken out of torch (``x.detach().numpy()``,
     ``tolist()``, ``item()``, ``float(x)``) can steer every sample's computation from Python (min-max
-    scaling with NumPy: 2.1 R); a gradient hook on it can mix samples' gradients in backward
-    (``g + g.sum(0)``: 2.9 R). Both are refused in a training forward. (Python control flow on
-    ``bool(t)`` is not followed: masks are tested that way, ``if torch.all(mask == 1)``.)"""
+    scaling with NumPy: 2.1 R): refused in a training forward. (Python control flow on ``bool(t)``
+    is not followed: masks are tested that way, ``if torch.all(mask == 1)``.)"""
     if not (t.is_floating_point() or t.is_complex()):
         return
-    if name == "register_hook":
-        raise SampleMixingError(
-            "fxdp: register_hook on a tensor computed from the batch inside the privatized forward: the hook runs "
-            "in backward, where fxdp's checks do not see it, and can mix samples' gradients (g + g.sum(0)) or "
-            "rescale them after clipping decided their norm. Register gradient hooks outside the model's forward "
-            "on tensors that do not depend on the batch, or compute the effect in the forward.")
     raise SampleMixingError(
         f"fxdp: {name}() takes a floating-point value computed from the batch out of torch inside the privatized "
         "forward; fxdp cannot follow it there, and a statistic of the batch computed in Python or NumPy (a min-max "
         "scaling, a threshold) would make each sample's output depend on the other samples. Compute it with "
         "torch ops along each sample's own dimensions, or outside the model from public data.")
+
+
+def observe_only(hook):
+    """A gradient hook registered inside the forward on a tensor computed from the batch runs in backward,
+    where these checks do not see it: it may read the gradient (logging, inspection) but not replace it --
+    ``g + g.sum(0)`` mixes samples' gradients (2.9 R). A hook that returns a new gradient is refused."""
+    def guarded(grad):
+        out = hook(grad)
+        if out is not None and out is not grad:
+            raise SampleMixingError(
+                "fxdp: a gradient hook registered inside the privatized forward on a tensor computed from the batch "
+                "returned a new gradient; fxdp's checks cannot see what it computes, and it can mix samples' "
+                "gradients (g + g.sum(0)) or rescale them after the per-sample norms. Hooks inside the forward may "
+                "only read the gradient (return None); compute any change in the forward instead.")
+        return None
+    return guarded
 
 
 class _Held:

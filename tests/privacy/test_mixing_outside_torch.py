@@ -4,7 +4,7 @@ Each was measured above R with noise off (D vs D minus one example) with no erro
 scaling computed with NumPy (2.1 R), a gradient hook that mixes samples' gradients in backward
 (2.9 R), an ``any()`` gate over the batch (2.6 R) and a mean pooling divided by the integer token
 count of the whole batch (2.0 R). Values taken out of torch and gradient hooks inside the forward are
-refused; boolean / integer reductions over the batch are held, and refused when they meet per-sample
+refused (a gradient hook may read, not replace, the gradient); boolean / integer reductions over the batch are held, and refused when they meet per-sample
 values -- which per-sample mask counts and HF's ``if torch.all(mask == 1)`` never do.
 """
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _step(model, x, y):
 
 
 @pytest.mark.parametrize("model_class,match", [(NumpyMinMax, r"numpy\(\) takes a floating-point value"),
-                                               (GradientHook, "register_hook"),
+                                               (GradientHook, "gradient hook registered inside the privatized forward"),
                                                (AnyGate, "any reduces a mask or count"),
                                                (BatchTokenCount, "mask or count computed from the batch")])
 def test_batch_values_leaving_torch_or_gating_every_sample_are_refused(model_class, match):
@@ -95,3 +95,17 @@ def test_per_sample_mask_counts_are_not_refused():
     x[..., 4] = (torch.arange(10)[None] < torch.randint(1, 10, (12, 1))).double()
     _step(model, x, torch.randint(0, 3, (12,)))
     assert all(p.private_grad is not None for p in model.parameters())
+
+
+def test_a_gradient_hook_that_only_reads_is_not_refused():
+    seen = []
+
+    class Observed(GradientHook):
+        def forward(self, x):
+            h = torch.tanh(self.fc1(x))
+            h.register_hook(lambda g: seen.append(g.norm()))
+            return self.fc2(h)
+
+    model = fxdp.privatize(Observed().double(), max_grad_norm=0.1)
+    _step(model, torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,)))
+    assert seen and model.fc1.weight.private_grad is not None
