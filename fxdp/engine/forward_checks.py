@@ -203,9 +203,19 @@ def _state(model: nn.Module):
     """The model's released state that no private gradient covers: buffers and frozen parameters (a running
     statistic kept as ``nn.Parameter(..., requires_grad=False)`` is in ``state_dict`` like a buffer)."""
     yield from model.named_buffers()
+    if _fully_sharded(model):
+        return  # FSDP2 all-gathers into (and frees) every parameter's storage each forward: versions move
     for n, p in model.named_parameters():
         if not p.requires_grad:
             yield n, p
+
+
+def _fully_sharded(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 class BufferWatch:
