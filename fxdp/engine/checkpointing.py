@@ -34,9 +34,10 @@ from typing import Dict, List, Optional
 import torch
 from torch.utils._pytree import tree_flatten
 
-from fxdp.analysis.checkpointing import checkpoint_frame
+from fxdp.analysis.checkpointing import checkpoint_frame, innermost_checkpoint, reentrant_inputs_require_grad
 from fxdp.analysis.interceptor import ParameterInterceptor
-from fxdp.core.errors import PrivacyError, UncoveredParameterError
+from fxdp.analysis.mixing_monitor import MIXING_RELEVANT
+from fxdp.core.errors import PrivacyError, SampleMixingError, UncoveredParameterError
 from fxdp.engine import forward_checks
 from fxdp.engine.tap import LayerUse, TapFunction
 
@@ -60,18 +61,45 @@ def lift_operand(call, binding, batch_size: int) -> None:
     binding.layout_source = lifted
 
 
-class Region:
-    """One checkpointed call in one forward: the tap records its parameter uses made, in order."""
+def _plain(a):
+    if isinstance(a, torch.Tensor):
+        return ("tensor", tuple(a.shape), a.dtype)
+    if isinstance(a, slice):
+        return ("slice", _plain(a.start), _plain(a.stop), _plain(a.step))
+    if isinstance(a, (list, tuple)):
+        return tuple(_plain(x) for x in a)
+    if a is None or a is Ellipsis or isinstance(a, (bool, int, str, torch.dtype, torch.device)):
+        return a
+    if isinstance(a, float):
+        return repr(a)  # nan compares equal to itself
+    return type(a).__name__
 
-    def __init__(self, param_names: Dict[int, str], reentrant: bool):
+
+def mixing_key(func, args, kwargs) -> tuple:
+    """A mixing-relevant call (:data:`~fxdp.analysis.mixing_monitor.MIXING_RELEVANT`) as the replay compares
+    it: the function, its non-tensor arguments (dims, indices, slices) and its tensor arguments' shapes."""
+    return (func, _plain(tuple(args)), tuple(sorted((k, _plain(v)) for k, v in kwargs.items())))
+
+
+class Region:
+    """One checkpointed call in one forward: the tap records its parameter uses made, in order, and the
+    mixing-relevant calls it made (:func:`mixing_key`), in order, outside regions nested in it."""
+
+    def __init__(self, param_names: Dict[int, str], reentrant: bool, inputs_require_grad: bool = True):
         self.param_names = dict(param_names)
         self.reentrant = reentrant
+        self.inputs_require_grad = inputs_require_grad
         self.uses: List[LayerUse] = []
         self.lifts: List[bool] = []
+        self.mixing: List[tuple] = []
 
     def add(self, use: LayerUse, lift: bool) -> None:
         self.uses.append(use)
         self.lifts.append(bool(lift))
+
+    def observe(self, func, args, kwargs) -> None:
+        if func in MIXING_RELEVANT:
+            self.mixing.append(mixing_key(func, args, kwargs))
 
     def replay(self, function, args, kwargs, recorder):
         interceptor = ParameterInterceptor(self.param_names, recorder)
@@ -103,9 +131,28 @@ def region_of(owner, param_names: Dict[int, str], reentrant: bool) -> Region:
     function = getattr(owner, attr)
     if isinstance(function, _Replaying):
         return function.region
-    region = Region(param_names, reentrant)
+    region = Region(param_names, reentrant, reentrant_inputs_require_grad(owner) if reentrant else True)
     setattr(owner, attr, _Replaying(function, region))
     return region
+
+
+def observe_forward_call(func, args, kwargs, param_names: Dict[int, str]) -> None:
+    """Every call of a private forward: inside a checkpoint region, the region is made (so that its re-run is
+    replayed, whether or not the forward used a parameter in it) and its mixing-relevant calls recorded."""
+    found = innermost_checkpoint()
+    if found is not None:
+        region_of(found[0], param_names, found[1]).observe(func, args, kwargs)
+
+
+def no_grad_input_refusal(names) -> UncoveredParameterError:
+    names = tuple(sorted(set(names)))
+    exc = UncoveredParameterError(
+        f"fxdp: trainable parameter(s) {', '.join(names)} are used inside a reentrant torch.utils.checkpoint region "
+        "(use_reentrant=True) none of whose inputs requires grad: torch skips the backward of such a region, so "
+        "these parameters would silently get no gradient. Use use_reentrant=False, or make an input of the region "
+        "require grad (HuggingFace: model.enable_input_require_grads()).")
+    exc.param_names = names
+    return exc
 
 
 def current_region(param_names: Dict[int, str]) -> Optional[Region]:
@@ -134,7 +181,26 @@ class _Replay:
     def __init__(self, region: Region):
         self.region = region
         self.next = 0
+        self.mixing_next = 0
         self.plain = 0  # inside the no-grad forward of a reentrant checkpoint nested in this region
+
+    def observe(self, func, args, kwargs, out) -> None:
+        """The recomputation's own mixing-relevant calls must be the forward's, in order (a non-reentrant
+        recomputation may stop early: a prefix)."""
+        if func not in MIXING_RELEVANT or self.plain or innermost_checkpoint() is not None:
+            return
+        seq, k = self.region.mixing, self.mixing_next
+        key = mixing_key(func, args, kwargs)
+        if k >= len(seq) or seq[k] != key:
+            was = "nothing (the forward made fewer)" if k >= len(seq) else _call_name(seq[k][0])
+            raise SampleMixingError(
+                f"fxdp: the recomputation of a torch.utils.checkpoint region differs from its forward in a call that "
+                f"can mix samples: mixing-relevant call {k} of the region was {was} in the forward and is "
+                f"{_call_name(func)} (or the same op with other arguments) in the recomputation (state changed "
+                "between forward and backward?). The forward's sample-mixing checks do not cover the recomputation's "
+                "values. Make the checkpointed function deterministic (no branch on data or on state changed "
+                "between forward and backward).")
+        self.mixing_next += 1
 
     def substitute(self, func, args, kwargs):
         return None
@@ -159,8 +225,10 @@ class _Replay:
         if self.next >= len(region.uses):
             raise PrivacyError(
                 f"fxdp: the recomputation of a torch.utils.checkpoint region uses trainable parameters "
-                f"({', '.join(binding.param_names)} in {call.name}) more often than its forward did; fxdp cannot "
-                "tell which forward use it stands for. Make the checkpointed function deterministic.")
+                f"({', '.join(binding.param_names)} in {call.name}) more often than its forward did "
+                f"({len(region.uses)} uses): a parameter use the forward did not make (state changed between "
+                "forward and backward?) would get a gradient fxdp never clipped. Make the checkpointed function "
+                "deterministic.")
         use, lift = region.uses[self.next], region.lifts[self.next]
         if use.op != call.name or tuple(use.binding.param_names) != tuple(binding.param_names):
             raise PrivacyError(
@@ -172,7 +240,15 @@ class _Replay:
         return use, lift
 
     def done(self) -> None:
-        return None
+        if self.mixing_next != len(self.region.mixing):
+            raise SampleMixingError(
+                f"fxdp: the recomputation of a torch.utils.checkpoint region made {self.mixing_next} mixing-relevant "
+                f"calls, its forward {len(self.region.mixing)}: it differs from its forward (state changed between "
+                "forward and backward?). Make the checkpointed function deterministic.")
+
+
+def _call_name(func) -> str:
+    return getattr(func, "__qualname__", None) or getattr(func, "__name__", None) or str(func)
 
 
 class NonReentrantReplay(_Replay):
@@ -240,6 +316,7 @@ class ReentrantReplay(_Replay):
         return out
 
     def done(self) -> None:
+        super().done()
         if self.next != len(self.region.uses):
             raise PrivacyError(
                 f"fxdp: the recomputation of a reentrant torch.utils.checkpoint region used trainable parameters "
