@@ -99,9 +99,13 @@ def reentrant_checkpoint() -> Optional[Any]:
 def reentrant_inputs_require_grad(owner) -> bool:
     """Whether a tensor input of the running reentrant checkpoint ``owner`` requires grad. When none does,
     torch never runs the region's backward (nor its re-run): what it reserved would never be tapped. True
-    when the forward's frame cannot be found (the caller's other checks then apply)."""
-    for frame, ctx in _reentrant_frames():
+    when the forward's frame cannot be found, and for a region nested in the no-grad forward of another
+    reentrant one (its inputs never require grad there; the outer region's re-run makes it again, refused)."""
+    frames = _reentrant_frames()
+    for frame, ctx in frames:
         if ctx is owner:
+            if next(frames, None) is not None:
+                return True
             args = frame.f_locals.get("args", ())
             return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
     return True
