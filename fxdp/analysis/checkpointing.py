@@ -113,14 +113,28 @@ def reentrant_inputs_require_grad(owner) -> bool:
 
 def innermost_checkpoint() -> Optional[tuple]:
     """``(owner, reentrant)`` of the checkpoint region whose forward is running the current call (its
-    ``_CheckpointFrame``, or its reentrant ``CheckpointFunction`` context), or None outside any. A call
-    without grad mode inside a reentrant forward belongs to the innermost reentrant region (a non-reentrant
-    region nested in it is refused at its parameter uses)."""
-    if not torch.is_grad_enabled():
-        ctx = reentrant_checkpoint()
-        if ctx is not None:
-            return ctx, True
+    ``_CheckpointFrame``, or its reentrant ``CheckpointFunction`` context), or None outside any. Without
+    grad mode (inside a reentrant forward) the Python stack says which is innermost: the first frame that
+    is a ``CheckpointFunction.forward`` or a non-reentrant ``checkpoint`` call (which, run without grad
+    mode, sets no hooks and makes no region: its calls then belong to none)."""
     frame = checkpoint_frame()
+    if torch.is_grad_enabled():
+        return None if frame is None else (frame, False)
+    f = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code.co_filename.endswith(_CHECKPOINT_FILE):
+            if code.co_name == "forward" and getattr(code, "co_qualname", "CheckpointFunction.forward") \
+                    == "CheckpointFunction.forward":
+                ctx = f.f_locals.get("ctx")
+                if ctx is not None and hasattr(ctx, "run_function"):
+                    return ctx, True
+            elif code.co_name == "checkpoint" and f.f_locals.get("use_reentrant") is False:
+                # run without grad mode, a non-reentrant checkpoint sets no hooks and is no region
+                gen_frame = getattr(f.f_locals.get("gen"), "gi_frame", None)
+                own = gen_frame.f_locals.get("new_frame") if gen_frame is not None else None
+                return (frame, False) if frame is not None and own is frame else None
+        f = f.f_back
     return None if frame is None else (frame, False)
 
 

@@ -2,11 +2,27 @@
 private forwards: taps made once per real use, by the forward; recomputations replay them.
 
 The recomputation that a checkpoint runs in backward happens outside the private forward (no
-interceptor is active then). Each region is therefore *replayed*: the function the checkpoint will
-re-run is wrapped, once, when the forward first uses a trainable parameter inside the region, so that
-it runs under fxdp's interceptor with a replay recorder that binds every parameter use, in order, to
-the tap record (:class:`~fxdp.engine.tap.LayerUse`) the forward made for it. A recomputation whose
-parameter uses differ from the forward's (another op, other parameters, more uses) is refused.
+interceptor, no mixing monitor is active then). Each region is therefore *replayed*: the function the
+checkpoint will re-run is wrapped, once, when the first call of the forward inside the region is
+intercepted (any call, with or without a parameter: a reentrant ``CheckpointFunction.forward`` always
+makes one, entering ``torch.no_grad``), so that it runs under fxdp's interceptor with a replay recorder.
+What the replay checks, against what the forward recorded for the region (calls in regions nested in it
+excluded: they are their own regions):
+
+1. **Parameter uses**: every use of a trainable parameter is bound, in order, to the tap record
+   (:class:`~fxdp.engine.tap.LayerUse`) the forward made for it; another op, other parameters, or a use
+   the forward did not make (also in a region whose forward used no parameter at all) is refused
+   (``PrivacyError``), and a reentrant re-run that makes fewer uses than the forward too.
+2. **Mixing-relevant calls**: the forward ran under the structural sample-mixing monitor
+   (:mod:`fxdp.analysis.mixing_monitor`); the recomputation does not. The forward records the sequence of
+   the region's calls in :data:`~fxdp.analysis.mixing_monitor.MIXING_RELEVANT` (reductions, indexing,
+   reordering, contractions, ...) with their non-tensor arguments (dims, indices, slices) and their
+   tensor arguments' shapes (:func:`mixing_key`); the recomputation's sequence must be the same, call by
+   call (a non-reentrant recomputation may stop early: a prefix), else ``SampleMixingError`` (state
+   changed between forward and backward, e.g. a per-batch centering switched on, a reduction moved to
+   the batch dim). Not compared: elementwise calls and the *values* of tensor arguments (an index tensor
+   with other contents, a different scalar tensor); these are covered only if they change the parameter
+   uses or the mixing-relevant sequence.
 
 - **Non-reentrant** (``use_reentrant=False``, HF's default): the forward's taps keep their operands
   as autograd saved tensors only (``LayerUse.checkpointed``), so the checkpoint drops them after the
@@ -18,13 +34,17 @@ parameter uses differ from the forward's (another op, other parameters, more use
   bound and *reserved* (a record with its call-site ordinal and batch layout, no tap). The re-run in
   backward applies the real taps on those records, in order; the nested backward the checkpoint then
   runs delivers their output gradients, which the engine attributes to the outer backward pass
-  (``LayerUse.backward_task``), finalized once at its end.
+  (``LayerUse.backward_task``), finalized once at its end. A reentrant region with parameter uses none
+  of whose tensor inputs requires grad is refused at the forward (``UncoveredParameterError``): torch
+  skips its backward, so its reserved taps would never fire and its parameters would silently get no
+  gradient (use ``use_reentrant=False`` or make an input require grad).
 
 What BK ghost clipping needs at the end of backward -- each tapped op's input and output gradient --
 is still held until the clipped sums are formed; the activations between taps (attention scores,
 MLP hidden states before the activation function, dropout masks, norm statistics) are not.
 Limitations (refused): parameters transformed before they meet the batch (virtual parameters) inside
-a region; a region whose recomputation differs from its forward.
+a region; a checkpoint nested in a reentrant region; a region whose recomputation differs from its
+forward as above.
 """
 from __future__ import annotations
 
@@ -296,6 +316,16 @@ class ReentrantReplay(_Replay):
         engine = uses[0].context.engine_ref() if uses else None
         if engine is not None and self.task >= 0:
             engine.expect_backward(self.task)
+
+    def observe(self, func, args, kwargs, out) -> None:
+        """A checkpoint nested in the region, made again by the re-run, is refused at its first call, parameter or
+        not: its own recomputation would run later, in the nested backward, under no interceptor."""
+        if innermost_checkpoint() is not None:
+            raise PrivacyError(
+                "fxdp: a torch.utils.checkpoint nested inside a reentrant checkpoint region is not supported (its "
+                "own recomputation, in the nested backward, would run unchecked); use one level of checkpointing, "
+                "or the non-reentrant flavour (use_reentrant=False) for the outer one.")
+        super().observe(func, args, kwargs, out)
 
     def handle(self, call, binding):
         if checkpoint_frame() is not None:
