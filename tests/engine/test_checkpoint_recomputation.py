@@ -164,3 +164,34 @@ def test_a_reentrant_region_whose_input_requires_grad_matches_the_reference():
     scale = max(float(e.abs().max()) for e in expected.values())
     for n, p in model.named_parameters():
         assert float((p.private_grad - expected[n]).abs().max()) <= 1e-9 * scale, n
+
+
+class NestedWithoutParameters(nn.Module):
+    """A reentrant region holding a checkpoint that uses no parameter: the nested region's own recomputation
+    would run in the re-run's nested backward, where nothing checks it."""
+
+    def __init__(self, inner_reentrant: bool):
+        super().__init__()
+        self.a, self.head = nn.Linear(4, 4), nn.Linear(4, 2)
+        self.inner_reentrant = inner_reentrant
+
+    def inner(self, h):
+        return torch.softmax(h, -1) * 2
+
+    def body(self, h):
+        return checkpoint(self.inner, torch.tanh(h), use_reentrant=self.inner_reentrant).sum(-1, keepdim=True) * h
+
+    def forward(self, x):
+        return self.head(checkpoint(self.body, self.a(x), use_reentrant=True))
+
+
+@pytest.mark.filterwarnings("ignore:None of the inputs have requires_grad")
+@pytest.mark.parametrize("inner", [False, True], ids=["non-reentrant-inside", "reentrant-inside"])
+def test_a_parameter_free_checkpoint_nested_in_a_reentrant_region_is_refused(inner):
+    torch.manual_seed(0)
+    model = fxdp.privatize(NestedWithoutParameters(inner).double(), max_grad_norm=0.5)
+    x, y = _data(6)
+    loss = ce_sum(model(x[:, :4]), y) / 6
+    with pytest.raises(fxdp.PrivacyError, match="nested inside a reentrant checkpoint region is not supported"):
+        loss.backward()
+    assert all(p.grad is None for p in model.parameters())
