@@ -20,9 +20,11 @@ excluded: they are their own regions):
    tensor arguments' shapes (:func:`mixing_key`); the recomputation's sequence must be the same, call by
    call (a non-reentrant recomputation may stop early: a prefix), else ``SampleMixingError`` (state
    changed between forward and backward, e.g. a per-batch centering switched on, a reduction moved to
-   the batch dim). Not compared: elementwise calls and the *values* of tensor arguments (an index tensor
-   with other contents, a different scalar tensor); these are covered only if they change the parameter
-   uses or the mixing-relevant sequence.
+   the batch dim, an index / permutation / mask tensor with other contents). Integer and boolean tensor
+   arguments are compared by two checksums (a sum and a position-weighted sum), not element by element.
+   Not compared: elementwise calls and the *values* of floating-point tensor arguments (those of the
+   recomputation are what the forward's ops recompute; a different float computed by an elementwise
+   op, e.g. a changed scale, is covered only where it changes the parameter uses or the sequence).
 
 - **Non-reentrant** (``use_reentrant=False``, HF's default): the forward's taps keep their operands
   as autograd saved tensors only (``LayerUse.checkpointed``), so the checkpoint drops them after the
@@ -81,9 +83,31 @@ def lift_operand(call, binding, batch_size: int) -> None:
     binding.layout_source = lifted
 
 
+class _Contents:
+    """The contents of an integer / boolean tensor argument (an index, a permutation, a mask), as two checksums
+    (a sum and a position-weighted sum, kept on the tensor's device: no synchronisation in the forward);
+    equal when both are."""
+
+    __hash__ = None
+
+    def __init__(self, t: torch.Tensor):
+        with torch._C.DisableTorchFunction(), torch.no_grad():
+            flat = t.reshape(-1).to(torch.int64)
+            weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
+            self.sums = torch.stack([flat.sum(), (flat * weights).sum()])
+
+    def __eq__(self, other):
+        if not isinstance(other, _Contents):
+            return NotImplemented
+        with torch._C.DisableTorchFunction():
+            return self.sums.device == other.sums.device and bool(torch.equal(self.sums, other.sums))
+
+
 def _plain(a):
     if isinstance(a, torch.Tensor):
-        return ("tensor", tuple(a.shape), a.dtype)
+        if a.is_floating_point() or a.is_complex():
+            return ("tensor", tuple(a.shape), a.dtype)
+        return ("tensor", tuple(a.shape), a.dtype, _Contents(a))
     if isinstance(a, slice):
         return ("slice", _plain(a.start), _plain(a.stop), _plain(a.step))
     if isinstance(a, (list, tuple)):
@@ -97,7 +121,8 @@ def _plain(a):
 
 def mixing_key(func, args, kwargs) -> tuple:
     """A mixing-relevant call (:data:`~fxdp.analysis.mixing_monitor.MIXING_RELEVANT`) as the replay compares
-    it: the function, its non-tensor arguments (dims, indices, slices) and its tensor arguments' shapes."""
+    it: the function, its non-tensor arguments (dims, indices, slices), its tensor arguments' shapes and
+    dtypes, and the contents of its integer / boolean tensor arguments (checksums, :class:`_Contents`)."""
     return (func, _plain(tuple(args)), tuple(sorted((k, _plain(v)) for k, v in kwargs.items())))
 
 

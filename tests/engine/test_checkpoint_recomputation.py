@@ -195,3 +195,30 @@ def test_a_parameter_free_checkpoint_nested_in_a_reentrant_region_is_refused(inn
     with pytest.raises(fxdp.PrivacyError, match="nested inside a reentrant checkpoint region is not supported"):
         loss.backward()
     assert all(p.grad is None for p in model.parameters())
+
+
+class Permuted(nn.Module):
+    """Rows taken in the order of a buffer ``order`` (the identity in the forward) inside the region."""
+
+    def __init__(self, reentrant: bool):
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 2)
+        self.reentrant = reentrant
+        self.register_buffer("order", torch.arange(8))
+
+    def body(self, h):
+        return self.b(torch.tanh(self.a(h))[self.order[: h.shape[0]]])
+
+    def forward(self, x):
+        return self.head(checkpoint(self.body, x * 1.0, use_reentrant=self.reentrant))
+
+
+@pytest.mark.parametrize("flavour", list(FLAVOURS))
+def test_a_recomputation_indexing_with_other_contents_is_refused(flavour):
+    torch.manual_seed(0)
+    model = fxdp.privatize(Permuted(FLAVOURS[flavour]).double(), max_grad_norm=0.2, loss_reduction="sum")
+    x, y = _data()
+    loss = ce_sum(model(x.clone().requires_grad_()), y)
+    model.order = torch.arange(8).flip(0)  # rows reversed: each output row comes from another sample
+    with pytest.raises(fxdp.SampleMixingError, match="recomputation of a torch.utils.checkpoint region differs"):
+        loss.backward()
