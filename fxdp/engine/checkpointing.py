@@ -181,9 +181,14 @@ def region_of(owner, param_names: Dict[int, str], reentrant: bool) -> Region:
     return region
 
 
-def observe_forward_call(func, args, kwargs, param_names: Dict[int, str]) -> None:
+def observe_forward_call(func, args, kwargs, param_names: Dict[int, str], reentrant: Optional[Region] = None) -> None:
     """Every call of a private forward: inside a checkpoint region, the region is made (so that its re-run is
-    replayed, whether or not the forward used a parameter in it) and its mixing-relevant calls recorded."""
+    replayed, whether or not the forward used a parameter in it) and its mixing-relevant calls recorded.
+    ``reentrant``: the reentrant region whose parameter use is being bound (in grad mode, as its re-run will
+    be): the calls a rule decomposes that use into belong to it."""
+    if reentrant is not None:
+        reentrant.observe(func, args, kwargs)
+        return
     found = innermost_checkpoint()
     if found is not None:
         region_of(found[0], param_names, found[1]).observe(func, args, kwargs)

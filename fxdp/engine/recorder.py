@@ -117,7 +117,7 @@ class RuntimeRecorder:
 
     def observe(self, func, args, kwargs, out):
         """Calls inside checkpoint regions: recorded for the replay (:func:`observe_forward_call`)."""
-        observe_forward_call(func, args, kwargs, self.param_names)
+        observe_forward_call(func, args, kwargs, self.param_names, self._reentrant)
 
     def refuse(self, exc, func, args, kwargs, out=None):
         raise exc

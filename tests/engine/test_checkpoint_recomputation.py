@@ -222,3 +222,51 @@ def test_a_recomputation_indexing_with_other_contents_is_refused(flavour):
     model.order = torch.arange(8).flip(0)  # rows reversed: each output row comes from another sample
     with pytest.raises(fxdp.SampleMixingError, match="recomputation of a torch.utils.checkpoint region differs"):
         loss.backward()
+
+
+class Decomposed(nn.Module):
+    """Ops a rule decomposes into intercepted ops (attention, a GRU) in a region, optionally a reentrant
+    region nested in a non-reentrant one: the decomposed calls belong to the region that binds the use."""
+
+    def __init__(self, kind: str, outer: str):
+        super().__init__()
+        self.kind, self.outer, self.checkpointing = kind, outer, True
+        self.inp, self.head = nn.Linear(4, 8), nn.Linear(8, 2)
+        self.mod = nn.MultiheadAttention(8, 2, batch_first=True) if kind == "mha" else nn.GRU(8, 8, batch_first=True)
+
+    def core(self, h):
+        return self.mod(h, h, h, need_weights=False)[0] if self.kind == "mha" else self.mod(h)[0]
+
+    def body(self, h):
+        if self.outer != "nested":
+            return self.core(h)
+        h = torch.tanh(h)
+        return checkpoint(self.core, h, use_reentrant=True) if self.checkpointing else self.core(h)
+
+    def forward(self, x):
+        h = self.inp(x)
+        if self.checkpointing:
+            h = checkpoint(self.body, h, use_reentrant=self.outer == "reentrant")
+        else:
+            h = self.body(h)
+        return self.head(h.mean(1))
+
+
+@pytest.mark.parametrize("kind", ["mha", "gru"])
+@pytest.mark.parametrize("outer", ["reentrant", "non-reentrant", "nested"])
+def test_decomposed_parameter_uses_in_a_region_replay_and_match_the_reference(kind, outer):
+    torch.manual_seed(0)
+    template = Decomposed(kind, outer).double()
+    g = torch.Generator().manual_seed(2)
+    x, y = torch.randn(5, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g)
+    plain = copy.deepcopy(template)
+    plain.checkpointing = False
+    per_sample = per_sample_gradients(plain, split_batch((x,), {}, y), ce_sum)
+    groups = [[n for n, _ in template.named_parameters()]]
+    R = median_threshold(per_sample, groups)
+    expected, _ = reference_private_grads(per_sample, groups, R)
+    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
+    (ce_sum(model(x), y) / len(x)).backward()
+    scale = max(float(e.abs().max()) for e in expected.values())
+    for n, p in model.named_parameters():
+        assert float((p.private_grad - expected[n]).abs().max()) <= 1e-9 * scale, n
