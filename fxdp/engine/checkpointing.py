@@ -5,7 +5,8 @@ The recomputation that a checkpoint runs in backward happens outside the private
 interceptor, no mixing monitor is active then). Each region is therefore *replayed*: the function the
 checkpoint will re-run is wrapped, once, when the first call of the forward inside the region is
 intercepted (any call, with or without a parameter: a reentrant ``CheckpointFunction.forward`` always
-makes one, entering ``torch.no_grad``), so that it runs under fxdp's interceptor with a replay recorder.
+makes one, entering ``torch.no_grad``; a non-reentrant region whose forward makes none saves no tensor, so
+backward never recomputes it), so that it runs under fxdp's interceptor with a replay recorder.
 What the replay checks, against what the forward recorded for the region (calls in regions nested in it
 excluded: they are their own regions):
 

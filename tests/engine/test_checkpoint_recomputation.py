@@ -1,12 +1,15 @@
 """The recomputation a checkpoint runs in backward is held to its forward (both flavours).
 
 Invariants: a recomputation whose mixing-relevant calls differ from the forward's (a per-batch centering
-switched on between forward and backward, the same reduction over another dim) is refused with a
+switched on between forward and backward, the same reduction over another dim, an index tensor with
+other contents) is refused with a
 ``SampleMixingError`` before any gradient is released; a parameter use only the recomputation makes
 (a reentrant region whose forward used no parameter) is refused and leaves ``p.grad`` unset; a reentrant
 region with parameter uses and no input requiring grad (torch skips its backward) is refused at the
-forward. When state does not change, the same models keep neighbour sensitivity <= R with noise off and
-match the one-sample-at-a-time reference.
+forward; any checkpoint nested in a reentrant region (parameters or not) is refused at the re-run. When
+state does not change, the same models keep neighbour sensitivity <= R with noise off and match the
+one-sample-at-a-time reference, also with parameter uses a rule decomposes (attention, GRU) in reentrant
+and nested regions.
 """
 import copy
 import math
