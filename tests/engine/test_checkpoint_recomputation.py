@@ -2,8 +2,7 @@
 
 Invariants: a recomputation whose mixing-relevant calls differ from the forward's (a per-batch centering
 switched on between forward and backward, the same reduction over another dim, an index tensor with
-other contents) is refused with a
-``SampleMixingError`` before any gradient is released; a parameter use only the recomputation makes
+other contents) is refused with a ``SampleMixingError`` before any gradient is released; a parameter use only the recomputation makes
 (a reentrant region whose forward used no parameter) is refused and leaves ``p.grad`` unset; a reentrant
 region with parameter uses and no input requiring grad (torch skips its backward) is refused at the
 forward; any checkpoint nested in a reentrant region (parameters or not) is refused at the re-run. When
