@@ -22,7 +22,9 @@ excluded: they are their own regions):
    call (a non-reentrant recomputation may stop early: a prefix), else ``SampleMixingError`` (state
    changed between forward and backward, e.g. a per-batch centering switched on, a reduction moved to
    the batch dim, an index / permutation / mask tensor with other contents). Integer and boolean tensor
-   arguments are compared by two checksums (a sum and a position-weighted sum), not element by element.
+   arguments are compared by two checksums (a sum and a position-weighted sum), not element by element;
+   above 65536 elements (attention masks) by the memory they are read from and its version, else by their
+   sum only (a permutation of such a large index tensor, computed anew, is not seen).
    Not compared: elementwise calls and the *values* of floating-point tensor arguments (those of the
    recomputation are what the forward's ops recompute; a different float computed by an elementwise
    op, e.g. a changed scale, is covered only where it changes the parameter uses or the sequence).
@@ -85,23 +87,36 @@ def lift_operand(call, binding, batch_size: int) -> None:
 
 
 class _Contents:
-    """The contents of an integer / boolean tensor argument (an index, a permutation, a mask), as two checksums
-    (a sum and a position-weighted sum, kept on the tensor's device: no synchronisation in the forward);
-    equal when both are."""
+    """The contents of an integer / boolean tensor argument (an index, a permutation, a mask): up to
+    ``SMALL`` elements, two checksums (a sum and a position-weighted sum); larger ones (attention masks), the
+    memory they are read from and its version counter (equal: the same, unmodified memory), else their sum.
+    Checksums stay on the tensor's device: no synchronisation in the forward."""
 
+    SMALL = 1 << 16
     __hash__ = None
 
     def __init__(self, t: torch.Tensor):
         with torch._C.DisableTorchFunction(), torch.no_grad():
-            flat = t.reshape(-1).to(torch.int64)
-            weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
-            self.sums = torch.stack([flat.sum(), (flat * weights).sum()])
+            self.where = None
+            if t.numel() <= self.SMALL:
+                flat = t.reshape(-1).to(torch.int64)
+                weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
+                self.sums = torch.stack([flat.sum(), (flat * weights).sum()])
+                return
+            try:
+                self.where = (t.data_ptr(), tuple(t.stride()), t.storage_offset(), t._version)
+            except RuntimeError:  # no strided storage
+                pass
+            self.sums = t.sum(dtype=torch.int64).reshape(1)
 
     def __eq__(self, other):
         if not isinstance(other, _Contents):
             return NotImplemented
+        if self.where is not None and self.where == other.where:
+            return True
         with torch._C.DisableTorchFunction():
-            return self.sums.device == other.sums.device and bool(torch.equal(self.sums, other.sums))
+            return self.sums.device == other.sums.device and self.sums.shape == other.sums.shape \
+                and bool(torch.equal(self.sums, other.sums))
 
 
 def _plain(a):
