@@ -12,7 +12,8 @@ forward, and the recomputation must reproduce exactly what the forward saved (se
   innermost saved-tensor hooks);
 - :func:`reentrant_checkpoint` -- inside the (no-grad) forward of a reentrant checkpoint: the
   autograd context of its ``CheckpointFunction`` (its ``run_function`` is what backward re-runs under
-  grad mode), or None;
+  grad mode), or None; :func:`reentrant_inputs_require_grad` -- whether torch will run its backward;
+- :func:`innermost_checkpoint` -- the region (either flavour) the current call belongs to;
 - :func:`transparent_checkpoints` -- for fxdp's analysis runs: checkpointed functions run as plain
   calls (grad mode, no hooks), so the analysis sees the same calls, in the same order, as a forward
   without checkpointing.
@@ -73,21 +74,68 @@ def in_recomputation() -> bool:
     return _is_checkpoint_hook(_top_pack_hook(), "_recomputation_hook")
 
 
-def reentrant_checkpoint() -> Optional[Any]:
-    """The autograd context of the innermost reentrant ``CheckpointFunction`` whose forward is running (its
-    ``run_function`` is re-run in backward), or None. Walks the whole Python stack (no depth limit: a use
-    deep inside a checkpointed block must not be missed); only no-grad calls that use trainable parameters
-    inside a private forward ask."""
-    frame = sys._getframe(1)
+def _reentrant_frames():
+    """The frames of running ``CheckpointFunction.forward`` calls whose ``run_function`` is set, innermost first."""
+    frame = sys._getframe(2)
     while frame is not None:
         code = frame.f_code
         if code.co_name == "forward" and code.co_filename.endswith(_CHECKPOINT_FILE) \
                 and getattr(code, "co_qualname", "CheckpointFunction.forward") == "CheckpointFunction.forward":
             ctx = frame.f_locals.get("ctx")
             if ctx is not None and hasattr(ctx, "run_function"):
-                return ctx
+                yield frame, ctx
         frame = frame.f_back
+
+
+def reentrant_checkpoint() -> Optional[Any]:
+    """The autograd context of the innermost reentrant ``CheckpointFunction`` whose forward is running (its
+    ``run_function`` is re-run in backward), or None. Walks the whole Python stack (no depth limit: a use
+    deep inside a checkpointed block must not be missed); only no-grad calls inside a private forward ask."""
+    for _, ctx in _reentrant_frames():
+        return ctx
     return None
+
+
+def reentrant_inputs_require_grad(owner) -> bool:
+    """Whether a tensor input of the running reentrant checkpoint ``owner`` requires grad. When none does,
+    torch never runs the region's backward (nor its re-run): what it reserved would never be tapped. True
+    when the forward's frame cannot be found, and for a region nested in the no-grad forward of another
+    reentrant one (its inputs never require grad there; the outer region's re-run makes it again, refused)."""
+    frames = _reentrant_frames()
+    for frame, ctx in frames:
+        if ctx is owner:
+            if next(frames, None) is not None:
+                return True
+            args = frame.f_locals.get("args", ())
+            return any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+    return True
+
+
+def innermost_checkpoint() -> Optional[tuple]:
+    """``(owner, reentrant)`` of the checkpoint region whose forward is running the current call (its
+    ``_CheckpointFrame``, or its reentrant ``CheckpointFunction`` context), or None outside any. Without
+    grad mode (inside a reentrant forward) the Python stack says which is innermost: the first frame that
+    is a ``CheckpointFunction.forward`` or a non-reentrant ``checkpoint`` call (which, run without grad
+    mode, sets no hooks and makes no region: its calls then belong to none)."""
+    frame = checkpoint_frame()
+    if torch.is_grad_enabled():
+        return None if frame is None else (frame, False)
+    f = sys._getframe(1)
+    while f is not None:
+        code = f.f_code
+        if code.co_filename.endswith(_CHECKPOINT_FILE):
+            if code.co_name == "forward" and getattr(code, "co_qualname", "CheckpointFunction.forward") \
+                    == "CheckpointFunction.forward":
+                ctx = f.f_locals.get("ctx")
+                if ctx is not None and hasattr(ctx, "run_function"):
+                    return ctx, True
+            elif code.co_name == "checkpoint" and f.f_locals.get("use_reentrant") is False:
+                # run without grad mode, a non-reentrant checkpoint sets no hooks and is no region
+                gen_frame = getattr(f.f_locals.get("gen"), "gi_frame", None)
+                own = gen_frame.f_locals.get("new_frame") if gen_frame is not None else None
+                return (frame, False) if frame is not None and own is frame else None
+        f = f.f_back
+    return None if frame is None else (frame, False)
 
 
 def in_reentrant_checkpoint() -> bool:

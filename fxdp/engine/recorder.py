@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_flatten
 
 from fxdp.core.inputs import input_batch_dims
 from fxdp.core.layout import BatchLayout, LayoutKind
-from fxdp.engine.checkpointing import (checkpoint_virtual_refusal, current_region, lift_operand, region_of,
-                                       unique_tensors)
+from fxdp.engine.checkpointing import (checkpoint_virtual_refusal, current_region, lift_operand,
+                                       no_grad_input_refusal, observe_forward_call, region_of, unique_tensors)
 from fxdp.engine.tap import ForwardContext, LayerUse, TapFunction
 from fxdp.rules.virtual import make_virtuals, virtual_binding
 
@@ -115,6 +115,10 @@ class RuntimeRecorder:
     def substitute(self, func, args, kwargs):
         return None
 
+    def observe(self, func, args, kwargs, out):
+        """Calls inside checkpoint regions: recorded for the replay (:func:`observe_forward_call`)."""
+        observe_forward_call(func, args, kwargs, self.param_names, self._reentrant)
+
     def refuse(self, exc, func, args, kwargs, out=None):
         raise exc
 
@@ -170,6 +174,8 @@ class RuntimeRecorder:
                 ctx.pending_layouts = True
         elif "input_layouts" in binding.options:
             binding.options["input_layouts"] = self.table.inputs_of(ordinal)
+        if self._reentrant is not None and not self._reentrant.inputs_require_grad:
+            raise no_grad_input_refusal(binding.param_names)
         if lift:
             lift_operand(call, binding, B)
         use = LayerUse(ordinal, call.name, binding, layout, ctx)
