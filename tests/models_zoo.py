@@ -122,3 +122,78 @@ def lm_sum(out, ids):
 
 def mse_sum(out, y):
     return (out - y).pow(2).sum()
+
+
+# --------------------------------------------------------------- forwards that would break the guarantee
+# (shared by the eager and the compiled refusal tests: each must be refused, never trained)
+class MinMaxScaled(nn.Module):
+    """Min-max scaling over the whole batch: 2.6 R, missed by the probe unless sample 0 held the extreme."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc((x - x.min()) / (x.max() - x.min()))
+
+
+class MixesLargeBatches(nn.Module):
+    """Mixes only in batches larger than the analysis's 3 probed samples."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 3:
+            x = x - x.mean(0)
+        return self.fc(x)
+
+
+class LateMixup(nn.Module):
+    """Mixup inside the model, switched on (``model.mixup = True``) after the analysed forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+        self.mixup = False
+
+    def forward(self, x):
+        return self.fc(0.7 * x + 0.3 * x.roll(1, 0) if self.mixup else x)
+
+
+class MatmulFunction(torch.autograd.Function):
+    """``x @ w.t()`` as a custom autograd.Function: the parameter's gradient bypasses every tap."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g @ w, g.t() @ x
+
+
+class CustomFunction(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 4)
+        self.w = nn.Parameter(torch.randn(3, 4))
+
+    def forward(self, x):
+        return MatmulFunction.apply(torch.tanh(self.fc(x)), self.w)
+
+
+class CachedView(nn.Module):
+    """A view of a weight made once at ``__init__`` (build in the dtype to train in: ``.double()``
+    afterwards would replace the weight and leave the view on the old one)."""
+
+    def __init__(self, dtype=torch.float32):
+        super().__init__()
+        self.fc = nn.Linear(6, 3).to(dtype)
+        self.wt = self.fc.weight.t()
+
+    def forward(self, x):
+        return x @ self.wt + self.fc.bias

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxdp
 from fxdp.core.errors import PrivacyError, SampleMixingError, UncoveredParameterError
 from tests import reference as ref
+from tests import models_zoo as Z
 from tests.compile.models import case
 
 F64 = torch.float64
@@ -27,34 +28,6 @@ def _data(n=8, seed=7):
 
 
 # ------------------------------------------------------------------------------------- sample mixing
-class MinMax(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.fc((x - x.min()) / (x.max() - x.min()))
-
-
-class LargeBatchesOnly(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.fc(x - x.mean(0) if x.shape[0] > 3 else x)
-
-
-class LateMixup(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-        self.mixup = False
-
-    def forward(self, x):
-        return self.fc(0.7 * x + 0.3 * x.roll(1, 0) if self.mixup else x)
-
-
 class MixupBeforeBreak(nn.Module):
     """Mixup switched on later, in a graph without parameters split off by a graph break."""
 
@@ -89,7 +62,7 @@ class MixupAfterBreak(nn.Module):
 @pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
 def test_min_max_scaling_over_the_batch_is_refused_when_compiled(compiler):
     x, y = _data()
-    model = fxdp.privatize(MinMax().double(), max_grad_norm=0.1)
+    model = fxdp.privatize(Z.MinMaxScaled().double(), max_grad_norm=0.1)
     with pytest.raises(SampleMixingError, match="min reduces a tensor computed from the batch over all"):
         F.cross_entropy(_compile(model, compiler)(x), y).backward()
 
@@ -99,7 +72,7 @@ def test_refused_graph_stays_refused_when_dynamo_suppresses_errors():
     """With suppress_errors dynamo would run the refused frame uncompiled and compile the Linear it calls."""
     x, y = _data()
 
-    class MinMaxSuppressed(MinMax):  # a class of its own: no graph of MinMax's cached
+    class MinMaxSuppressed(Z.MinMaxScaled):  # a class of its own: no graph of MinMaxScaled's cached
         pass
 
     model = fxdp.privatize(MinMaxSuppressed().double(), max_grad_norm=0.1)
@@ -112,7 +85,7 @@ def test_refused_graph_stays_refused_when_dynamo_suppresses_errors():
 
 def test_mixing_only_for_large_batches_is_refused_when_that_branch_compiles():
     x, y = _data()
-    model = fxdp.privatize(LargeBatchesOnly().double(), max_grad_norm=0.5)
+    model = fxdp.privatize(Z.MixesLargeBatches().double(), max_grad_norm=0.5)
     compiled = _compile(model)
     F.cross_entropy(compiled(x[:3]), y[:3]).backward()  # B = 3: no mixing, trains
     assert model.fc.weight.private_grad is not None
@@ -122,7 +95,7 @@ def test_mixing_only_for_large_batches_is_refused_when_that_branch_compiles():
 
 def test_mixup_switched_on_after_the_first_step_is_refused():
     x, y = _data()
-    model = fxdp.privatize(LateMixup().double(), max_grad_norm=0.5)
+    model = fxdp.privatize(Z.LateMixup().double(), max_grad_norm=0.5)
     compiled = _compile(model)
     F.cross_entropy(compiled(x), y).backward()
     model.mixup = True
@@ -142,21 +115,11 @@ def test_mixing_in_a_region_split_off_by_a_graph_break_is_refused(cls):
 
 
 # -------------------------------------------------------------------------- parameter uses skipping taps
-class CachedView(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3).double()
-        self.wt = self.fc.weight.t()
-
-    def forward(self, x):
-        return x @ self.wt + self.fc.bias
-
-
 @pytest.mark.parametrize("compiler", ["aot_eager", "eager"])
 def test_view_of_a_weight_cached_at_init_is_refused_when_compiled(compiler):
     x, y = _data()
     x[3] *= 30
-    model = fxdp.privatize(CachedView(), max_grad_norm=0.1)
+    model = fxdp.privatize(Z.CachedView(torch.float64), max_grad_norm=0.1)
     opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 0.0, 0.1, expected_batch_size=8,
                            public_grads="add")
     opt.zero_grad()
@@ -246,29 +209,8 @@ def test_input_gradient_without_create_graph_still_works_compiled():
     assert g.shape == x.shape and all(p.grad is None for p in model.parameters())
 
 
-class _Mul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, a, w):
-        ctx.save_for_backward(a, w)
-        return a @ w.t()
-
-    @staticmethod
-    def backward(ctx, g):
-        a, w = ctx.saved_tensors
-        return g @ w, g.t() @ a
-
-
-class CustomFunction(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w = nn.Parameter(torch.randn(3, 6))
-
-    def forward(self, x):
-        return _Mul.apply(x, self.w)
-
-
 def test_a_compile_time_refusal_is_an_fxdp_error_not_backend_compiler_failed():
-    model = fxdp.privatize(CustomFunction())
+    model = fxdp.privatize(Z.CustomFunction())
     with pytest.raises(UncoveredParameterError, match="autograd_function_apply") as info:
         _compile(model)(torch.randn(8, 6))
     assert type(info.value).__module__ == "fxdp.core.errors"

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import fxdp
 from tests.compile.helpers import check_compiled_against_reference
 from tests.rules.test_virtual import Elementwise, Gathers, Views, seq
+from tests.models.test_virtual_models import ClipScore
 
 transformers = pytest.importorskip("transformers")
 transformers.utils.logging.set_verbosity_error()
@@ -155,25 +156,6 @@ def test_swin_relative_position_bias_table_is_exact_compiled():
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     check_compiled_against_reference(model, (x,), {}, labels(4), lambda o, t: sum_ce(o.logits, t),
                                      style="block-wise")
-
-
-class ClipScore(nn.Module):
-    """Per-sample CLIP score of each image with its own caption, scaled by logit_scale.exp()."""
-
-    def __init__(self):
-        super().__init__()
-        cfg = transformers.CLIPConfig(
-            text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                             num_attention_heads=2, max_position_embeddings=16, projection_dim=8),
-            vision_config=dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=24,
-                               num_hidden_layers=1, num_attention_heads=2, projection_dim=8), projection_dim=8)
-        self.clip = transformers.CLIPModel(cfg)
-
-    def forward(self, ids, pixels):
-        t = self.clip.get_text_features(input_ids=ids).pooler_output
-        i = self.clip.get_image_features(pixel_values=pixels).pooler_output
-        t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
-        return (t * i).sum(-1) * self.clip.logit_scale.exp()
 
 
 def test_clip_logit_scale_is_exact_compiled():

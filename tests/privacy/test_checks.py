@@ -92,42 +92,10 @@ def test_privatize_refuses_data_parallel_wrappers_and_points_to_dpdistributed(tm
 
 
 # ------------------------------------------------------------------ section 5: parameter uses the engine does not see
-class _Mul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return x @ w.t()
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        return g @ w, g.t() @ x
-
-
-class CustomFunction(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 4)
-        self.w = nn.Parameter(torch.randn(3, 4))
-
-    def forward(self, x):
-        return _Mul.apply(torch.tanh(self.fc(x)), self.w)
-
-
-class CachedView(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-        self.wt = self.fc.weight.t()  # a view made once, outside every forward
-
-    def forward(self, x):
-        return x @ self.wt + self.fc.bias
-
-
 @pytest.mark.parametrize("public_grads", ["refuse", "add"])
 @pytest.mark.parametrize("model_cls, names, cause", [
-    (CustomFunction, "w", "custom torch.autograd.Function _Mul"),
-    (CachedView, "fc.weight", "view cached at __init__"),
+    (Z.CustomFunction, "w", "custom torch.autograd.Function MatmulFunction"),
+    (Z.CachedView, "fc.weight", "view cached at __init__"),
 ])
 def test_parameter_reaching_the_output_around_the_taps_is_refused_in_eager_mode(model_cls, names, cause,
                                                                                 public_grads):
@@ -329,44 +297,10 @@ class _UnknownLoss(nn.modules.loss._Loss):
 
 
 # ------------------------------------------------------------------ section 6: sample mixing, structurally
-class MinMaxScaled(nn.Module):
-    """Min-max scaling over the whole batch: 2.6 R, missed by the probe unless sample 0 held the extreme."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.fc((x - x.min()) / (x.max() - x.min()))
-
-
-class MixesLargeBatches(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-
-    def forward(self, x):
-        if x.shape[0] > 3:  # the analysis probes 3 samples
-            x = x - x.mean(0)
-        return self.fc(x)
-
-
-class LateMixup(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(6, 3)
-        self.mixup = False
-
-    def forward(self, x):
-        if self.mixup:
-            x = 0.7 * x + 0.3 * x.roll(1, 0)
-        return self.fc(x)
-
-
 def test_full_batch_reduction_is_refused_whatever_the_values():
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     x[0] = 0.0  # sample 0 holds no extreme: the numeric probe alone missed this
-    model = fxdp.privatize(MinMaxScaled())
+    model = fxdp.privatize(Z.MinMaxScaled())
     with pytest.raises(fxdp.SampleMixingError, match="min reduces a tensor computed from the batch over all its"):
         F.cross_entropy(model(x), y).backward()
     assert all(not hasattr(p, "private_grad") for p in model.parameters())
@@ -375,13 +309,13 @@ def test_full_batch_reduction_is_refused_whatever_the_values():
 
 
 def test_mixing_only_in_batches_larger_than_the_probe_is_refused():
-    model = fxdp.privatize(MixesLargeBatches())
+    model = fxdp.privatize(Z.MixesLargeBatches())
     with pytest.raises(fxdp.SampleMixingError, match="samples are mixed"):
         model(torch.randn(8, 6))
 
 
 def test_mixing_switched_on_after_the_first_forward_is_revalidated_and_refused():
-    model = fxdp.privatize(LateMixup(), max_grad_norm=0.1)
+    model = fxdp.privatize(Z.LateMixup(), max_grad_norm=0.1)
     x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
     F.cross_entropy(model(x), y).backward()
     fxdp.clear_private_grads(model)
