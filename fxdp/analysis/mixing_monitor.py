@@ -244,7 +244,8 @@ class MixingMonitor(TorchFunctionMode):
 
 
 # Values leaving torch (to Python or NumPy), where the tracking cannot follow them.
-LEAVING = {T.numpy, T.tolist, T.item, T.__float__, T.__int__, T.__index__}
+LEAVING = {T.numpy, T.tolist, T.item, T.__float__, T.__int__, T.__index__, T.__array__, T.__dlpack__,
+           T.__format__, T.__repr__, T.untyped_storage}
 
 
 def _refuse_leaving(name: str, t: torch.Tensor, place) -> None:
@@ -252,6 +253,8 @@ def _refuse_leaving(name: str, t: torch.Tensor, place) -> None:
     ``tolist()``, ``item()``, ``float(x)``) can steer every sample's computation from Python (min-max
     scaling with NumPy: 2.1 R): refused in a training forward. (Python control flow on ``bool(t)``
     is not followed: masks are tested that way, ``if torch.all(mask == 1)``.)"""
+    if isinstance(place, _Held):
+        raise SampleMixingError(place.message + f" (and {name}() takes the mixed value out of torch)")
     if not (t.is_floating_point() or t.is_complex()):
         return
     raise SampleMixingError(

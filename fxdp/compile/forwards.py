@@ -25,6 +25,7 @@ from collections import OrderedDict
 
 import torch
 
+from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, Capture, CompiledSite, RegionRun, \
@@ -100,37 +101,65 @@ def _stack() -> list:
     return _STACK.entries
 
 
-def enter_island(module) -> None:
+class IslandMonitor(MixingMonitor):
+    """The structural sample-mixing check of eager forwards, over an eager island: its batch inputs are
+    the island's arguments, batch dimension the unique dimension of size B (unknown with several);
+    like :class:`EagerIslands` it only forwards calls that dynamo traces or a compiled region issues."""
+
+    def __init__(self, args, batch_size: int):
+        tensors, dims = [], []
+        for t in args if isinstance(args, (tuple, list)) else ():
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
+                sized = [d for d in range(t.dim()) if t.shape[d] == batch_size]
+                tensors.append(t)
+                dims.append(sized[0] if len(sized) == 1 else None)
+        super().__init__(tensors, batch_size, batch_dims=dims)
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if torch.compiler.is_compiling() or in_compiled_region():
+            return func(*args, **(kwargs or {}))
+        return super().__torch_function__(func, types, args, kwargs)
+
+
+def enter_island(module, args=()) -> None:
     """Pre-hook side, ``module`` runs eagerly: inside a compiled forward pass that owns its parameters,
-    its forward (and everything it calls) runs under that pass's :class:`EagerIslands`."""
+    its forward (and everything it calls) runs under that pass's :class:`EagerIslands` and under the
+    structural mixing check (:class:`IslandMonitor`) of its arguments."""
     if not _OPEN_ISLANDS or in_compiled_region():
         return
     stack = _stack()
-    islands = None
-    if not any(mode is not None for _, mode in stack):
+    islands, monitor = None, None
+    if not any(mode is not None for _, mode, _ in stack):
         own = [id(p) for p in module.parameters(recurse=False)]
         islands = next((i for i in _OPEN_ISLANDS.values() if any(k in i.param_names for k in own)), None)
     if islands is not None:
         islands.__enter__()
-    stack.append((module, islands))
+        monitor = IslandMonitor(args, islands.recorder.context.batch_size)
+        monitor.__enter__()
+    stack.append((module, islands, monitor))
+
+
+def _close(islands, monitor) -> None:
+    if monitor is not None:
+        monitor.__exit__(None, None, None)
+    if islands is not None:
+        islands.__exit__(None, None, None)
 
 
 def close_islands() -> None:
     """The root forward pass ends: islands a submodule that raised left open are closed."""
     stack = _stack()
     while stack:
-        _, islands = stack.pop()
-        if islands is not None:
-            islands.__exit__(None, None, None)
+        _, islands, monitor = stack.pop()
+        _close(islands, monitor)
 
 
 def exit_island(module) -> None:
     """Forward-hook side: the island ``module`` opened (if any) ends."""
     stack = _stack()
     if stack and stack[-1][0] is module:
-        _, islands = stack.pop()
-        if islands is not None:
-            islands.__exit__(None, None, None)
+        _, islands, monitor = stack.pop()
+        _close(islands, monitor)
 
 
 def eager_region(gm, positions):
@@ -140,7 +169,7 @@ def eager_region(gm, positions):
     from fxdp.compile.graph_ops import owner_of
 
     def run(*args):
-        if any(mode is not None for _, mode in _stack()):
+        if any(mode is not None for _, mode, _ in _stack()):
             return gm(*args)  # already inside an island
         engine, _ = owner_of([args[i] for i in positions])
         islands = _OPEN_ISLANDS.get(engine.current_forward.cid)

@@ -168,6 +168,7 @@ class Engine:
         if self._depth > 1:
             return
         try:
+            forward_checks.refuse_backward_hooks(self.model)
             B, leaves, dims = input_batch_dims(args, kwargs, self.config.batch_dim_spec)
             trainable = self.trainable()
             self._targets.prepare(self.model, trainable)

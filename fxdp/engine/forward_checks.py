@@ -79,13 +79,13 @@ def submodule_pre_hook(module, args):
     if torch.compiler.is_compiling():
         # traced; a forward dynamo will not trace runs eagerly after these hooks: open its island eagerly
         if ISLANDS[0] is not None and _untraced_forward(module):
-            ISLANDS[0][2](module)
+            ISLANDS[0][2](module, args)
         return
     if not torch.is_grad_enabled():
         return
     if _OPEN[0] > 0:
         if ISLANDS[0] is not None:
-            ISLANDS[0][0](module)
+            ISLANDS[0][0](module, args)
         return
     if not _owns_trainable(module):
         return
@@ -106,6 +106,23 @@ def submodule_post_hook(module, args, output):
             ISLANDS[0][3](module)
         return
     ISLANDS[0][1](module)
+
+
+def refuse_backward_hooks(model: nn.Module) -> None:
+    """Module backward hooks (``register_full_backward_hook`` / ``_pre_hook``, global or on a module of the
+    model) run in backward, where fxdp's checks do not see them, and may replace gradients flowing into the
+    model's layers after or before the taps read them (``g + g.sum(0)``, gated on the batch size: 2.7 R).
+    Refused in a private forward."""
+    from torch.nn.modules import module as torch_module
+
+    hooked = ["<global>"] if (torch_module._global_backward_hooks or torch_module._global_backward_pre_hooks) else []
+    hooked += [name or "<root>" for name, m in model.named_modules() if m._backward_hooks or m._backward_pre_hooks]
+    if hooked:
+        raise PrivacyError(
+            f"fxdp: module backward hook(s) on {', '.join(hooked[:5])}: they run in backward, where fxdp's checks do "
+            "not see them, and can change the gradients reaching the layers (mix samples, rescale after the "
+            "per-sample norms). Remove them while training privately (read gradients with a forward-time "
+            "Tensor.register_hook that returns None, or after the step).")
 
 
 def install_submodule_hooks(model: nn.Module) -> None:

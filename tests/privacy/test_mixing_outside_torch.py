@@ -109,3 +109,52 @@ def test_a_gradient_hook_that_only_reads_is_not_refused():
     model = fxdp.privatize(Observed().double(), max_grad_norm=0.1)
     _step(model, torch.randn(12, 6, dtype=torch.float64), torch.randint(0, 3, (12,)))
     assert seen and model.fc1.weight.private_grad is not None
+
+
+class NumpyArrayMax(nn.Module):
+    """np.asarray goes through Tensor.__array__: 3.3 R before it was refused."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        import numpy as np
+        return self.fc(x / float(np.abs(np.asarray(x.detach())).max()))
+
+
+class HeldCountItem(nn.Module):
+    """An integer reduction over the whole batch taken out of torch with .item()."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        return self.fc(x / (1 + int((x > 2).sum().item())))
+
+
+@pytest.mark.parametrize("model_class,match", [(NumpyArrayMax, r"__array__\(\) takes a floating-point value"),
+                                               (HeldCountItem, r"and item\(\) takes the mixed value out of torch")])
+def test_other_routes_out_of_torch_are_refused(model_class, match):
+    model = fxdp.privatize(model_class().double(), max_grad_norm=0.1)
+    x = 0.5 * torch.randn(12, 6, dtype=torch.float64)
+    x[0], x[5, 2] = 0.0, 30.0
+    with pytest.raises(SampleMixingError, match=match):
+        _step(model, x, torch.randint(0, 3, (12,)))
+
+
+def test_module_backward_hooks_are_refused_in_a_private_forward():
+    """A backward pre-hook that adds the batch sum of the output gradient (only for B > 3, so the
+    analysis saw nothing) moved the update by 2.7 R."""
+    from fxdp.core.errors import PrivacyError
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    handle = inner[2].register_full_backward_pre_hook(
+        lambda m, g: (g[0] + 3 * float(g[0].shape[0] > 3) * g[0].sum(0, keepdim=True),))
+    model = fxdp.privatize(inner, max_grad_norm=0.1)
+    with pytest.raises(PrivacyError, match=r"module backward hook\(s\) on 2"):
+        _step(model, torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
+    handle.remove()
+    _step(model, torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,)))
