@@ -244,8 +244,9 @@ class MixingMonitor(TorchFunctionMode):
 
 
 # Values leaving torch (to Python or NumPy), where the tracking cannot follow them.
+# (Storage access is not: it serves identity checks -- data_ptr, untyped_storage -- more than values.)
 LEAVING = {T.numpy, T.tolist, T.item, T.__float__, T.__int__, T.__index__, T.__array__, T.__dlpack__,
-           T.__format__, T.__repr__, T.untyped_storage}
+           T.__format__, T.__repr__}
 
 
 def _refuse_leaving(name: str, t: torch.Tensor, place) -> None:
