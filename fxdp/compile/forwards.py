@@ -28,9 +28,8 @@ import torch
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.analysis.interceptor import ParameterInterceptor
-from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, Capture, CompiledSite, RegionRun, \
+from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, CompiledSite, RegionRun, \
     in_compiled_region, register_engine
-from fxdp.engine import forward_checks
 from fxdp.engine.recorder import RuntimeRecorder, single_sample_layout
 from fxdp.engine.compiled_hook import install_compiled_forwards
 from fxdp.engine.tap import ForwardContext, LayerUse
@@ -56,16 +55,6 @@ def _frames_past_recompile_limit(model) -> list:
         if len(_debug_get_cache_entry_list(code)) >= limit:
             out.append(f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})")
     return out
-
-
-def _covered(node) -> bool:
-    """Autograd nodes whose parameter inputs get no gradient: eager taps, in-graph captures (inner compiler
-    "eager"), and aot_autograd's node of a compiled region. A region compiled by backend "fxdp" proved that
-    its parameters reach its outputs only through captures (``check_no_direct_use``); one compiled by another
-    backend taps nothing, and its forward pass is refused by the count of call sites before this check."""
-    cls = getattr(node, "_forward_cls", None)
-    return cls is not None and (forward_checks.is_tap(node) or cls is Capture or (
-        cls.__name__ == "CompiledFunction" and cls.__module__.startswith("torch._functorch")))
 
 
 def _requires_grad(output) -> bool:
@@ -208,11 +197,11 @@ class CompiledForwards:
 
     def close(self, ctx: ForwardContext, output):
         """The forward pass ended: every parameter use the analysis found was tapped (in a compiled region
-        or by the eager interceptor), and no parameter reaches the output around a tap."""
+        or by the eager interceptor). (That no parameter reaches the output around a tap is checked next by
+        the engine, :func:`fxdp.engine.compiled_checks.check_compiled_output`.)"""
         ctx.batch_inputs = []
-        islands = _OPEN_ISLANDS.pop(ctx.cid, None)
+        _OPEN_ISLANDS.pop(ctx.cid, None)
         close_islands()
-        trainable = islands.param_names if islands is not None else {}
         expected = len(ctx.table.keys) if ctx.table is not None else None
         if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
@@ -255,8 +244,7 @@ class CompiledForwards:
                 "analysed (data-dependent control flow). fxdp cannot place its samples; this batch is refused.")
         if not _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
-            return
-        forward_checks.refuse_unseen_uses(output, trainable, _covered)
+        # parameter paths that skip a tap: walked once, by the engine (fxdp.engine.compiled_checks)
 
     def release(self, ctx: ForwardContext) -> None:
         """The forward pass was finalized (or dropped): its captures are no longer awaited."""
