@@ -50,6 +50,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
+from fxdp.analysis.autograd_hooks import refuse_saved_tensor_hooks
 from fxdp.analysis.batch_dims import RULES, fresh_ops, rule_key
 from fxdp.analysis.batch_rules import ABSENT, Mixing
 from fxdp.core.errors import SampleMixingError
@@ -66,6 +67,7 @@ FULL_REDUCTIONS = {
 DIM_KEYS = ("dim", "axis")
 MASK_FULL_REDUCTIONS = {torch.any, T.any, torch.all, T.all, torch.count_nonzero, T.count_nonzero}
 _FRESH = fresh_ops()
+_top_saved_hooks = torch._C._autograd._top_saved_tensors_default_hooks
 
 
 def _ops(*names):
@@ -153,6 +155,8 @@ class MixingMonitor(TorchFunctionMode):
     # --------------------------------------------------------------------------- dispatch
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if _top_saved_hooks(False) is not None:
+            refuse_saved_tensor_hooks()
         if func is T.register_hook and self.structural and len(args) == 2 and self._is_derived(args[0]) \
                 and args[0].is_floating_point():
             args = (args[0], observe_only(args[1]))

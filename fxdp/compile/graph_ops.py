@@ -35,6 +35,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch.utils._pytree import tree_flatten
 
+from fxdp.analysis.autograd_hooks import guarding, refuse_saved_tensor_hooks
 from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.rules.base import Binding
 
@@ -205,6 +206,8 @@ def marked_region(compiled, plan_uid: Optional[int] = None, positions: Tuple[int
     to, whose token ``fxdp::forward_token`` then hands the graph."""
     def run(*args, **kwargs):
         tokens = _tokens()
+        if guarding() and torch.is_grad_enabled():
+            refuse_saved_tensor_hooks("when a compiled region of a private forward starts")
         if plan_uid is not None:
             plan = _REGIONS.get(plan_uid)
             if plan is None:

@@ -35,6 +35,7 @@ from fxdp.core.config import DPConfig, LossReduction
 from fxdp.core.errors import BatchLayoutError, PrivacyError
 from fxdp.analysis import PIPELINE, Analysis, run_pipeline
 from fxdp.analysis.dumps import dump_hook
+from fxdp.analysis.autograd_hooks import refuse_saved_tensor_hooks
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.plan_groups import GroupPlan
 from fxdp.engine import compiled_checks, finalize, forward_checks, units
@@ -169,6 +170,7 @@ class Engine:
             return
         try:
             forward_checks.refuse_backward_hooks(self.model)
+            refuse_saved_tensor_hooks("around the privatized model's forward")
             B, leaves, dims = input_batch_dims(args, kwargs, self.config.batch_dim_spec)
             trainable = self.trainable()
             self._targets.prepare(self.model, trainable)

@@ -40,6 +40,7 @@ import torch
 import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
+from fxdp.analysis import autograd_hooks
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
 from fxdp.engine.compiled_hook import ISLANDS
 from fxdp.engine.tap import TapFunction
@@ -50,13 +51,17 @@ _OPEN = [0]
 
 
 class open_forward:
-    """Context (or explicit enter/exit) marking a private forward or analysis run as open."""
+    """Context (or explicit enter/exit) marking a private forward or analysis run as open; while one is, user
+    autograd hooks are guarded (:mod:`fxdp.analysis.autograd_hooks`)."""
 
     def __enter__(self):
+        autograd_hooks.guard()
         _OPEN[0] += 1
         return self
 
     def __exit__(self, *exc):
+        if _OPEN[0] > 0:
+            autograd_hooks.unguard()
         _OPEN[0] = max(0, _OPEN[0] - 1)
         return False
 
