@@ -109,9 +109,10 @@ def _is_full_reduction(func, args, kwargs) -> bool:
 
 class MixingMonitor(TorchFunctionMode):
     """Tracks batch-derived tensors and their batch dimension, and hashes the call sequence of one
-    forward (module docstring). ``batch_dims[i]`` is the batch dimension of ``batch_inputs[i]``
-    (None: unknown); ``strict`` re-raises a failing propagation rule (tests) instead of losing the
-    position."""
+    forward (module docstring), and refuses, at every call, user saved-tensor hooks found on top of torch's
+    stack (:func:`fxdp.analysis.autograd_hooks.refuse_saved_tensor_hooks`). ``batch_dims[i]`` is the batch
+    dimension of ``batch_inputs[i]`` (None: unknown); ``strict`` re-raises a failing propagation rule (tests)
+    instead of losing the position."""
 
     KEEP = object()
 

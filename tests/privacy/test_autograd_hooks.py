@@ -177,3 +177,33 @@ def test_without_the_guards_these_hooks_move_the_update_by_more_than_R(hooks, mo
     monkeypatch.setattr(autograd_hooks, "_top", lambda ignore_tracing: None)
     _, run, x, y, R = _setup(False, **hooks)
     assert _sensitivity(run, x, y, R) > 2.0  # measured 5.5 R and 4.1 R
+
+
+@pytest.mark.parametrize("flavour", ["non-reentrant", "reentrant"])
+def test_save_on_cpu_around_a_checkpointed_model_is_exact_against_the_reference(flavour):
+    from tests.engine.test_checkpointing import FLAVOURS, Checkpointed, assert_matches, ce_sum, data, reference
+
+    torch.manual_seed(1)
+    template = Checkpointed(FLAVOURS[flavour]).double()
+    ids, y = data()
+    expected, R = reference(template, ids, y, "all-layer", "abadi")
+    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
+    with torch.autograd.graph.save_on_cpu():
+        (ce_sum(model(ids), y) / len(ids)).backward()
+    assert_matches(model, expected)
+
+
+def test_a_look_alike_of_torchs_hooks_is_refused():
+    """Allowed hooks are recognised by the identity of torch's code and globals, not by their names."""
+    def pack_to_cpu(t):
+        return t
+
+    def unpack_from_cpu(t):
+        return _mix(t)
+
+    pack_to_cpu.__module__ = unpack_from_cpu.__module__ = "torch.autograd.graph"
+    pack_to_cpu.__qualname__ = "save_on_cpu.__init__.<locals>.pack_to_cpu"
+    unpack_from_cpu.__qualname__ = "save_on_cpu.__init__.<locals>.unpack_from_cpu"
+    _, run, x, y, R = _setup(False)
+    with pytest.raises(PrivacyError, match="saved-tensor hooks"):
+        _sensitivity(run, x, y, R, lambda: torch.autograd.graph.saved_tensors_hooks(pack_to_cpu, unpack_from_cpu))
