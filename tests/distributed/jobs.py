@@ -41,6 +41,34 @@ def _loader(n, q, seed):
     return x, y, DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=max(1, int(q * n)))
 
 
+def run_epochs(dp, model, module, opt, loader, out, *, epochs, micro=None, on_batch=None, on_step=None):
+    """The jobs' training loop: ``epochs`` epochs of the distributed Poisson ``loader`` (through a
+    ``BatchMemoryManager`` of ``micro`` rows when given), cross-entropy on ``module``. Per step it appends
+    the local indices drawn for it to ``out["indices"]`` and ``model``'s parameters to ``out["params"]``,
+    then calls ``on_step()``; ``on_batch(indices)`` sees every physical batch. Sets ``out["eps"]``."""
+    pending = []
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        manager = (fxdp.BatchMemoryManager(data_loader=loader, max_physical_batch_size=micro, optimizer=opt)
+                   if micro else contextlib.nullcontext(loader))
+        with manager as batches:
+            for xb, yb, ib in batches:
+                if on_batch is not None:
+                    on_batch(ib)
+                pending += ib.tolist()
+                opt.zero_grad()
+                F.cross_entropy(module(xb), yb).backward()
+                before = opt.steps_taken
+                opt.step()
+                if opt.steps_taken > before:
+                    out["indices"].append(pending)
+                    pending = []
+                    out["params"].append(flat_params(model))
+                    if on_step is not None:
+                        on_step()
+    out["eps"] = dp.get_epsilon(1e-5)
+
+
 def train(rank, world_size, *, n=24, q=0.25, sigma=0.0, seed=0, epochs=1, micro=None, compile=False,
           style="all-layer", noise_seed=None, momentum=0.9, lr=0.5, verify=False, secure=False):
     """Train on the distributed Poisson loader; record each step's local indices and the parameters."""
@@ -63,27 +91,13 @@ def train(rank, world_size, *, n=24, q=0.25, sigma=0.0, seed=0, epochs=1, micro=
         noise_multiplier=sigma, max_grad_norm=R, style=style, noise_generator=gen, sample_rate=q)
     out = {"R": R, "E": dp.expected_batch_size, "indices": [], "params": [flat_params(model)], "empty": 0,
            "local_batches": 0}
-    pending = []
-    for epoch in range(epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        manager = (fxdp.BatchMemoryManager(data_loader=loader, max_physical_batch_size=micro, optimizer=opt)
-                   if micro else contextlib.nullcontext(loader))
-        with manager as batches:
-            for xb, yb, ib in batches:
-                out["local_batches"] += 1
-                out["empty"] += int(len(ib) == 0)
-                pending += ib.tolist()
-                opt.zero_grad()
-                F.cross_entropy(module(xb), yb).backward()
-                before = opt.steps_taken
-                opt.step()
-                if opt.steps_taken > before:
-                    out["indices"].append(pending)
-                    pending = []
-                    out["params"].append(flat_params(model))
-                    if verify:
-                        dp.verify_replicas()
-    out["eps"] = dp.get_epsilon(1e-5)
+
+    def on_batch(ib):
+        out["local_batches"] += 1
+        out["empty"] += int(len(ib) == 0)
+
+    run_epochs(dp, model, module, opt, loader, out, epochs=epochs, micro=micro, on_batch=on_batch,
+               on_step=dp.verify_replicas if verify else None)
     out["steps"] = opt.steps_taken
     out["buckets"] = opt.last_num_buckets
     return out
