@@ -7,7 +7,6 @@ same seed, then ``fully_shard`` s each block and the root, as FSDP2 users do.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -19,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxdp
 from examples.models import ResidualMLP
 from tests import models_zoo as Z
-from tests.training.stack_helpers import median_R
+from tests.training.stack_helpers import median_R, per_sample_norms
 
 
 def block_mlp(d: int = 9):
@@ -197,11 +196,7 @@ def neighbour_move(rank, world_size, *, style="all-layer", n=12):
     x, y = data("mlp", n, seed=3)
     model = build("mlp")
     R = median_R(model, x, y)
-    norms = []
-    for i in range(n):
-        m = copy.deepcopy(model)
-        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
-        norms.append(float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm()))
+    norms = per_sample_norms(model, x, y)
     j = max(range(n // 2, n), key=lambda i: norms[i])
     shard_ = list(range(rank * n // 2, (rank + 1) * n // 2))
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxdp
 from fxdp.distributed import DistributedDPOptimizer
 from tests import models_zoo as Z
-from tests.training.stack_helpers import median_R
+from tests.training.stack_helpers import median_R, per_sample_norms
 
 
 def make_data(n: int, seed: int = 0, d_in: int = 6, classes: int = 3):
@@ -198,11 +198,7 @@ def neighbour_move(rank, world_size, *, duplicate=False, n=12):
     x, y = make_data(n, seed=3)
     model = make_model(0)
     R = median_R(model, x, y)
-    norms = []
-    for i in range(n):
-        m = copy.deepcopy(model)
-        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
-        norms.append(float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm()))
+    norms = per_sample_norms(model, x, y)
     j = max(range(n // 2, n), key=lambda i: norms[i])  # the largest norm on rank 1's shard: clipped
     shard = list(range(rank * n // 2, (rank + 1) * n // 2))
     if duplicate and rank == 0:
