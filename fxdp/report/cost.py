@@ -84,7 +84,9 @@ class MethodCost:
 
 @dataclass(frozen=True)
 class FamilyCost:
-    """Symbolic costs of one use of a rule family with the given parameter roles."""
+    """Symbolic costs of one use of a rule family with the given parameter roles: per norm method, and
+    what every method has (``held`` memory, ``clip`` FLOPs of the clipped sum, ``plain`` training FLOPs);
+    a use costs its decided method's ``held`` and ``clip`` on top of these."""
 
     family: str
     roles: FrozenSet[str]
