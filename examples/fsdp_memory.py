@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxdp  # noqa: E402
+from examples.models import ResidualMLP  # noqa: E402
 
 
 def status_mib(field: str) -> float:
@@ -32,30 +33,6 @@ def status_mib(field: str) -> float:
             if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     return float("nan")
-
-
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.ln = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + torch.tanh(self.fc(self.ln(x)))
-
-
-class Net(nn.Module):
-    def __init__(self, d_in=64, d=1024, blocks=8, classes=10):
-        super().__init__()
-        self.inp = nn.Linear(d_in, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(blocks))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h.mean(1))
 
 
 def local_bytes(tensors) -> int:
@@ -84,7 +61,7 @@ def main(argv=None):
     data = TensorDataset(torch.randn(n, args.seq_len, 64, generator=g), torch.randint(0, 10, (n,), generator=g))
     base_rss = status_mib("VmRSS")
     torch.manual_seed(0)
-    model = Net(d=args.width, blocks=args.blocks)
+    model = ResidualMLP(d_in=64, d=args.width, blocks=args.blocks, classes=10, pool_dim=1)
     from torch.distributed.fsdp import fully_shard
     if args.impl == "opacus":
         from opacus import PrivacyEngine

@@ -33,16 +33,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import fxdp  # noqa: E402
-
-
-def setup_process_group():
-    if torch.cuda.is_available():
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl")
-        return torch.device("cuda", local_rank)
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
+from examples.ddp_train import setup_process_group  # noqa: E402
 
 
 def synthetic_text(n: int, T: int, vocab: int, seed: int):

@@ -104,5 +104,35 @@ def tiny_cnn(batch_size: int = 4, image_size: int = 16, channels: int = 3, seed:
     return model, (torch.randn(batch_size, channels, image_size, image_size),)
 
 
+class ResidualBlock(nn.Module):
+    """x + tanh(fc(ln(x))): one LayerNorm and one Linear, untied (a unit for ``fully_shard``)."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.ln = nn.LayerNorm(d)
+        self.fc = nn.Linear(d, d)
+
+    def forward(self, x):
+        return x + torch.tanh(self.fc(self.ln(x)))
+
+
+class ResidualMLP(nn.Module):
+    """Linear in, ``blocks`` :class:`ResidualBlock` s in a ``ModuleList``, Linear head. ``pool_dim``: the
+    features are averaged over that dimension before the head (1 for (B, T, d_in) sequences); None: no pooling."""
+
+    def __init__(self, d_in: int = 64, d: int = 1024, blocks: int = 8, classes: int = 10, pool_dim=None):
+        super().__init__()
+        self.inp = nn.Linear(d_in, d)
+        self.blocks = nn.ModuleList(ResidualBlock(d) for _ in range(blocks))
+        self.head = nn.Linear(d, classes)
+        self.pool_dim = pool_dim
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h if self.pool_dim is None else h.mean(self.pool_dim))
+
+
 def count_parameters(model: nn.Module) -> int:
     return sum(math.prod(p.shape) for p in model.parameters() if p.requires_grad)

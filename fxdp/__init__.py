@@ -7,6 +7,7 @@ from fxdp.engine.install import (clear_private_grads, engine_of, get_engine, is_
                                  unprivatize)
 from fxdp.core.config import ClippingFn, ClippingStyle, DPConfig, LossReduction, make_config
 from fxdp.core.version import VERSION
+from fxdp.core.lazy import lazy_attributes
 from fxdp.core.errors import BatchLayoutError, PrivacyError, SampleMixingError, UncoveredParameterError
 from fxdp.report import Report, explain
 from fxdp.analysis.side_effects import in_analysis
@@ -34,12 +35,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fxdp' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 __all__ = [
     "privatize", "unprivatize", "privacy_units", "explain", "in_analysis", "is_privatized", "get_engine",

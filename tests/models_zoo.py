@@ -108,6 +108,72 @@ def bert(classes=3):
     return BertForSequenceClassification(cfg).double()
 
 
+def llama(n_layer=2):
+    """Llama (RMSNorm, rotary, grouped-query attention) from config, torch seed 0."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=n_layer,
+                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).double()
+
+
+def peft_llama(kind: str):
+    """A one-layer :func:`llama` with PEFT ``"ia3"`` or ``"dora"`` adapters, the trainable ones moved off
+    their (identity / zero) initialisation so that every adapter has a gradient. Needs ``peft``."""
+    import peft
+    if kind == "ia3":
+        conf = peft.IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"])
+    else:
+        conf = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
+                               use_dora=True)
+    model = peft.get_peft_model(llama(n_layer=1), conf)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p) * 0.1)
+    return model
+
+
+def swin():
+    """Swin from config (torch seed 0) with random relative position bias tables (a virtual parameter: the
+    table gathered with a fixed index); 3 classes, 3x8x8 images."""
+    import transformers
+    transformers.utils.logging.set_verbosity_error()
+    cfg = transformers.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1],
+                                  num_heads=[2, 2], window_size=2, mlp_ratio=1.0, num_labels=3,
+                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
+    torch.manual_seed(0)
+    model = transformers.SwinForImageClassification(cfg).double()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "relative_position_bias_table" in n:
+                p.normal_()
+    return model
+
+
+class ClipScore(nn.Module):
+    """Per-sample CLIP score of each image with its own caption, scaled by logit_scale.exp() (a virtual
+    parameter); inputs: token ids (B, T < 16, vocab 40) and 3x8x8 images."""
+
+    def __init__(self):
+        super().__init__()
+        import transformers
+        transformers.utils.logging.set_verbosity_error()
+        cfg = transformers.CLIPConfig(
+            text_config=dict(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                             num_attention_heads=2, max_position_embeddings=16, projection_dim=8),
+            vision_config=dict(image_size=8, patch_size=4, hidden_size=16, intermediate_size=24,
+                               num_hidden_layers=1, num_attention_heads=2, projection_dim=8), projection_dim=8)
+        self.clip = transformers.CLIPModel(cfg)
+
+    def forward(self, ids, pixels):
+        t = self.clip.get_text_features(input_ids=ids).pooler_output
+        i = self.clip.get_image_features(pixel_values=pixels).pooler_output
+        t, i = t / t.norm(dim=-1, keepdim=True), i / i.norm(dim=-1, keepdim=True)
+        return (t * i).sum(-1) * self.clip.logit_scale.exp()
+
+
 def ce_sum(out, y):
     logits = out.logits if hasattr(out, "logits") else out
     return F.cross_entropy(logits, y, reduction="sum")

@@ -89,33 +89,58 @@ def fresh_copy(model):
     return copy.deepcopy(model)
 
 
+CHECKPOINT_FLAVOURS = {"non-reentrant": False, "reentrant": True}  # torch.utils.checkpoint's use_reentrant
+
+
+def uncheckpointed(model):
+    """A copy of a test model with a ``checkpointing`` switch, switched off: the reference for the same model
+    run with activation checkpointing (plain autograd, no region, no recomputation)."""
+    plain = copy.deepcopy(model)
+    plain.checkpointing = False
+    return plain
+
+
+def clipped_reference(model, args, kwargs, target, sample_loss, style="all-layer", clipping_fn="abadi", R=None,
+                      block_heads=None, batch_dim=0, reference_model=None):
+    """What every ``p.private_grad`` must be after one backward of ``model`` privatized with ``style``,
+    ``clipping_fn`` and R (default: the median per-sample norm, so some samples are clipped and some
+    not), for a loss that sums (or averages) ``sample_loss`` over the samples. The per-sample
+    gradients come from ``reference_model`` (default: a copy of ``model``), which must compute the same
+    function with the same parameter names (e.g. :func:`uncheckpointed`); the groups from privatizing
+    a copy of ``model``. Returns ``(expected, R, per-sample group norms, groups)``."""
+    import fxdp
+
+    samples = split_batch(args, kwargs, target, batch_dim)
+    per_sample = per_sample_gradients(copy.deepcopy(model) if reference_model is None else reference_model,
+                                      samples, sample_loss)
+    probe = fxdp.privatize(copy.deepcopy(model), style=style, clipping_fn=clipping_fn, block_heads=block_heads,
+                           batch_dim=batch_dim)
+    groups = [list(g) for g in fxdp.get_engine(probe).plan.groups]
+    if R is None:
+        R = median_threshold(per_sample, groups)
+    expected, norms = reference_private_grads(per_sample, groups, R, clipping_fn)
+    return expected, R, norms, groups
+
+
 def check_against_reference(model, args, kwargs, target, sample_loss, style="all-layer", clipping_fn="abadi",
-                            loss_reduction="mean", block_heads=None, rtol=1e-9, R=None, batch_dim=0):
+                            loss_reduction="mean", block_heads=None, rtol=1e-9, R=None, batch_dim=0,
+                            reference_model=None):
     """Privatize a copy of ``model``, run one backward, compare every private_grad
-    with the brute-force reference. ``sample_loss(output, target)`` must be the
+    with the brute-force reference (:func:`clipped_reference`). ``sample_loss(output, target)`` must be the
     SUM over the samples it is given of each sample's own loss. R defaults to
     the median per-sample norm (so some samples are clipped and some not).
     Returns (max relative error, R, fraction of clipped samples)."""
     import fxdp
 
-    ref_model = copy.deepcopy(model)
-    samples = split_batch(args, kwargs, target, batch_dim)
-    per_sample = per_sample_gradients(ref_model, samples, sample_loss)
+    expected, R, norms, groups = clipped_reference(model, args, kwargs, target, sample_loss, style, clipping_fn, R,
+                                                   block_heads, batch_dim, reference_model)
     m = copy.deepcopy(model)
-    fxdp.privatize(m, style=style, clipping_fn=clipping_fn, loss_reduction=loss_reduction,
-                   block_heads=block_heads, batch_dim=batch_dim)
-    groups = [list(g) for g in fxdp.get_engine(m).plan.groups]
-    if R is None:
-        R = median_threshold(per_sample, groups)
-    fxdp.unprivatize(m)
     fxdp.privatize(m, style=style, max_grad_norm=R, clipping_fn=clipping_fn, loss_reduction=loss_reduction,
                    block_heads=block_heads, batch_dim=batch_dim)
-    B = len(samples)
     loss = sample_loss(m(*args, **kwargs), target)
     if loss_reduction == "mean":
-        loss = loss / B
+        loss = loss / len(norms)
     loss.backward()
-    expected, norms = reference_private_grads(per_sample, groups, R, clipping_fn)
     worst = 0.0
     floor = 1e-6 * max(float(e.abs().max()) for e in expected.values())  # gradients that are 0 up to round-off
     for name, p in m.named_parameters():

@@ -5,6 +5,7 @@
 
 Imported on first use, so ``import fxdp`` never needs transformers.
 """
+from fxdp.core.lazy import lazy_attributes
 
 _LAZY = {
     "DPTrainer": "fxdp.integrations.hf_trainer",
@@ -13,12 +14,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'fxdp.integrations' has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

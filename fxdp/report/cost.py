@@ -12,13 +12,29 @@ matrices; "instantiate": materialised per-sample gradients; "outer": the T = 1
 shortcut ||a||.||g||), plus what fxdp keeps alive until the end of backward,
 the extra FLOPs of the clipped sum, and the FLOPs of plain training of the op.
 
+The clipped sum of a low-rank weight depends on the method, as in the engine
+(:func:`fxdp.rules.factors.prepare`): with ghost / outer norms it is one GEMM
+over the scaled factors (B T min(m, n) multiplies, then the GEMM that takes the
+place of autograd's weight gradient, which the taps skip: no extra GEMM); an
+instantiated use is instantiated once, before its norm, and the same per-sample
+gradients give the norm, the cross terms and the clipped sum, a B m n weighted
+sum -- the instantiation's GEMM is the one that takes the place of autograd's,
+so that method's clip term is ``2 B m n - 2 B T m n`` and an instantiated
+weight costs ~4 B m n FLOPs over plain training (norm and clipped sum, the
+instantiation's GEMM included). Cross terms see the same forms (:func:`cross_flops`).
+
 Counting conventions: a multiply-add is 2 FLOPs; ``gemm`` is the part of a
 method's FLOPs spent in matrix products -- exactly what
-``torch.utils.flop_counter.FlopCounterMode`` counts for ``fxdp.rules.factors``;
-the rest are elementwise terms of lower order. Memory is in elements (times
-the compute dtype's item size for bytes): ``workspace`` lives while one norm is
-computed, ``held`` lives from the backward of the op until the engine's
-finalize (output gradients, per-sample dense gradients, unfolded inputs).
+``torch.utils.flop_counter.FlopCounterMode`` counts for ``fxdp.rules.factors``
+(for "instantiate": :func:`~fxdp.rules.factors.prepare` and the norm of what it
+returns); the rest are elementwise terms of lower order. Memory is in elements
+(times the compute dtype's item size for bytes): ``workspace`` lives while one
+norm is computed, ``held`` lives from the backward of the op until the engine's
+finalize (output gradients, per-sample dense gradients, unfolded inputs). An
+instantiated weight's per-sample gradients live from the norms to the clipped
+sums (all instantiated uses at once) and replace its factors, which are then
+released: its method adds ``max(0, B m n - held factors)`` to ``held`` (a bound: the
+engine's peak is the larger of the memory before and after the instantiations).
 
 The decision between the methods is never re-derived here: low-rank factors
 use :func:`fxdp.rules.factors.norm_decision` (the function the engine runs),
@@ -42,6 +58,8 @@ SYMBOL_NAMES = ("B", "T", "m", "n", "p", "G", "V")
 
 METHODS = ("ghost", "instantiate", "outer")
 
+METHOD_FIELDS = ("flops", "gemm", "workspace", "held", "clip")
+
 
 @functools.lru_cache(maxsize=None)
 def symbols() -> Dict[str, Any]:
@@ -53,16 +71,22 @@ def symbols() -> Dict[str, Any]:
 
 @dataclass(frozen=True)
 class MethodCost:
-    """Symbolic cost of one way of computing the per-sample squared norms of one use."""
+    """Symbolic cost of one way of computing the per-sample squared norms of one use: the norm's
+    ``flops`` (``gemm`` of them in matrix products) and ``workspace``; what the method adds to the
+    family's ``held`` memory and ``clip`` FLOPs (module docstring)."""
 
     flops: Any
     gemm: Any
     workspace: Any
+    held: Any = 0
+    clip: Any = 0
 
 
 @dataclass(frozen=True)
 class FamilyCost:
-    """Symbolic costs of one use of a rule family with the given parameter roles."""
+    """Symbolic costs of one use of a rule family with the given parameter roles: per norm method, and
+    what every method has (``held`` memory, ``clip`` FLOPs of the clipped sum, ``plain`` training FLOPs);
+    a use costs its decided method's ``held`` and ``clip`` on top of these."""
 
     family: str
     roles: FrozenSet[str]
@@ -80,29 +104,31 @@ def _factor_default(cls) -> str:
 def family_cost(family: str, roles: FrozenSet[str]) -> FamilyCost:
     """Symbolic costs of ``family`` ("lowrank", "conv", "embedding", "norm",
     "broadcast", "expand") for a use with parameter ``roles``."""
+    import sympy as sp
+
     s = symbols()
     B, T, m, n, p, G, V = (s[k] for k in SYMBOL_NAMES)
     zero = 0 * B
     if family in ("lowrank", "conv"):
         methods = {}
+        held, clip, plain = B * G * T * p, zero, zero   # the output gradient
         if "weight" in roles:
-            methods["ghost"] = MethodCost(2 * B * G * T**2 * (m + n) + 2 * B * G * T**2,
-                                          2 * B * G * T**2 * (m + n), 2 * B * G * T**2)
-            methods["instantiate"] = MethodCost(2 * B * G * T * m * n + 2 * B * G * m * n,
-                                                2 * B * G * T * m * n, B * G * m * n)
-            methods["outer"] = MethodCost(2 * B * G * T * (m + n + 1), zero, 2 * B * G * T)
-        held, clip, plain = B * G * T * p, zero, zero
-        if "weight" in roles:
-            clip += B * G * T * m                       # coef * left, then the same GEMM autograd skips
-            plain += 6 * B * G * T * m * n              # forward, input gradient, weight gradient
             if family == "conv":
                 held += B * G * T * n                   # unfolded input, built for every use before norms
+            plain += 6 * B * G * T * m * n              # forward, input gradient, weight gradient
+            scaled = B * G * T * sp.Min(m, n)           # coef * the smaller factor, then the GEMM autograd skips
+            dense = B * G * m * n                       # instantiated once, reused by the clipped sum
+            methods["ghost"] = MethodCost(2 * B * G * T**2 * (m + n) + 2 * B * G * T**2,
+                                          2 * B * G * T**2 * (m + n), 2 * B * G * T**2, clip=scaled)
+            methods["instantiate"] = MethodCost(2 * B * G * T * m * n + 2 * dense, 2 * B * G * T * m * n, zero,
+                                                held=sp.Max(0, dense - held), clip=2 * dense - 2 * B * G * T * m * n)
+            methods["outer"] = MethodCost(2 * B * G * T * (m + n + 1), zero, 2 * B * G * T, clip=scaled)
         if "bias" in roles:
             bias = MethodCost(B * G * T * p + 2 * B * G * p, zero, zero)
             if not methods:
                 methods["instantiate"] = bias
             else:
-                methods = {k: MethodCost(v.flops + bias.flops, v.gemm, v.workspace) for k, v in methods.items()}
+                methods = {k: dataclasses.replace(v, flops=v.flops + bias.flops) for k, v in methods.items()}
             held += B * G * p
             clip += 2 * B * G * p
             plain += 2 * B * G * T * p
@@ -181,17 +207,18 @@ def _compiled(family: str, roles: FrozenSet[str]):
     args = [symbols()[k] for k in SYMBOL_NAMES]
     exprs = {"held": fc.held, "clip": fc.clip, "plain": fc.plain}
     for name, mc in fc.methods.items():
-        exprs.update({f"{name}.flops": mc.flops, f"{name}.gemm": mc.gemm, f"{name}.workspace": mc.workspace})
+        exprs.update({f"{name}.{k}": getattr(mc, k) for k in METHOD_FIELDS})
     return {k: sp.lambdify(args, sp.sympify(v), modules="math") for k, v in exprs.items()}
 
 
 def evaluate(family: str, roles, dims: Dict[str, int], batch_size: int) -> Dict[str, Any]:
     """Numeric costs of one use at the given dims and batch size.
 
-    Returns ``{"methods": {name: {"flops", "gemm", "workspace"}}, "held",
-    "clip", "plain", "decision", "extra_flops", "workspace"}`` where the
-    ``extra_*`` entries are those of the decided method (extra FLOPs include the
-    clipped-sum overhead). Values are in FLOPs and elements.
+    Returns ``{"methods": {name: {"flops", "gemm", "workspace", "held", "clip", "extra_flops",
+    "memory"}}, "held", "clip", "plain", "decision", "extra_flops", "workspace"}``. A method's
+    ``extra_flops`` are its norm plus the whole clipped-sum overhead with it, its ``memory`` its
+    workspace plus what it holds; the top-level ``held``, ``clip``, ``extra_flops`` and
+    ``workspace`` are those of the decided method. Values are in FLOPs and elements.
     """
     roles = frozenset(roles)
     fns = _compiled(family, roles)
@@ -203,11 +230,14 @@ def evaluate(family: str, roles, dims: Dict[str, int], batch_size: int) -> Dict[
     methods = {}
     for name in METHODS:
         if f"{name}.flops" in val:
-            methods[name] = {k: val[f"{name}.{k}"] for k in ("flops", "gemm", "workspace")}
+            m = {k: val[f"{name}.{k}"] for k in METHOD_FIELDS}
+            m.update(extra_flops=m["flops"] + m["clip"] + val["clip"], memory=m["workspace"] + m["held"])
+            methods[name] = m
     decision = runtime_decision(family, roles, full)
     chosen = methods.get(decision) or next(iter(methods.values()))
-    return {"methods": methods, "held": val["held"], "clip": val["clip"], "plain": val["plain"],
-            "decision": decision, "extra_flops": chosen["flops"] + val["clip"], "workspace": chosen["workspace"]}
+    return {"methods": methods, "held": val["held"] + chosen["held"], "clip": val["clip"] + chosen["clip"],
+            "plain": val["plain"], "decision": decision, "extra_flops": chosen["extra_flops"],
+            "workspace": chosen["workspace"]}
 
 
 def _dense_size(term: Dict[str, Any]) -> int:
@@ -221,26 +251,50 @@ def _dense_size(term: Dict[str, Any]) -> int:
     return d.get("n", 1)
 
 
+def _form(term: Dict[str, Any]) -> str:
+    """The factor finalize computes a use's cross terms with, after :func:`fxdp.rules.factors.prepare`:
+    "lowrank" (ghost / outer norm), "embedding", or "dense" (a bias, a dense rule, an instantiated weight)."""
+    if term.get("role") == "bias":
+        return "dense"
+    if term["family"] in ("lowrank", "conv"):
+        instantiated = runtime_decision(term["family"], {"weight"}, term["dims"]) == "instantiate"
+        return "dense" if instantiated else "lowrank"
+    return "embedding" if term["family"] == "embedding" else "dense"
+
+
+def _materialize_flops(term: Dict[str, Any], form: str, batch_size: int) -> int:
+    d = term["dims"]
+    if form == "lowrank":
+        return 2 * batch_size * d.get("G", 1) * d["T"] * d["m"] * d["n"]
+    if form == "embedding":
+        return batch_size * d["T"] * d["n"]                 # index_add of the rows
+    return 0
+
+
 def cross_flops(a: Dict[str, Any], b: Dict[str, Any], batch_size: int) -> int:
     """FLOPs of the per-sample inner product of two uses of one parameter
-    (``fxdp.rules.factors.inner``). A term is ``{"family", "dims", "role"}``."""
+    (``fxdp.rules.factors.inner`` on the factors :func:`fxdp.rules.factors.prepare` made: an
+    instantiated weight is its dense per-sample gradients, instantiated once for its norm).
+    A term is ``{"family", "dims", "role"}``."""
     B = batch_size
-    dense_roles = ("bias",)
-    fa = "dense" if a.get("role") in dense_roles else a["family"]
-    fb = "dense" if b.get("role") in dense_roles else b["family"]
+    fa, fb = _form(a), _form(b)
     da, db = a["dims"], b["dims"]
-    if fa in ("lowrank", "conv") and fb in ("lowrank", "conv") and da.get("G", 1) == db.get("G", 1) \
-            and da["n"] == db["n"]:
+    if fa == fb == "lowrank" and da.get("G", 1) == db.get("G", 1) and da["m"] == db["m"]:
         T1, T2, m, n, G = da["T"], db["T"], da["m"], da["n"], da.get("G", 1)
         if T1 * T2 * (m + n) < (T1 + T2) * m * n:         # the Gram form, as factors._lowrank_inner picks it
             return 2 * B * G * T1 * T2 * (m + n + 1)
         return 2 * B * G * (T1 + T2) * m * n + 2 * B * G * m * n
-    if fa == "embedding" and fb == "embedding":
+    if fa == fb == "embedding":
         return 2 * B * da["T"] * db["T"] * da["n"] + 3 * B * da["T"] * db["T"]
     if {fa, fb} == {"embedding", "lowrank"}:
         e, lr = (da, db) if fa == "embedding" else (db, da)
-        return 2 * B * lr["T"] * e["T"] * e["n"] + 2 * B * lr["T"] * e["T"]
-    return 2 * B * max(_dense_size(a), _dense_size(b))    # materialised per-sample gradients
+        if lr.get("G", 1) == 1 and lr["m"] == e["V"]:
+            return 2 * B * lr["T"] * e["T"] * e["n"] + 2 * B * lr["T"] * e["T"]
+    if {fa, fb} == {"embedding", "dense"} and _dense_size(a) == _dense_size(b):
+        e = da if fa == "embedding" else db
+        return 2 * B * e["T"] * e["n"]                     # the embedding's rows of the dense gradients
+    # both materialised (the dense ones already are), then one elementwise product per sample
+    return _materialize_flops(a, fa, B) + _materialize_flops(b, fb, B) + 2 * B * max(_dense_size(a), _dense_size(b))
 
 
 def _numel(shape) -> int:

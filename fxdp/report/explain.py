@@ -125,7 +125,8 @@ def _entry_row(e, used, B: int, tracker: PassTracker) -> Dict[str, Any]:
     if family is not None and B >= 1:
         ev = evaluate(family, roles, dims, B)
         row["decision"] = ev["decision"]
-        row["costs"] = {k: {"flops": v["flops"], "workspace": v["workspace"]} for k, v in ev["methods"].items()}
+        row["costs"] = {k: {f: v[f] for f in ("flops", "workspace", "extra_flops", "memory")}
+                        for k, v in ev["methods"].items()}
     return row
 
 

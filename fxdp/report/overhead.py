@@ -8,10 +8,13 @@ every covered use of a report at batch size B and sequence length T:
   conv and embedding uses of the example); uses with T = 1 (a classifier head
   on a pooled vector) keep T = 1;
 - the norm method of every use is the engine's own decision at those shapes;
-- extra FLOPs = norms (decided method) + clipped-sum overhead + cross terms of
-  parameters used several times; extra memory = everything held until the end
-  of backward (output gradients, dense per-sample gradients, unfolded inputs)
-  plus the largest norm workspace (norms are computed one parameter at a time);
+- extra FLOPs = norms (decided method) + clipped-sum overhead (with that method:
+  an instantiated weight's clipped sum reuses its per-sample gradients) + cross
+  terms of parameters used several times; extra memory = everything held until
+  the end of backward (output gradients, dense per-sample gradients, unfolded
+  inputs; instantiated weights' per-sample gradients, kept from the norms to the
+  clipped sums) plus the largest norm workspace (norms are computed one
+  parameter at a time);
 - plain = FLOPs of plain training (forward + backward) of the same parameter
   layers, the reference for the relative overhead.
 
@@ -136,13 +139,13 @@ class CostTable:
     def table(self) -> str:
         def method(r, name):
             m = r["methods"].get(name)
-            return f"{si(m['flops'])} / {nbytes(m['workspace'] * self.itemsize)}" if m else "-"
+            return f"{si(m['extra_flops'])} / {nbytes(m['memory'] * self.itemsize)}" if m else "-"
 
         body = [[r["key"], r["module"] or "(root)", r["rule"], r["dims"].get("T", ""), r["decision"],
                  method(r, "ghost"), method(r, "instantiate"), r["crossover"] or "", si(r["extra_flops"]),
                  nbytes(r["held"] * self.itemsize)] for r in self.rows]
-        return tabulate(body, headers=["#", "module", "rule", "T", "norm", "ghost FLOP / mem",
-                                       "instantiate FLOP / mem", "T*", "extra FLOP", "held"])
+        return tabulate(body, headers=["#", "module", "rule", "T", "norm", "ghost +FLOP / mem",
+                                       "instantiate +FLOP / mem", "T*", "extra FLOP", "held"])
 
     def __str__(self) -> str:
         parts = [self.table(), "", self.summary()]
@@ -182,7 +185,8 @@ def symbolic_overhead(rows: List[Dict], reference_len: int, itemsize: int = 4) -
         subs = {s[k]: v for k, v in d.items() if k != "T"}
         subs[T] = t_row
         fc = family_cost(r["family"], frozenset(r["roles"]))
-        methods = {k: (v.flops.subs(subs), v.workspace.subs(subs)) for k, v in fc.methods.items()}
+        methods = {k: tuple(sp.sympify(e).subs(subs) for e in (v.flops + v.clip, v.workspace, v.held))
+                   for k, v in fc.methods.items()}
         if scaled and "outer" in methods:
             def pick(i):
                 return sp.Piecewise((methods["outer"][i], sp.Eq(t_row, 1)),
@@ -195,7 +199,7 @@ def symbolic_overhead(rows: List[Dict], reference_len: int, itemsize: int = 4) -
                 return chosen[i]
         flops += pick(0) + fc.clip.subs(subs)
         workspaces.append(pick(1))
-        held += fc.held.subs(subs)
+        held += fc.held.subs(subs) + pick(2)
         plain += fc.plain.subs(subs)
     workspace = sp.Max(*workspaces) if workspaces else 0
     return {"extra_flops": sp.sympify(flops), "extra_memory_bytes": sp.sympify(itemsize * (held + workspace)),

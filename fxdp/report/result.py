@@ -12,7 +12,8 @@ forward made the call), ``layer`` (its type), ``op``, ``rule``, ``params``,
 ``roles`` (role -> parameter), ``input`` / ``output`` (shapes at the example
 batch), ``batch`` (where the samples are), ``family`` / ``dims`` (cost model
 inputs), ``decision`` (ghost / instantiate / outer, the engine's choice at the
-example shapes), ``costs`` (FLOPs and workspace elements of each method),
+example shapes), ``costs`` (of each method: its norm's ``flops`` and ``workspace`` elements, and
+its whole DP overhead with the clipped sum it implies: ``extra_flops``, ``memory`` elements),
 ``group``, ``block``, ``path`` (tap, lifted tap, refused), ``status`` ("ok",
 "uncovered", "sample-mixing", "layout", "problem"), ``reason``, ``made_by`` /
 ``changed_by`` (analysis passes).
@@ -145,7 +146,9 @@ class Report:
     def table(self) -> str:
         def cost(r, name):
             c = (r.get("costs") or {}).get(name)
-            return f"{si(c['flops'])} / {nbytes(c['workspace'] * self.itemsize)}" if c else "-"
+            if not c:
+                return "-"
+            return f"{si(c.get('extra_flops', c['flops']))} / {nbytes(c.get('memory', c['workspace']) * self.itemsize)}"
 
         body = []
         for r in self.rows:
@@ -155,7 +158,7 @@ class Report:
                          f"{_shape(r['input'])} -> {_shape(r['output'])}", r["batch"], r.get("decision") or "-",
                          cost(r, "ghost"), cost(r, "instantiate"), r["group"], r["block"], path])
         return tabulate(body, headers=["#", "module", "op", "rule", "input -> output", "batch", "norm",
-                                       "ghost FLOP / mem", "instantiate FLOP / mem", "group", "block", "path"])
+                                       "ghost +FLOP / mem", "instantiate +FLOP / mem", "group", "block", "path"])
 
     def summary(self) -> str:
         c = self.config

@@ -51,7 +51,7 @@ Guarantees and edge cases:
   uses ``gradient_noise_multiplier``). ``noise_multiplier`` may be changed between steps (noise
   schedulers); the accountant records the σ actually used. Checks: :mod:`fxdp.training.release_check`.
 - ``param_groups``, ``state`` and ``defaults`` are the inner optimizer's: LR
-  schedulers work on either object.
+  schedulers work on either object (:mod:`fxdp.training.wrapped_optimizer`).
 - fp16 with ``torch.amp.GradScaler``: privatize with ``grad_scaler=scaler`` (the
   engine divides by the loss scale before clipping, so private gradients are
   in true units) and call ``scaler.step(optimizer); scaler.update()``. The
@@ -62,7 +62,6 @@ Guarantees and edge cases:
 from __future__ import annotations
 
 import math
-import weakref
 from typing import Callable, Dict, List, Optional
 
 import torch
@@ -73,11 +72,12 @@ from fxdp.core.errors import PrivacyError
 from fxdp.engine.finalize import accumulation_dtype
 from fxdp.training.noise import NoiseSource
 from fxdp.training import optimizer_state, release_check, step_check
+from fxdp.training.wrapped_optimizer import WrappedOptimizer
 
 PUBLIC_GRAD_POLICIES = ("refuse", "add")
 
 
-class DPOptimizer(Optimizer):
+class DPOptimizer(WrappedOptimizer):
     """Wrap ``optimizer`` so that each step releases a noised, clipped gradient (module docstring).
 
     Args:
@@ -171,46 +171,6 @@ class DPOptimizer(Optimizer):
         """A new R between steps, for this optimizer's noise and the models it steps (release_check.set_bound)."""
         self._max_grad_norm = release_check.set_bound(self, value)
 
-    @property
-    def param_groups(self):
-        return self.original_optimizer.param_groups
-
-    @param_groups.setter
-    def param_groups(self, value):
-        self.original_optimizer.param_groups = value
-
-    @property
-    def state(self):
-        return self.original_optimizer.state
-
-    @state.setter
-    def state(self, value):
-        self.original_optimizer.state = value
-
-    @property
-    def defaults(self):
-        return self.original_optimizer.defaults
-
-    @defaults.setter
-    def defaults(self, value):
-        self.original_optimizer.defaults = value
-
-    @property
-    def params(self) -> List[torch.nn.Parameter]:
-        """Trainable parameters of the inner optimizer, in param_groups order."""
-        return [p for group in self.param_groups for p in group["params"] if p.requires_grad]
-
-    def add_param_group(self, param_group: dict) -> None:
-        self.original_optimizer.add_param_group(param_group)
-
-    def __getstate__(self):
-        state = dict(self.__dict__)
-        state.pop("_module", None)  # a weak reference: relinked by set_param_names
-        return state
-
-    def __setstate__(self, state):
-        self.__dict__.update(state)
-
     def __repr__(self):
         return (f"DPOptimizer(noise_multiplier={self.noise_multiplier}, max_grad_norm={self.max_grad_norm}, "
                 f"expected_batch_size={self.expected_batch_size}, loss_reduction={self.loss_reduction.value!r}, "
@@ -221,20 +181,6 @@ class DPOptimizer(Optimizer):
     def attach_step_hook(self, fn: Callable) -> None:
         """Call ``fn(self)`` after every real step (Opacus convention; several hooks allowed)."""
         self.step_hooks.append(fn)
-
-    def set_param_names(self, module: torch.nn.Module) -> None:
-        """Use ``module``'s parameter names in error messages."""
-        self.param_names = {id(p): n for n, p in module.named_parameters()}
-        self._module = weakref.ref(module)
-
-    def _name(self, p) -> str:
-        if id(p) in self.param_names:
-            return self.param_names[id(p)]
-        for gi, group in enumerate(self.param_groups):
-            for pi, q in enumerate(group["params"]):
-                if q is p:
-                    return f"param_groups[{gi}]['params'][{pi}] (shape {tuple(p.shape)})"
-        return f"parameter of shape {tuple(p.shape)}"
 
     # ----------------------------------------------------- logical batches
     def signal_skip_step(self, do_skip: bool = True) -> None:
@@ -282,12 +228,6 @@ class DPOptimizer(Optimizer):
         self._clear_private_gradients()
         self._call_inner("zero_grad", set_to_none=set_to_none)
         self._zeroed_since_step = True
-
-    def _call_inner(self, name: str, **kwargs):
-        inner = self.original_optimizer
-        if self.inner_class_methods:
-            return getattr(type(inner), name)(inner, **kwargs)
-        return getattr(inner, name)(**kwargs)
 
     # GradScaler protocol: scaler.step(optimizer) calls step() directly (it never skips a DP step:
     # whether an example overflowed is data-dependent, and such examples already contribute zero).

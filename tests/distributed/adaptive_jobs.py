@@ -1,13 +1,11 @@
 """Distributed jobs with adaptive clipping (run by tests/distributed/test_adaptive.py on every rank)."""
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 import fxdp
-from tests.distributed.jobs import _loader, flat_params, make_model
+from tests.distributed.jobs import _loader, flat_params, make_model, run_epochs
 from tests.training.stack_helpers import median_R
 
 ADAPTIVE = dict(target_unclipped_quantile=0.7, clipbound_learning_rate=0.5)
@@ -28,25 +26,12 @@ def train_adaptive(rank, world_size, *, n=24, q=0.25, sigma=0.0, count_std=0.0, 
         count_noise_multiplier=count_std, **ADAPTIVE)
     out = {"R": R, "E": dp.expected_batch_size, "indices": [], "params": [flat_params(model)], "bounds": [],
            "fractions": []}
-    pending = []
-    for epoch in range(epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        manager = (fxdp.BatchMemoryManager(data_loader=loader, max_physical_batch_size=micro, optimizer=opt)
-                   if micro else contextlib.nullcontext(loader))
-        with manager as batches:
-            for xb, yb, ib in batches:
-                pending += ib.tolist()
-                opt.zero_grad()
-                F.cross_entropy(module(xb), yb).backward()
-                before = opt.steps_taken
-                opt.step()
-                if opt.steps_taken > before:
-                    out["indices"].append(pending)
-                    pending = []
-                    out["params"].append(flat_params(model))
-                    out["bounds"].append(opt.last_release["max_grad_norm"])
-                    out["fractions"].append(opt.last_release["unclipped_fraction"])
-    out["eps"] = dp.get_epsilon(1e-5)
+
+    def on_step():
+        out["bounds"].append(opt.last_release["max_grad_norm"])
+        out["fractions"].append(opt.last_release["unclipped_fraction"])
+
+    run_epochs(dp, model, module, opt, loader, out, epochs=epochs, micro=micro, on_step=on_step)
     return out
 
 

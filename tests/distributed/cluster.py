@@ -14,6 +14,8 @@ import importlib
 import os
 import queue
 import socket
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import dataclass
@@ -26,6 +28,21 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def run_example_under_torchrun(script: str, *args: str, nproc: int = 2, timeout: float = 240):
+    """``torchrun --nproc_per_node=nproc examples/<script> *args`` on 127.0.0.1 (CPU, gloo, one thread per
+    process); asserts it exits 0 and returns its stdout."""
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, f"--nproc_per_node={nproc}", "--nnodes=1", "--master_addr=127.0.0.1",
+           f"--master_port={free_port()}", os.path.join(ROOT, "examples", script), *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=ROOT)
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
 
 
 @dataclass

@@ -7,7 +7,6 @@ same seed, then ``fully_shard`` s each block and the root, as FSDP2 users do.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -17,32 +16,14 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import fxdp
+from examples.models import ResidualMLP
 from tests import models_zoo as Z
-from tests.training.stack_helpers import median_R
+from tests.training.stack_helpers import median_R, per_sample_norms
 
 
-class Block(nn.Module):
-    def __init__(self, d):
-        super().__init__()
-        self.ln = nn.LayerNorm(d)
-        self.fc = nn.Linear(d, d)
-
-    def forward(self, x):
-        return x + torch.tanh(self.fc(self.ln(x)))
-
-
-class BlockMLP(nn.Module):
-    def __init__(self, d_in=6, d=9, classes=3, n=2):
-        super().__init__()
-        self.inp = nn.Linear(d_in, d)
-        self.blocks = nn.ModuleList(Block(d) for _ in range(n))
-        self.head = nn.Linear(d, classes)
-
-    def forward(self, x):
-        h = self.inp(x)
-        for b in self.blocks:
-            h = b(h)
-        return self.head(h)
+def block_mlp(d: int = 9):
+    """The residual-block MLP of the FSDP jobs (6 inputs, 2 blocks, 3 classes), float64."""
+    return ResidualMLP(d_in=6, d=d, blocks=2, classes=3).double()
 
 
 def _llama_lora():
@@ -63,7 +44,7 @@ def _llama_lora():
 def build(kind: str, seed: int = 0):
     torch.manual_seed(seed)
     if kind == "mlp":
-        return BlockMLP().double()
+        return block_mlp()
     if kind == "gpt2":
         return Z.gpt2(n_layer=2, d=16, vocab=40, T=8)
     if kind == "lora-llama":
@@ -72,7 +53,7 @@ def build(kind: str, seed: int = 0):
 
 
 def blocks_of(model):
-    if isinstance(model, BlockMLP):
+    if isinstance(model, ResidualMLP):
         return list(model.blocks)
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     if hasattr(base, "transformer"):
@@ -194,7 +175,7 @@ def replay(ranks, *, kind="mlp", style="all-layer", n=24, lr=0.5):
 def private_model(kind, style, R, sigma=0.0, lr=1.0, momentum=0.0, width=None, E=1.0):
     """A sharded, privatized model with plain SGD through DPDistributed (its loader is not used)."""
     torch.manual_seed(0)
-    model = BlockMLP(d=width).double() if width else build(kind)
+    model = block_mlp(width) if width else build(kind)
     shard(model)
     x, y = data(kind, 8)
     dp = fxdp.DPDistributed()
@@ -215,11 +196,7 @@ def neighbour_move(rank, world_size, *, style="all-layer", n=12):
     x, y = data("mlp", n, seed=3)
     model = build("mlp")
     R = median_R(model, x, y)
-    norms = []
-    for i in range(n):
-        m = copy.deepcopy(model)
-        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
-        norms.append(float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm()))
+    norms = per_sample_norms(model, x, y)
     j = max(range(n // 2, n), key=lambda i: norms[i])
     shard_ = list(range(rank * n // 2, (rank + 1) * n // 2))
 

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fxdp
 from fxdp.distributed import DistributedDPOptimizer
 from tests import models_zoo as Z
-from tests.training.stack_helpers import median_R
+from tests.training.stack_helpers import median_R, per_sample_norms
 
 
 def make_data(n: int, seed: int = 0, d_in: int = 6, classes: int = 3):
@@ -39,6 +39,34 @@ def flat_params(model) -> torch.Tensor:
 def _loader(n, q, seed):
     x, y = make_data(n, seed)
     return x, y, DataLoader(TensorDataset(x, y, torch.arange(n)), batch_size=max(1, int(q * n)))
+
+
+def run_epochs(dp, model, module, opt, loader, out, *, epochs, micro=None, on_batch=None, on_step=None):
+    """The jobs' training loop: ``epochs`` epochs of the distributed Poisson ``loader`` (through a
+    ``BatchMemoryManager`` of ``micro`` rows when given), cross-entropy on ``module``. Per step it appends
+    the local indices drawn for it to ``out["indices"]`` and ``model``'s parameters to ``out["params"]``,
+    then calls ``on_step()``; ``on_batch(indices)`` sees every physical batch. Sets ``out["eps"]``."""
+    pending = []
+    for epoch in range(epochs):
+        loader.batch_sampler.set_epoch(epoch)
+        manager = (fxdp.BatchMemoryManager(data_loader=loader, max_physical_batch_size=micro, optimizer=opt)
+                   if micro else contextlib.nullcontext(loader))
+        with manager as batches:
+            for xb, yb, ib in batches:
+                if on_batch is not None:
+                    on_batch(ib)
+                pending += ib.tolist()
+                opt.zero_grad()
+                F.cross_entropy(module(xb), yb).backward()
+                before = opt.steps_taken
+                opt.step()
+                if opt.steps_taken > before:
+                    out["indices"].append(pending)
+                    pending = []
+                    out["params"].append(flat_params(model))
+                    if on_step is not None:
+                        on_step()
+    out["eps"] = dp.get_epsilon(1e-5)
 
 
 def train(rank, world_size, *, n=24, q=0.25, sigma=0.0, seed=0, epochs=1, micro=None, compile=False,
@@ -63,27 +91,13 @@ def train(rank, world_size, *, n=24, q=0.25, sigma=0.0, seed=0, epochs=1, micro=
         noise_multiplier=sigma, max_grad_norm=R, style=style, noise_generator=gen, sample_rate=q)
     out = {"R": R, "E": dp.expected_batch_size, "indices": [], "params": [flat_params(model)], "empty": 0,
            "local_batches": 0}
-    pending = []
-    for epoch in range(epochs):
-        loader.batch_sampler.set_epoch(epoch)
-        manager = (fxdp.BatchMemoryManager(data_loader=loader, max_physical_batch_size=micro, optimizer=opt)
-                   if micro else contextlib.nullcontext(loader))
-        with manager as batches:
-            for xb, yb, ib in batches:
-                out["local_batches"] += 1
-                out["empty"] += int(len(ib) == 0)
-                pending += ib.tolist()
-                opt.zero_grad()
-                F.cross_entropy(module(xb), yb).backward()
-                before = opt.steps_taken
-                opt.step()
-                if opt.steps_taken > before:
-                    out["indices"].append(pending)
-                    pending = []
-                    out["params"].append(flat_params(model))
-                    if verify:
-                        dp.verify_replicas()
-    out["eps"] = dp.get_epsilon(1e-5)
+
+    def on_batch(ib):
+        out["local_batches"] += 1
+        out["empty"] += int(len(ib) == 0)
+
+    run_epochs(dp, model, module, opt, loader, out, epochs=epochs, micro=micro, on_batch=on_batch,
+               on_step=dp.verify_replicas if verify else None)
     out["steps"] = opt.steps_taken
     out["buckets"] = opt.last_num_buckets
     return out
@@ -184,11 +198,7 @@ def neighbour_move(rank, world_size, *, duplicate=False, n=12):
     x, y = make_data(n, seed=3)
     model = make_model(0)
     R = median_R(model, x, y)
-    norms = []
-    for i in range(n):
-        m = copy.deepcopy(model)
-        F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]).backward()
-        norms.append(float(torch.cat([p.grad.reshape(-1) for p in m.parameters()]).norm()))
+    norms = per_sample_norms(model, x, y)
     j = max(range(n // 2, n), key=lambda i: norms[i])  # the largest norm on rank 1's shard: clipped
     shard = list(range(rank * n // 2, (rank + 1) * n // 2))
     if duplicate and rank == 0:

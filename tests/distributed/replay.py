@@ -22,6 +22,12 @@ def replay(ranks, *, n=24, seed=0, sigma=0.0, noise_seed=None, style="all-layer"
     gen = torch.Generator().manual_seed(noise_seed) if noise_seed is not None else None
     opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), sigma, ranks[0]["R"],
                            expected_batch_size=ranks[0]["E"], generator=gen)
+    return replay_steps(ranks, model, opt, x, y)
+
+
+def replay_steps(ranks, model, opt, x, y, on_step=None):
+    """One cross-entropy step of ``opt`` per global batch of ``ranks`` on rows of (x, y), in one process;
+    ``on_step()`` after each. Returns ``model``'s parameters before the first step and after each."""
     out = [flat_params(model)]
     for idx in global_batches(ranks):
         idx = torch.tensor(idx, dtype=torch.long)
@@ -29,4 +35,6 @@ def replay(ranks, *, n=24, seed=0, sigma=0.0, noise_seed=None, style="all-layer"
         F.cross_entropy(model(x[idx]), y[idx]).backward()
         opt.step()
         out.append(flat_params(model))
+        if on_step is not None:
+            on_step()
     return out

@@ -2,12 +2,11 @@
 across ranks before the count noise, which rank 0 adds once, so every rank learns the same R."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fxdp
 from tests.distributed.adaptive_jobs import ADAPTIVE
-from tests.distributed.jobs import flat_params, make_data, make_model
-from tests.distributed.replay import global_batches
+from tests.distributed.jobs import make_data, make_model
+from tests.distributed.replay import replay_steps
 
 
 def replay_adaptive(ranks, *, n=24, seed=0, sigma=0.0, count_std=0.0, noise_seed=None):
@@ -17,16 +16,13 @@ def replay_adaptive(ranks, *, n=24, seed=0, sigma=0.0, count_std=0.0, noise_seed
     ada = fxdp.AdaptiveClipping(model, count_noise_multiplier=count_std, **ADAPTIVE)
     opt = fxdp.DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), sigma, ranks[0]["R"],
                            expected_batch_size=ranks[0]["E"], generator=gen, adaptive_clipping=ada)
-    params, bounds, fractions = [flat_params(model)], [], []
-    for idx in global_batches(ranks):
-        idx = torch.tensor(idx, dtype=torch.long)
-        opt.zero_grad()
-        F.cross_entropy(model(x[idx]), y[idx]).backward()
-        opt.step()
-        params.append(flat_params(model))
+    bounds, fractions = [], []
+
+    def on_step():
         bounds.append(opt.last_release["max_grad_norm"])
         fractions.append(opt.last_release["unclipped_fraction"])
-    return params, bounds, fractions
+
+    return replay_steps(ranks, model, opt, x, y, on_step), bounds, fractions
 
 
 @pytest.mark.parametrize("case", [dict(sigma=0.7, count_std=0.8, noise_seed=3),

@@ -20,13 +20,8 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fxdp
-from tests.reference import median_threshold, per_sample_gradients, reference_private_grads, split_batch
-
-FLAVOURS = {"non-reentrant": False, "reentrant": True}
-
-
-def ce_sum(out, y):
-    return F.cross_entropy(out, y, reduction="sum")
+from tests.models_zoo import ce_sum
+from tests.reference import CHECKPOINT_FLAVOURS as FLAVOURS, check_against_reference, uncheckpointed
 
 
 def private_grads(model):
@@ -154,18 +149,8 @@ def test_a_reentrant_region_whose_input_requires_grad_matches_the_reference():
     torch.manual_seed(1)
     template = RawInput().double()
     x, y = _data(7)
-    x = x[:, :4].contiguous()
-    plain = copy.deepcopy(template)
-    plain.checkpointing = False
-    per_sample = per_sample_gradients(plain, split_batch((x,), {}, y), ce_sum)
-    groups = [[n for n, _ in template.named_parameters()]]
-    R = median_threshold(per_sample, groups)
-    expected, _ = reference_private_grads(per_sample, groups, R)
-    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
-    (ce_sum(model(x.clone().requires_grad_()), y) / len(x)).backward()
-    scale = max(float(e.abs().max()) for e in expected.values())
-    for n, p in model.named_parameters():
-        assert float((p.private_grad - expected[n]).abs().max()) <= 1e-9 * scale, n
+    x = x[:, :4].contiguous().requires_grad_()
+    check_against_reference(template, (x,), {}, y, ce_sum, reference_model=uncheckpointed(template))
 
 
 class NestedWithoutParameters(nn.Module):
@@ -261,14 +246,4 @@ def test_decomposed_parameter_uses_in_a_region_replay_and_match_the_reference(ki
     template = Decomposed(kind, outer).double()
     g = torch.Generator().manual_seed(2)
     x, y = torch.randn(5, 3, 4, generator=g, dtype=torch.float64), torch.randint(0, 2, (5,), generator=g)
-    plain = copy.deepcopy(template)
-    plain.checkpointing = False
-    per_sample = per_sample_gradients(plain, split_batch((x,), {}, y), ce_sum)
-    groups = [[n for n, _ in template.named_parameters()]]
-    R = median_threshold(per_sample, groups)
-    expected, _ = reference_private_grads(per_sample, groups, R)
-    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
-    (ce_sum(model(x), y) / len(x)).backward()
-    scale = max(float(e.abs().max()) for e in expected.values())
-    for n, p in model.named_parameters():
-        assert float((p.private_grad - expected[n]).abs().max()) <= 1e-9 * scale, n
+    check_against_reference(template, (x,), {}, y, ce_sum, reference_model=uncheckpointed(template))

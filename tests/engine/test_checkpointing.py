@@ -13,15 +13,14 @@ import weakref
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import fxdp
-from tests.reference import median_threshold, per_sample_gradients, reference_private_grads, split_batch
+from tests.models_zoo import ce_sum
+from tests.reference import CHECKPOINT_FLAVOURS as FLAVOURS, check_against_reference, clipped_reference, uncheckpointed
 
 STYLES = ["all-layer", "layer-wise", "param-wise", "block-wise"]
 FNS = ["abadi", "automatic"]
-FLAVOURS = {"non-reentrant": False, "reentrant": True}
 
 
 class Block(nn.Module):
@@ -58,24 +57,15 @@ class Checkpointed(nn.Module):
         return (self.head(self.blocks[1](h)) + inner).mean(1)
 
 
-def ce_sum(out, y):
-    return F.cross_entropy(out, y, reduction="sum")
-
-
 def data(B=5, T=4, vocab=11, classes=3, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (B, T), generator=g), torch.randint(0, classes, (B,), generator=g)
 
 
 def reference(model, ids, y, style, fn):
-    """(expected private grads, R at the median, groups) from the model without checkpointing."""
-    plain = copy.deepcopy(model)
-    plain.checkpointing = False
-    per_sample = per_sample_gradients(plain, split_batch((ids,), {}, y), ce_sum)
-    probe = fxdp.privatize(copy.deepcopy(model), style=style, clipping_fn=fn)
-    groups = [list(g) for g in fxdp.get_engine(probe).plan.groups]
-    R = median_threshold(per_sample, groups)
-    expected, _ = reference_private_grads(per_sample, groups, R, fn)
+    """(expected private grads, R at the median) from the model without checkpointing."""
+    expected, R, _, _ = clipped_reference(model, (ids,), {}, y, ce_sum, style, fn,
+                                          reference_model=uncheckpointed(model))
     return expected, R
 
 
@@ -236,17 +226,7 @@ def test_nested_checkpoints_and_checkpoint_sequential_are_exact(inner, outer, se
     torch.manual_seed(7)
     template = Nested(inner, outer, sequential).double()
     x, y = _float_data()
-    plain = copy.deepcopy(template)
-    plain.checkpointing = False
-    per_sample = per_sample_gradients(plain, split_batch((x,), {}, y), ce_sum)
-    groups = [[n for n, _ in template.named_parameters()]]
-    R = median_threshold(per_sample, groups)
-    expected, _ = reference_private_grads(per_sample, groups, R)
-    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
-    (ce_sum(model(x), y) / len(x)).backward()
-    scale = max(float(e.abs().max()) for e in expected.values())
-    for name, p in model.named_parameters():
-        assert float((p.private_grad - expected[name]).abs().max()) <= 1e-10 * scale, name
+    check_against_reference(template, (x,), {}, y, ce_sum, rtol=1e-10, reference_model=uncheckpointed(template))
 
 
 @pytest.mark.parametrize("inner", [False, True], ids=["non-reentrant-inside", "reentrant-inside"])
@@ -299,12 +279,4 @@ def test_elementwise_and_in_place_parameter_uses_in_a_region_are_exact(flavour):
     torch.manual_seed(9)
     template = Elementwise(FLAVOURS[flavour]).double()
     x, y = _float_data()
-    plain = copy.deepcopy(template)
-    plain.checkpointing = False
-    per_sample = per_sample_gradients(plain, split_batch((x,), {}, y), ce_sum)
-    groups = [[n for n, _ in template.named_parameters()]]
-    R = median_threshold(per_sample, groups)
-    expected, _ = reference_private_grads(per_sample, groups, R)
-    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
-    (ce_sum(model(x), y) / len(x)).backward()
-    assert_matches(model, expected)
+    check_against_reference(template, (x,), {}, y, ce_sum, rtol=1e-10, reference_model=uncheckpointed(template))

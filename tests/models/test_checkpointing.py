@@ -11,8 +11,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fxdp
 from tests import models_zoo as Z
-
-FLAVOURS = {"non-reentrant": False, "reentrant": True}
+from tests.reference import CHECKPOINT_FLAVOURS as FLAVOURS
 
 
 def checkpointed(model, reentrant):

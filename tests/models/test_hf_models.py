@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import fxdp
+from tests import models_zoo as Z
 from tests.models.helpers import STYLES, check_against_reference
 
 transformers = pytest.importorskip("transformers")
@@ -31,10 +32,8 @@ def padded_ids(vocab, T=7, lengths=(7, 5, 7, 3)):
 
 
 def gpt2():
-    cfg = transformers.GPT2Config(n_layer=2, n_embd=16, n_head=2, vocab_size=40, n_positions=16, resid_pdrop=0.0,
-                                  embd_pdrop=0.0, attn_pdrop=0.0)
     torch.manual_seed(0)
-    return transformers.GPT2LMHeadModel(cfg).double()
+    return Z.gpt2()
 
 
 @pytest.mark.parametrize("style", STYLES)
@@ -78,17 +77,10 @@ def test_vit_cls_token_and_position_embeddings_equal_reference(style):
     assert "vit.embeddings.cls_token" in r["engine"].plan.group_of
 
 
-def llama():
-    cfg = transformers.LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).double()
-
-
 @pytest.mark.parametrize("style", ["all-layer", "block-wise"])
 def test_llama_rmsnorm_rotary_gqa_with_padding_equals_reference(style):
     ids, mask, labels = padded_ids(40)
-    check_against_reference(llama(), (), {"input_ids": ids, "attention_mask": mask}, labels, lm_loss, style=style)
+    check_against_reference(Z.llama(), (), {"input_ids": ids, "attention_mask": mask}, labels, lm_loss, style=style)
 
 
 def t5():

@@ -12,9 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import fxdp
 from examples.models import tiny_gpt
-from fxdp.report.cost import crossover, evaluate, family_and_dims, family_cost, ghost_condition, runtime_decision, symbols
+from fxdp.engine.finalize import group_norms
+from fxdp.report.cost import (crossover, cross_flops, evaluate, family_and_dims, family_cost, ghost_condition,
+                              runtime_decision, symbols)
 from fxdp.rules import OpCall, bind
-from fxdp.rules.factors import norm_decision, sq_norm
+from fxdp.rules.factors import clipped_sum, inner, norm_decision, prepare, sq_norm
 from fxdp.core.layout import BatchLayout, LayoutKind
 
 BATCH0 = BatchLayout(LayoutKind.BATCH, 0)
@@ -117,10 +119,75 @@ def test_crossover_is_where_the_runtime_decision_flips(m, n):
 
 def test_symbolic_costs_are_polynomials_in_the_model_symbols():
     s = symbols()
+    B, T, m, n, p, G = (s[k] for k in ("B", "T", "m", "n", "p", "G"))
     fc = family_cost("lowrank", frozenset({"weight", "bias"}))
-    assert sp.expand(fc.methods["ghost"].gemm - 2 * s["B"] * s["G"] * s["T"] ** 2 * (s["m"] + s["n"])) == 0
-    assert sp.expand(fc.methods["instantiate"].workspace - s["B"] * s["G"] * s["m"] * s["n"]) == 0
+    assert sp.expand(fc.methods["ghost"].gemm - 2 * B * G * T ** 2 * (m + n)) == 0
+    inst = fc.methods["instantiate"]
+    assert inst.workspace == 0 and inst.held == sp.Max(0, B * G * m * n - B * G * T * p)
+    assert sp.expand(inst.clip - (2 * B * G * m * n - 2 * B * G * T * m * n)) == 0
     assert fc.held.free_symbols <= set(s.values())
+
+
+def _weight_factor(T, d_out, d_in, B=3):
+    x, w = _t(B, T, d_in), _t(d_out, d_in)
+    binding, out, factors = rule_factor(F.linear, (x, w, None), {"weight": w}, None, B)
+    family, dims = family_and_dims("linear", binding, tuple(x.shape), tuple(out.shape), B)
+    return factors["weight"], family, dims
+
+
+@pytest.mark.parametrize("T,d_out,d_in", [(20, 4, 40), (5, 24, 40), (1, 5, 7)], ids=["instantiate", "ghost", "outer"])
+def test_norm_and_clipped_sum_cost_what_finalize_runs(T, d_out, d_in):
+    """finalize's norm (group_norms: prepare, then sq_norm) and clipped sum of one linear weight, counted
+    by FlopCounterMode, minus the weight-gradient GEMM autograd would run (the taps skip it), is the GEMM
+    part of the model's extra FLOPs: an instantiated use is instantiated once and its clipped sum is a
+    B m n weighted sum of those gradients (no second GEMM); ghost / outer scale one factor (elementwise)
+    and run the GEMM that replaces autograd's. Held memory: what finalize keeps until the clipped sum."""
+    B = 3
+    f, family, dims = _weight_factor(T, d_out, d_in, B)
+    ev = evaluate(family, {"weight"}, dims, B)
+    decision = ev["decision"]
+    assert decision == {20: "instantiate", 5: "ghost", 1: "outer"}[T]
+    output_grad = f.left.numel()  # linear: left = output gradient (B, 1, T, d_out)
+    per_param = {"w": [f]}
+    with FlopCounterMode(display=False) as counter:
+        group_norms(per_param, {"w": 0}, 1.0)
+        (used,) = per_param["w"]
+        clipped_sum(used, torch.rand(B, dtype=torch.float64))
+    skipped = 2 * B * T * d_out * d_in
+    method = ev["methods"][decision]
+    if decision == "instantiate":
+        assert type(used).__name__ == "DenseGrad"
+        assert counter.get_total_flops() - skipped == method["gemm"] + method["clip"] == 2 * B * d_out * d_in
+        assert ev["held"] == max(output_grad, used.grad.numel()) and ev["workspace"] == 0
+    else:
+        assert used is f
+        assert counter.get_total_flops() - skipped == method["gemm"]
+        assert method["clip"] == min(f.left.numel(), f.right.numel())   # coef times the smaller factor
+        assert ev["held"] == output_grad
+    assert ev["extra_flops"] == method["flops"] + method["clip"] == method["extra_flops"]
+
+
+@pytest.mark.parametrize("T1,T2", [(20, 30), (3, 20), (3, 5)], ids=["both-instantiated", "one-instantiated", "ghost"])
+def test_cross_term_cost_is_that_of_the_prepared_factors(T1, T2):
+    """Two uses of one 40x40 weight: the cross term finalize computes (inner of the prepared factors)
+    spends in GEMMs what cross_flops counts beyond the final per-sample products: nothing for two
+    instantiated uses (their dense gradients are reused), the materialisation of a ghost use paired with
+    an instantiated one, the Gram or materialised form of two ghost uses."""
+    B, d = 3, 40
+    (a, _, da), (b, _, db) = _weight_factor(T1, d, d, B), _weight_factor(T2, d, d, B)
+    decisions = [norm_decision(T, d, d) for T in (T1, T2)]
+    pa, pb = prepare(a), prepare(b)
+    gemm = counted_flops(lambda: inner(pa, pb))
+    model = cross_flops({"family": "lowrank", "dims": da, "role": "weight"},
+                        {"family": "lowrank", "dims": db, "role": "weight"}, B)
+    if decisions == ["instantiate", "instantiate"]:
+        assert gemm == 0 and model == 2 * B * d * d
+    elif "instantiate" in decisions:
+        T_ghost = T1 if decisions[0] == "ghost" else T2
+        assert gemm == 2 * B * T_ghost * d * d and model == gemm + 2 * B * d * d
+    else:
+        assert decisions == ["ghost", "ghost"]
+        assert gemm == 2 * B * T1 * T2 * 2 * d and model == gemm + 2 * B * T1 * T2   # the Gram form
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import math
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,12 @@ def median_R(model, x, y):
     """R near the median per-sample gradient norm (all-layer), so that some samples are clipped."""
     per_sample = per_sample_gradients(copy.deepcopy(model), split_batch((x,), {}, y), ce_loss)
     return median_threshold(per_sample, all_layer_groups(model))
+
+
+def per_sample_norms(model, x, y):
+    """Each sample's whole (all-layer) gradient norm of its cross-entropy loss (model untouched)."""
+    per_sample = per_sample_gradients(copy.deepcopy(model), split_batch((x,), {}, y), ce_loss)
+    return [math.sqrt(sum(float(g.double().square().sum()) for g in grads.values())) for grads in per_sample]
 
 
 def reference_clipped_sum(model, x, y, R, groups=None):

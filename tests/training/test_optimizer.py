@@ -21,6 +21,12 @@ def _loss(model, x, y, reduction="mean"):
     return F.cross_entropy(model(x), y, reduction=reduction)
 
 
+def _sgd_step_setup(sigma):
+    """8 examples, a model privatized at R = 1 and its DPOptimizer over SGD (σ = ``sigma``, E = 8)."""
+    model = _private_model(1.0)
+    return (*make_data(8), model, DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), sigma, 1.0, 8.0))
+
+
 @pytest.mark.parametrize("loss_reduction", ["mean", "sum"])
 @pytest.mark.parametrize("style", ["all-layer", "layer-wise"])
 def test_noise_off_step_equals_sgd_on_reference_clipped_sum_scaled_by_expected_batch_size(loss_reduction, style):
@@ -155,9 +161,7 @@ def test_public_gradient_of_a_regularizer_is_refused_and_weight_decay_gives_the_
 
 
 def test_zero_grad_without_set_to_none_is_not_a_public_gradient():
-    x, y = make_data(8)
-    model = _private_model(1.0)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 0.0, 1.0, 8.0)
+    x, y, model, opt = _sgd_step_setup(sigma=0.0)
     for _ in range(2):
         opt.zero_grad(set_to_none=False)
         _loss(model, x, y).backward()
@@ -166,9 +170,7 @@ def test_zero_grad_without_set_to_none_is_not_a_public_gradient():
 
 
 def test_stale_gradient_without_zero_grad_is_refused():
-    x, y = make_data(8)
-    model = _private_model(1.0)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 0.0, 1.0, 8.0)
+    x, y, model, opt = _sgd_step_setup(sigma=0.0)
     _loss(model, x, y).backward()
     opt.step()
     _loss(model, x, y).backward()
@@ -177,9 +179,7 @@ def test_stale_gradient_without_zero_grad_is_refused():
 
 
 def test_second_step_without_backward_is_refused():
-    x, y = make_data(8)
-    model = _private_model(1.0)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 1.0, 8.0)
+    x, y, model, opt = _sgd_step_setup(sigma=1.0)
     _loss(model, x, y).backward()
     opt.step()
     opt.zero_grad()
@@ -198,9 +198,7 @@ def test_parameter_without_private_grad_while_others_have_one_is_refused():
 
 
 def test_more_than_one_poisson_batch_per_step_is_refused():
-    x, y = make_data(8)
-    model = _private_model(1.0)
-    opt = DPOptimizer(torch.optim.SGD(model.parameters(), lr=0.1), 1.0, 1.0, 8.0)
+    x, y, model, opt = _sgd_step_setup(sigma=1.0)
     for _ in range(2):
         opt.notify_batch(ends_logical_batch=True)
         _loss(model, x, y).backward()

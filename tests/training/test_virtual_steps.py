@@ -37,6 +37,15 @@ def _engine_run(sigma, micro=None, logical_steps=3, loader=None, R=0.5):
     return params_of(model), opt, sizes, engine
 
 
+def _make_private(n, batch_size, sampler_seed):
+    """``make_private`` (σ = 1, R = 1, SGD) of a fresh model over a loader of ``n`` examples."""
+    model = make_model()
+    return fxdp.PrivacyEngine(accountant="rdp").make_private(
+        module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
+        data_loader=make_loader(n=n, batch_size=batch_size, sampler_seed=sampler_seed),
+        noise_multiplier=1.0, max_grad_norm=1.0)
+
+
 @pytest.mark.parametrize("sigma", [0.0, 1.0])
 def test_micro_batched_logical_batch_equals_one_big_step_and_noise_is_drawn_once(sigma):
     want, opt_big, sizes_big, _ = _engine_run(sigma)
@@ -66,11 +75,7 @@ def test_empty_poisson_batch_steps_with_noise_only_and_is_charged():
 
 
 def test_two_poisson_batches_for_one_step_are_refused():
-    model = make_model()
-    engine = fxdp.PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                             data_loader=make_loader(n=32, batch_size=8, sampler_seed=1),
-                                             noise_multiplier=1.0, max_grad_norm=1.0)
+    model, opt, loader = _make_private(n=32, batch_size=8, sampler_seed=1)
     batches = iter(loader)
     for _ in range(2):  # gradient accumulation across Poisson batches
         x, y = next(batches)
@@ -80,11 +85,7 @@ def test_two_poisson_batches_for_one_step_are_refused():
 
 
 def test_skipping_a_batch_is_refused_at_the_next_step():
-    model = make_model()
-    engine = fxdp.PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                             data_loader=make_loader(n=32, batch_size=8, sampler_seed=1),
-                                             noise_multiplier=1.0, max_grad_norm=1.0)
+    model, opt, loader = _make_private(n=32, batch_size=8, sampler_seed=1)
     with pytest.raises(PrivacyError, match="Skipping a batch"):
         for i, (x, y) in enumerate(loader):
             if i == 0:
@@ -95,11 +96,7 @@ def test_skipping_a_batch_is_refused_at_the_next_step():
 
 
 def test_leaving_the_manager_mid_logical_batch_lets_zero_grad_clear_again():
-    model = make_model()
-    engine = fxdp.PrivacyEngine(accountant="rdp")
-    model, opt, loader = engine.make_private(module=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                                             data_loader=make_loader(n=48, batch_size=12, sampler_seed=3),
-                                             noise_multiplier=1.0, max_grad_norm=1.0)
+    model, opt, loader = _make_private(n=48, batch_size=12, sampler_seed=3)
     with BatchMemoryManager(data_loader=loader, max_physical_batch_size=2, optimizer=opt) as mb:
         for x, y in mb:
             F.cross_entropy(model(x), y).backward()
