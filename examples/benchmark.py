@@ -7,8 +7,14 @@ printed as ratios to non-private eager and to non-private compiled.
     python examples/benchmark.py --profile plain,fxdp-compiled   # per-phase breakdown (examples/profile_step.py)
 
 Each configuration runs in a fresh process; ``--rounds`` repeats the whole set, interleaved, and
-reports the median over rounds of each process's median step time after ``--warmup`` steps. Peak
-memory: CUDA max allocated; CPU the process's peak RSS (VmHWM), so compare it to the plain rows.
+reports the median over rounds of each process's median step time after ``--warmup`` steps.
+
+Memory, per training step after the warm-up (compilation and the analysis are not counted): on CUDA
+the peak allocated during a step (``max_memory_allocated`` after ``reset_peak_memory_stats``) and the
+same above what is allocated before the step; on the CPU the process's peak RSS during a step (the
+peak is reset before each step through ``/proc/self/clear_refs``; glibc's mmap threshold is fixed so
+that freed tensors leave the RSS) and that peak above the RSS before the step (the step's working
+memory: activations, gradients, and fxdp's per-sample bookkeeping).
 """
 from __future__ import annotations
 
@@ -16,7 +22,6 @@ import argparse
 import gc
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -45,13 +50,17 @@ def lm_loss(logits, ids):
 MODES = ("plain", "plain-compiled", "fxdp", "fxdp-compiled", "opacus-hooks", "opacus-ghost", "vmap")
 
 
-def _peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM; ru_maxrss would carry the parent's peak across exec)."""
+def _reset_peak() -> None:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # VmHWM := VmRSS
+
+
+def _rss_mib(field: str = "VmRSS:") -> float:
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(field):
                 return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return float("nan")
 
 
 def _opacus_step(model, mode, ids, B):
@@ -155,19 +164,25 @@ def run_one(mode, steps, warmup, device, B=16, T=128, vocab=50257):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     gc.collect()
-    times = []
+    times, peaks, above = [], [], []
     for _ in range(steps):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() / 2**20
+        else:
+            before = _rss_mib()
+            _reset_peak()
         t = time.perf_counter()
         step()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
-    if device == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = _peak_rss_mib()
-    return {"mode": mode, "median_ms": 1000 * statistics.median(times), "peak_mib": peak,
-            "first_step_s": t_compile}
+        peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _rss_mib("VmHWM:")
+        peaks.append(peak)
+        above.append(peak - before)
+    return {"mode": mode, "median_ms": 1000 * statistics.median(times), "peak_mib": max(peaks),
+            "step_mib": max(above), "first_step_s": t_compile}
 
 
 def main():
@@ -193,25 +208,31 @@ def main():
     runs = {}
     for _ in range(args.rounds):
         for mode in args.modes.split(","):
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
             out = subprocess.run([sys.executable, __file__, "--one", mode, "--steps", str(args.steps),
                                   "--warmup", str(args.warmup), "--device", args.device, "--vocab", str(args.vocab)],
-                                 capture_output=True, text=True)
+                                 capture_output=True, text=True, env=env)
             if out.returncode != 0:
                 print(f"{mode}: failed\n{out.stderr[-2000:]}")
                 continue
             runs.setdefault(mode, []).append(json.loads(out.stdout.strip().splitlines()[-1]))
-    results = {m: {k: statistics.median(r[k] for r in rs) for k in ("median_ms", "peak_mib", "first_step_s")}
-               for m, rs in runs.items()}
+    keys = ("median_ms", "peak_mib", "step_mib", "first_step_s")
+    results = {m: {k: statistics.median(r[k] for r in rs) for k in keys} for m, rs in runs.items()}
     from tabulate import tabulate
     base = results.get("plain") or next(iter(results.values()))
     comp = results.get("plain-compiled") or base
     rows = [[m, f"{r['median_ms']:.1f}", f"{r['median_ms'] / base['median_ms']:.2f}x",
              f"{r['median_ms'] / comp['median_ms']:.2f}x", f"{r['peak_mib']:.0f}",
-             f"{r['peak_mib'] / base['peak_mib']:.2f}x", f"{r['first_step_s']:.1f}"] for m, r in results.items()]
+             f"{r['peak_mib'] / comp['peak_mib']:.2f}x", f"{r['step_mib']:.0f}",
+             f"{r['step_mib'] / base['step_mib']:.2f}x", f"{r['step_mib'] / comp['step_mib']:.2f}x",
+             f"{r['first_step_s']:.1f}"] for m, r in results.items()]
     print(f"GPT-2 4x256, T=128, B=16, vocab {args.vocab} on {args.device} ({torch.get_num_threads()} threads), "
           f"median of {args.rounds} interleaved rounds")
-    print(tabulate(rows, headers=["mode", "step ms", "vs plain eager", "vs plain compiled", "peak MiB",
-                                  "vs plain eager", "first step s (incl. compile)"]))
+    print(tabulate(rows, headers=["mode", "step ms", "vs plain eager", "vs plain compiled", "peak MiB in a step",
+                                  "vs plain compiled", "step memory MiB", "vs plain eager", "vs plain compiled",
+                                  "first step s (incl. compile)"]))
+    print("peak: the process's peak during a training step (CPU: RSS, libraries included; CUDA: allocated); "
+          "step memory: that peak above the memory before the step.")
 
 
 if __name__ == "__main__":

@@ -38,7 +38,7 @@ from fxdp.analysis.dumps import dump_hook
 from fxdp.analysis.autograd_hooks import refuse_saved_tensor_hooks
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.plan_groups import GroupPlan
-from fxdp.engine import compiled_checks, finalize, forward_checks, units
+from fxdp.engine import compiled_checks, finalize, fold, forward_checks, units
 from fxdp.engine.clip_bound import ClipBound
 from fxdp.rules import factors as F
 from fxdp.rules.virtual import resolve_virtuals
@@ -285,8 +285,10 @@ class Engine:
         _BACKWARD_OWNER[0] = (task, weakref.ref(self))
         use.grad_output = grad_output
         use.extra_grads = extra
-        if not self._accumulates:
-            self._accumulates = self._targets.accumulates(use.binding.params.values())
+        accumulates = self._targets.accumulates(use.binding.params.values())
+        self._accumulates = self._accumulates or accumulates
+        if accumulates and fold.ready(use):
+            fold.fold(use, ctx)
         if not any(c is ctx for c in self._pending):
             self._pending.append(ctx)
         if not self._callback_queued:
@@ -346,6 +348,7 @@ class Engine:
             return
         for u in ctx.uses:
             u.grad_output, u.extra_grads, u.received = None, {}, False
+        ctx.folded, ctx.decisions = {}, {}
 
     @property
     def _weakself(self):
@@ -366,9 +369,10 @@ class Engine:
             c.finalized = True
             if c.compiled:
                 self.compiled_forwards.release(c)
-            uses = [u for u in c.uses if u.grad_output is not None]
+            uses = [u for u in c.uses if u.grad_output is not None or u.folded]
             c.uses = []
-            collected.append(finalize.collect(uses, c.batch_size))
+            collected.append(finalize.collect(uses, c.batch_size, c.folded, c.decisions))
+            c.folded, c.decisions = {}, {}
         if ctx.unit_scope is not None or together:
             per_param, decisions, B = units.merge_contexts((ctx,) + together, collected)
         else:

@@ -5,7 +5,9 @@ A pipeline of small steps, each a function of the previous one's result:
 1. :func:`collect` -- every tapped use that received its output gradient gives, through its rule,
    one *factor* per parameter role (:mod:`fxdp.rules.factors`: the per-sample gradient in a form
    whose norms, inner products and clipped sums are cheap); uses whose saved inputs were modified
-   in place after the op are refused.
+   in place after the op are refused. Most uses were folded into factors already, in backward,
+   when their gradients arrived (:mod:`fxdp.engine.fold`: instantiated per-sample gradients then
+   replace the tensors they come from while backward runs).
 2. :func:`group_norms` -- per clip group, every sample's squared norm of the SUM of its gradients:
    for a parameter used several times, the squared norms of the parts plus twice every cross
    term (never the sum of norms, never one part only). A low-rank factor whose norm is computed by
@@ -32,6 +34,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from fxdp.core.errors import BatchLayoutError, PrivacyError
+from fxdp.engine import fold
 from fxdp.engine.clipping import ClipResult
 from fxdp.rules import factors as F
 
@@ -44,27 +47,24 @@ def accumulation_dtype(p: torch.Tensor) -> torch.dtype:
     return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
-def collect(uses, batch_size: int) -> Tuple[PerParam, Dict[str, str]]:
-    """Factors of every parameter from the uses of one forward pass, and each factor's ghost /
+def collect(uses, batch_size: int, folded=None, folded_decisions=None) -> Tuple[PerParam, Dict[str, str]]:
+    """Factors of every parameter from the uses of one forward pass -- those folded in backward
+    (``folded``, :mod:`fxdp.engine.fold`) and the rest, computed here -- and each factor's ghost /
     instantiate decision (``"ordinal:role" -> decision``). Releases the uses' tensors."""
     per_param: PerParam = {}
-    decisions: Dict[str, str] = {}
+    decisions: Dict[str, str] = dict(folded_decisions or {})
     if batch_size <= 0:
-        return per_param, decisions
+        return per_param, {}
+    for name, factors in (folded or {}).items():
+        per_param[name] = list(factors)
     for u in uses:
+        if u.folded:
+            continue
         if u.layout is None:
             raise BatchLayoutError(f"fxdp: no batch layout for {u.op}; this is a bug in fxdp.")
-        changed = [k for k, t in u.saved.items() if t._version != u.versions.get(k, t._version)]
-        if changed:
-            raise PrivacyError(
-                f"fxdp: the input of {u.op} ({', '.join(u.binding.param_names)}) was modified in place "
-                "after the op used it; its per-sample norms would be computed from other values than "
-                "the gradient. Avoid in-place operations on tensors a layer has consumed.")
-        for role, factor in u.rule.factors(u.binding, u.saved, u.grad_output, u.extra_grads,
-                                           u.layout, batch_size).items():
-            per_param.setdefault(u.binding.roles[role], []).append(factor)
+        for role, factor in fold.factors_of(u, batch_size).items():
             decisions[f"{u.ordinal}:{role}"] = F.decide(factor)
-        u.saved, u.grad_output, u.extra_grads = {}, None, {}
+            fold.add_factor(per_param, u.binding.roles[role], factor)
     return per_param, decisions
 
 

@@ -48,6 +48,8 @@ class LayerUse:
     # made by a reentrant checkpoint's recomputation: the backward pass (graph task) it belongs to, the
     # outer one, not the nested backward the checkpoint runs
     backward_task: Optional[int] = None
+    # its factors were computed when its gradients arrived, into its context's ``folded`` (fxdp.engine.fold)
+    folded: bool = False
 
     @property
     def rule(self):
@@ -78,6 +80,9 @@ class ForwardContext:
     # fxdp.privacy_units: the block this forward ran in, and the unit id of each row
     unit_scope: Any = None
     unit_ids: Any = None
+    # factors of the uses folded in backward, per parameter, and their norm decisions (fxdp.engine.fold)
+    folded: Dict[str, List[Any]] = field(default_factory=dict)
+    decisions: Dict[str, str] = field(default_factory=dict)
 
 
 def _rebuild(spec, leaves, replace: Dict[int, Any]):

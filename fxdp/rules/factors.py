@@ -72,6 +72,8 @@ class EmbeddingGrad:
 class DenseGrad:
     grad: torch.Tensor  # (B, *shape)
     decision: Optional[str] = field(default="instantiate")
+    # per-sample squared norms of ``grad``, computed with it while it is in cache (:func:`prepare`)
+    sq: Optional[torch.Tensor] = field(default=None, repr=False)
 
     @property
     def batch_size(self) -> int:
@@ -116,7 +118,9 @@ def prepare(f):
     instantiation becomes its dense per-sample gradients (in the compute dtype), computed once and
     reused for the norm, cross terms and the clipped sum; any other factor is returned as it is."""
     if isinstance(f, LowRankGrad) and decide(f) == "instantiate":
-        return DenseGrad(f.materialize(), "instantiate")
+        dense = DenseGrad(f.materialize(), "instantiate")
+        dense.sq = sq_norm(dense)
+        return dense
     return f
 
 
@@ -156,6 +160,8 @@ def sq_norm(f) -> torch.Tensor:
     if isinstance(f, EmbeddingGrad):
         return inner(f, f)
     if isinstance(f, DenseGrad):
+        if f.sq is not None:
+            return f.sq
         g = f.materialize()
         return torch.linalg.vector_norm(g.reshape(g.shape[0], -1), dim=1).square()  # no squared copy
     raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")

@@ -1,0 +1,75 @@
+"""Folding: a tapped use's gradient turned into per-sample factors as soon as it arrives in backward.
+
+Finalize needs every sample's norm over the whole model before it can clip anything, so BK keeps,
+for every tapped use, the tensors its rule needs until the end of backward. Folding computes the
+rule's factors of a use (:mod:`fxdp.rules.factors`) when its last gradient arrives, instead of at
+the end: a use whose norm is computed by instantiation (the ghost / instantiate decision from its
+real shapes, :func:`fxdp.rules.factors.decide`) becomes its dense per-sample gradients there and
+then, and the activation and output gradient it was computed from are released while backward
+runs -- the per-sample gradients take their place instead of being added at the end (peak
+memory), and are formed while those tensors are still in cache. Dense per-sample gradients of
+several uses of one parameter in one forward pass (tied weights, a block run twice) are summed
+as they arrive: the per-sample gradient of the sum, whose norm includes the cross terms exactly.
+
+Guarantee: folding computes exactly the factors finalize would compute from the same tensors (same
+rule, same decision, same compute dtype); it only moves the work earlier. Edge cases:
+
+- a use is folded only when all its gradients have arrived (a compiled call site hands the output
+  gradient and each broadcast parameter's gradient in separate captures), and only in a backward
+  pass that accumulates into its parameters: an input-gradient pass (``torch.autograd.grad(loss,
+  x)``, PGD) leaves it as it was, for a later backward through a retained graph;
+- a saved input modified in place after the op used it is refused here, as in finalize;
+- a forward pass of no rows folds nothing (finalize writes zeros).
+"""
+from __future__ import annotations
+
+from typing import Dict, List
+
+from fxdp.core.errors import PrivacyError
+from fxdp.rules import factors as F
+
+
+def ready(use) -> bool:
+    """Every gradient the use's rule reads has arrived (the output's and each broadcast parameter's)."""
+    return use.grad_output is not None and all(r in use.extra_grads for r in use.binding.broadcast)
+
+
+def refuse_modified_inputs(use) -> None:
+    """A saved input of ``use`` modified in place after the op read it would give norms of other values."""
+    changed = [k for k, t in use.saved.items() if t._version != use.versions.get(k, t._version)]
+    if changed:
+        raise PrivacyError(
+            f"fxdp: the input of {use.op} ({', '.join(use.binding.param_names)}) was modified in place "
+            "after the op used it; its per-sample norms would be computed from other values than "
+            "the gradient. Avoid in-place operations on tensors a layer has consumed.")
+
+
+def factors_of(use, batch_size: int) -> Dict[str, object]:
+    """The rule's factors of one use, per role, its tensors released (the caller records decisions)."""
+    refuse_modified_inputs(use)
+    out = use.rule.factors(use.binding, use.saved, use.grad_output, use.extra_grads, use.layout, batch_size)
+    use.saved, use.grad_output, use.extra_grads = {}, None, {}
+    return out
+
+
+def add_factor(per_param: Dict[str, List[object]], name: str, factor) -> None:
+    """Append ``factor`` to ``name``'s factors; a dense one is added to the dense one already there (out of
+    place: a rule's dense factor may be a gradient autograd still passes on)."""
+    factors = per_param.setdefault(name, [])
+    if isinstance(factor, F.DenseGrad):
+        for i, f in enumerate(factors):
+            if isinstance(f, F.DenseGrad) and f.grad.shape == factor.grad.shape:
+                dt = F.compute_dtype(f.grad, factor.grad)
+                factors[i] = F.DenseGrad(f.grad.to(dt) + factor.grad.to(dt), "instantiate")
+                return
+    factors.append(factor)
+
+
+def fold(use, ctx) -> None:
+    """Compute ``use``'s factors now (see module docstring) into ``ctx.folded`` / ``ctx.decisions``."""
+    if ctx.batch_size <= 0 or use.layout is None:
+        return
+    for role, factor in factors_of(use, ctx.batch_size).items():
+        ctx.decisions[f"{use.ordinal}:{role}"] = F.decide(factor)
+        add_factor(ctx.folded, use.binding.roles[role], F.prepare(factor))
+    use.folded = True
