@@ -49,6 +49,7 @@ def factors_of(use, batch_size: int) -> Dict[str, object]:
     refuse_modified_inputs(use)
     out = use.rule.factors(use.binding, use.saved, use.grad_output, use.extra_grads, use.layout, batch_size)
     use.saved, use.grad_output, use.extra_grads = {}, None, {}
+    use.binding.saved, use.binding.layout_source = {}, None  # the binding held the activations too
     return out
 
 

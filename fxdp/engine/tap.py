@@ -130,7 +130,10 @@ class TapFunction(torch.autograd.Function):
         use.saved = {k: v.detach() for k, v in binding.saved.items()}
         use.versions = {k: v._version for k, v in use.saved.items()}
         ctx.use = use
-        ctx.out = out
+        # the subgraph's output edge, not the output: a tensor held here would outlive its last reader
+        # (the logits, which the loss does not save, stayed alive to the end of backward)
+        ctx.edge = torch.autograd.graph.get_gradient_edge(out) if out.requires_grad else None
+        ctx.freed = False
         ctx.targets = targets
         ctx.broadcast_roles = list(broadcast_targets)
         ctx.broadcast_targets = list(broadcast_targets.values())
@@ -143,15 +146,15 @@ class TapFunction(torch.autograd.Function):
         use = ctx.use
         if use.checkpointed:
             return _checkpointed_backward(ctx, use, grad_output)
-        if ctx.out is None:
+        if ctx.freed:
             raise PrivacyError(
                 f"fxdp: backward reached {use.op} ({', '.join(use.binding.param_names)}) a second time, but its "
                 "graph was freed by the first backward pass. Pass retain_graph=True to the first one.")
         keep = torch._C._autograd._get_current_graph_task_keep_graph()
         wanted = ctx.targets + ctx.broadcast_targets
         grads = ()
-        if wanted and ctx.out.requires_grad:
-            grads = torch.autograd.grad(ctx.out, wanted, grad_output, allow_unused=True, retain_graph=keep)
+        if wanted and ctx.edge is not None:
+            grads = torch.autograd.grad(ctx.edge, wanted, grad_output, allow_unused=True, retain_graph=keep)
         input_grads = [None] * ctx.n
         for slot, g in zip(ctx.slots, grads[: len(ctx.targets)]):
             input_grads[slot] = g
@@ -163,7 +166,7 @@ class TapFunction(torch.autograd.Function):
             raise RuntimeError("fxdp: the privatized model was released before backward finished.")
         engine.receive(use, grad_output, extra)
         if not keep:
-            ctx.out = None
+            ctx.edge, ctx.freed = None, True
         return (None, None, *input_grads)
 
 
