@@ -50,8 +50,8 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
-from fxdp.analysis.batch_dims import RULES, fresh_ops, rule_key
-from fxdp.analysis.batch_rules import ABSENT, Mixing
+from fxdp.analysis.batch_dims import RULES, fresh_ops, rule_key, untracked
+from fxdp.analysis.batch_rules import ABSENT, Mixing, Untracked
 from fxdp.core.errors import SampleMixingError
 
 T = torch.Tensor
@@ -205,24 +205,26 @@ class MixingMonitor(TorchFunctionMode):
 
 
     def _rule_place(self, func, name, args, kwargs, out):
-        rule = RULES.get(rule_key(func))
-        if rule is None:
-            return None
+        rule = RULES.get(rule_key(func), untracked)
         try:
-            return rule(self, func, args, kwargs, out)
+            try:
+                return rule(self, func, args, kwargs, out)
+            except Mixing:
+                raise
+            except Exception:
+                if self.strict:
+                    raise
+                return untracked(self, func, args, kwargs, out)  # a rule that cannot read this call
         except Mixing as m:
+            build = _untracked_message if isinstance(m, Untracked) else _message
             if torch.is_grad_enabled() and m.requires_grad:
-                raise SampleMixingError(_message(name, m.what, self.B)) from None
+                raise SampleMixingError(build(name, m.what, self.B)) from None
             # on a tensor without gradient (detached, under no_grad: statistics for a buffer, a copy of
             # an example): held, and refused when the result meets per-sample values or enters the
             # differentiated computation; not when it only feeds a buffer (BufferWatch names that)
             self._any_held += 1
             how = " (under torch.no_grad)" if not torch.is_grad_enabled() else " (on a tensor without gradient)"
-            return _Held(_message(name, m.what + how, self.B), self._any_held)
-        except Exception:
-            if self.strict:
-                raise
-            return None
+            return _Held(build(name, m.what + how, self.B), self._any_held)
 
     def _hold_outputs(self, out, message: str) -> None:
         self._any_held += 1
@@ -305,3 +307,13 @@ def _message(name: str, what: str, B: int) -> str:
             "and mix examples (mixup) in the data pipeline, not inside the privatized forward. If several rows "
             "of the batch are one example or one user, declare them one privacy unit "
             "(with fxdp.privacy_units(model, ids=...) or views=K) instead of mixing them inside the model.")
+
+
+def _untracked_message(name: str, what: str, B: int) -> str:
+    return (f"fxdp: {name} {what} in the training forward (batch of {B}), and fxdp has no rule for where the samples "
+            "go through it: it cannot tell whether the op mixes samples (pooling, an FFT, a solve or a custom kernel "
+            "across the batch), and mixing there, gated on the batch size, would escape per-sample clipping, so the "
+            "forward is refused. Express the computation with torch ops fxdp follows along each sample's own "
+            "dimensions (reshape / permute keeping the batch dimension, reductions and transforms over dim >= 1, "
+            "matmul, indexing), or apply the op outside the privatized model to public data; if the op is per-sample, "
+            "report it so that a batch-dimension rule can be added (fxdp.analysis.batch_dims).")
