@@ -18,10 +18,16 @@ output and raises :class:`Mixing` when the op moves values across that dimension
   (``layer_norm`` over it, ``group_norm`` / ``conv`` with the batch anywhere but dim 0),
   attention whose keys or features are samples.
 
+- a reshape that splits or interleaves it (``h.t().reshape(h.shape)``), a table or weight computed
+  from the batch (``embedding_bag`` / ``F.embedding`` / ``F.linear``), broadcasting samples against
+  other samples (``h[None] * h[:, None]``, ``text @ image.T``), pooling, padding, FFTs, integration,
+  distances, linear solves or ``sum_to_size`` along it (:mod:`fxdp.analysis.batch_transforms`).
+
 Rules raise only for floating-point tensors (``Mixing.tensor``): masks, counts and indices carry
-no gradient. An op without a rule here (or whose output does not have the size the rule expects)
-gives ``None``: the position is lost for that tensor and what it derives, and only the checks
-that need no position apply to it (see the monitor's docstring).
+no gradient. An op without a rule here that gets a tensor whose position is known is refused by
+:func:`untracked` unless it is in :data:`PER_SAMPLE_UNTRACKED`; a rule that returns ``None`` (or a
+place that does not fit the output) loses the position for that tensor and what it derives, and only
+the checks that need no position apply to it (see the monitor's docstring).
 """
 from __future__ import annotations
 
@@ -36,7 +42,7 @@ from fxdp.analysis.batch_index import getitem_place, setitem_place
 from torch.utils._pytree import tree_flatten
 
 from fxdp.analysis.batch_layers import (
-    batch_of, conv, embedding_bag, linear, loss, mha, norm_layer, sdpa, spatial)
+    batch_of, conv, embedding_bag, linear, loss, mha, norm_layer, recurrent, recurrent_cell, sdpa, spatial)
 from fxdp.analysis.batch_rules import (
     Mixing, Untracked, cat, einsum, elementwise, expand, matmul_family, movedim, permute, repeat, reshape)
 from fxdp.analysis.batch_reduce import ALONG, REDUCE, SELECT, reduction, select
@@ -128,7 +134,9 @@ def _table() -> Dict[Callable, Callable]:
     put(LOSSES, loss, (F,))
     put(["embedding", "one_hot"], batch_of, (F,))
     put(["embedding_bag"], embedding_bag, (F,))
-    put(["pad"], pad, (F,))
+    put(["lstm", "gru", "rnn_tanh", "rnn_relu"], recurrent, (torch,))
+    put(["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"], recurrent_cell, (torch,))
+    put(["pad"], pad, (F, torch._C._nn))
     for n in FFT:
         put([n], fft(n), (torch.fft,))
     put(["trapezoid", "trapz", "cumulative_trapezoid"], trapezoid, (torch,))

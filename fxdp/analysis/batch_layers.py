@@ -205,3 +205,48 @@ def loss(ctx, func, args, kwargs, out):
     if out.dim() == args[0].dim():
         return pl
     return pl if pl[0] == 0 else None
+
+
+def recurrent(ctx, func, args, kwargs, out):
+    """torch.lstm / gru / rnn_tanh / rnn_relu (dense input, hx, params, has_biases, layers, dropout, train,
+    bidirectional, batch_first): the recurrence runs along time, each sample alone; outputs
+    (output, h_n[, c_n]) with the batch at dim 0 (batch_first) or 1, and at dim 1 of the states."""
+    if not (len(args) >= 9 and isinstance(args[3], bool)):
+        return None  # packed: its data has no position (the rules refuse a trainable packed RNN)
+    x, hx, batch_first = args[0], args[1], bool(args[8])
+    want = 0 if batch_first else 1
+    ks = set()
+    pl = ctx.place(x)
+    if pl is None:
+        return None
+    if pl is not ABSENT:
+        if x.dim() != 3 or pl[0] != want:
+            return ctx.mix(x, f"runs a recurrence over dim {pl[0]}, the batch dimension (time or features)")
+        ks.add(pl[1])
+    for h in tensors_of(hx if isinstance(hx, (list, tuple)) else [hx]):
+        hp = ctx.place(h)
+        if hp is None:
+            return None
+        if hp is not ABSENT:
+            if h.dim() != 3 or hp[0] != 1:
+                return ctx.mix(h, f"starts the recurrence from a state whose batch dimension is dim {hp[0]}, not 1")
+            ks.add(hp[1])
+    if len(ks) != 1:
+        return None
+    k = ks.pop()
+    n = len(out) if isinstance(out, (list, tuple)) else 1
+    return [(want, k)] + [(1, k)] * (n - 1)
+
+
+def recurrent_cell(ctx, func, args, kwargs, out):
+    """torch.lstm_cell / gru_cell / rnn_tanh_cell / rnn_relu_cell (input (B, d), hx (B, H) ...): per row."""
+    places = set()
+    for t in tensors_of(list(args[:2]) + (list(args[1]) if isinstance(args[1], (list, tuple)) else [])):
+        p = ctx.place(t)
+        if p is None:
+            return None
+        if p is not ABSENT:
+            if p[0] != 0 or t.dim() != 2:
+                return ctx.mix(t, f"runs a recurrent cell across the batch dimension (dim {p[0]})")
+            places.add(p)
+    return places.pop() if len(places) == 1 else None

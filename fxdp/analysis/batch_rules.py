@@ -97,8 +97,9 @@ def _norm(d, n):
 
 def reshape(ctx, func, args, kwargs, out):
     """view / reshape / flatten / (un)squeeze: followed while the batch stays the leading factor of one
-    dimension (``(B, T, d) -> (B*T, d)`` gives ``k = T``); a reshape that splits or interleaves it is
-    refused (for floating-point tensors)."""
+    dimension (``(B, T, d) -> (B*T, d)`` gives ``k = T``); one that regroups it with other dimensions
+    into several new ones is refused (for floating-point tensors); a merge behind another dimension or a
+    split of the batch loses the position."""
     x = args[0]
     pl = ctx.place(x)
     if pl is None or pl is ABSENT or not isinstance(out, torch.Tensor):
@@ -115,10 +116,32 @@ def reshape(ctx, func, args, kwargs, out):
         prefix *= n
         if prefix > before:
             break
-    return ctx.mix(x, f"reshapes the batch dimension (dim {bd}) so that it is no longer the leading factor of one "
-                      f"dimension ({tuple(x.shape)} -> {tuple(out.shape)}, as h.t().reshape(h.shape) or a dimension "
-                      "before the batch merged into it), so rows of the result hold several samples; move the "
-                      "batch dimension first (x.transpose(0, 1)) before merging it with other dimensions")
+    if _regroups(x.shape, out.shape, bd):
+        return ctx.mix(x, f"reshapes the batch dimension (dim {bd}) together with other dimensions into new ones "
+                          f"({tuple(x.shape)} -> {tuple(out.shape)}, as h.t().reshape(h.shape)), so rows of the "
+                          "result hold several samples; keep the batch dimension whole, or move it first "
+                          "(x.transpose(0, 1)) before reshaping")
+    return None  # a merge behind another dim ((T, B, d) -> (T*B, d)) or a split of the batch: position lost
+
+
+def _prefixes(shape):
+    out = [1]
+    for n in shape:
+        out.append(out[-1] * int(n))
+    return out
+
+
+def _regroups(before_shape, after_shape, bd) -> bool:
+    """The smallest run of input dims around ``bd`` that the reshape maps onto a run of output dims has
+    several non-trivial dims on both sides: the batch is cut into pieces that land in other samples' rows."""
+    pin, pout = _prefixes(before_shape), _prefixes(after_shape)
+    a = max(i for i in range(bd + 1) if pin[i] in pout)
+    b = min(i for i in range(bd + 1, len(pin)) if pin[i] in pout)
+    j0 = max(j for j, p in enumerate(pout) if p == pin[a])
+    j1 = min(j for j, p in enumerate(pout) if p == pin[b])
+    m = sum(1 for n in before_shape[a:b] if int(n) > 1)
+    n = sum(1 for s in after_shape[j0:j1] if int(s) > 1)
+    return m >= 2 and n >= 2
 
 
 def expand(ctx, func, args, kwargs, out):

@@ -32,15 +32,25 @@ Not refused: boolean / integer tensors (masks, counts, indices: no gradient), re
 (``F.cross_entropy(..., reduction="mean")``: the training loss), BatchNorm (refused in training
 mode by the interceptor, per channel with running statistics).
 
-Limits (the structural check is sound only where it knows the batch position): an op without
-a rule (a custom kernel, ``torch.fft``, ``masked_scatter``, a reshape that splits or interleaves
-the batch dimension, an outer product between samples such as CLIP's ``text @ image.T``, rows of a
-``(B*T, d)`` tensor selected by an index computed from the batch, as in mixture-of-experts token
-routing) makes
-the position of its output unknown; for that tensor and everything derived from it only the
-full-reduction refusal and the numeric probe / re-validation above apply, as before. Values
-leaving the tracked graph (``.item()``, ``.tolist()``, Python control flow on values) are not
-followed: a branch they select is covered by re-validation of the call sequence.
+Ops without a rule. An op that :data:`~fxdp.analysis.batch_dims.RULES` does not know (a custom kernel,
+``masked_scatter``, ``torch.histc``), or whose rule cannot read the call, and that gets a tensor whose
+batch position is known and returns a floating-point tensor, is refused
+(:func:`~fxdp.analysis.batch_dims.untracked`; a short allow-list of ops proven per-sample is exempt):
+behind it the position would be unknown, and mixing there gated on the batch size (``if B > 3``) is
+seen by neither check (a review measured up to 3.3 R through ``embedding_bag``, ``F.linear`` with a
+batch-derived weight, ``h.t().reshape(h.shape)``, writes into a fresh tensor, pooling / ``fft`` /
+``trapezoid`` / ``cdist`` / ``linalg.solve`` across the batch, ``sum_to_size``, ``h[None] * h[:, None]``:
+each now has a rule that follows its per-sample uses and refuses the batch dimension being touched).
+
+Limits: the position is still lost, without a refusal, where a rule cannot represent it but the op is
+per-sample or known only to be routed: rows of a ``(B*T, d)`` tensor selected by an index computed from
+the batch (mixture-of-experts token routing), seq-first rows merged behind the time dimension
+(``(T, B, d).reshape(T*B, d)``) or a split of the batch dimension, a reduced training loss, an input whose position is
+already unknown. For such tensors and everything derived from them only the full-reduction refusal and
+the numeric probe / re-validation above apply. Integer and boolean results of ops without a rule are
+not refused (no gradient). Values leaving the tracked graph (``.item()``, ``.tolist()``, Python
+control flow on values) are not followed: a branch they select is covered by re-validation of the call
+sequence.
 """
 from __future__ import annotations
 

@@ -48,8 +48,9 @@ def test_seq_first_and_merged_dims_are_tracked():
     with monitor(x, dims=[1]) as m:
         assert m.place(x.reshape(T, B * 2, 3)) == (1, 2)
         assert m.place(x.transpose(0, 1).reshape(B * T, D)) == (0, T)
-        with pytest.raises(SampleMixingError, match="no longer the leading factor.*transpose"):
-            x.reshape(T * B, D)                   # the batch is the inner factor: fxdp cannot follow the rows
+        assert m.place(x.reshape(T * B, D)) is None   # the batch is the inner factor: position lost
+        with pytest.raises(SampleMixingError, match="together with other dimensions.*transpose"):
+            x.reshape(B, T * D)                   # regrouped: rows of the result hold several samples
         conv_in = torch.randn(B, 3, 8, 8)
     with monitor(conv_in) as m:
         h = F.conv2d(conv_in, torch.randn(4, 3, 3, 3))
@@ -198,7 +199,7 @@ ACROSS = [  # the same ops across the batch dimension (each leaked up to 3.3 R g
     (lambda x: F.embedding(torch.zeros(B, dtype=torch.long), x.flatten(1)), "table computed from the batch"),
     (lambda x: F.linear(x.flatten(1), x.flatten(1)), "weight computed from the batch"),
     (lambda x: F.linear(torch.ones(2, B), x.flatten(1).T), "weight computed from the batch"),
-    (lambda x: x.flatten(1).t().reshape(B, T * D), "no longer the leading factor"),
+    (lambda x: x.flatten(1).t().reshape(B, T * D), "together with other dimensions"),
     (lambda x: _written(torch.zeros(B, T, D), torch.tensor([1, 0, 2, 3]), x), "into a fresh tensor"),
     (lambda x: torch.zeros(B, T, D).index_put((torch.zeros(B, dtype=torch.long),), x, accumulate=True),
      "into a fresh tensor"),
