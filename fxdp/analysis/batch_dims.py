@@ -16,9 +16,8 @@ output and raises :class:`Mixing` when the op moves values across that dimension
 - a contraction over it (``h.T @ h``, ``einsum('bi,bj->ij')``, ``F.linear`` on a tensor whose last
   dimension is the batch), a convolution or normalisation whose statistics span it
   (``layer_norm`` over it, ``group_norm`` / ``conv`` with the batch anywhere but dim 0),
-  attention whose keys or features are samples.
-
-- a reshape that splits or interleaves it (``h.t().reshape(h.shape)``), a table or weight computed
+  attention whose keys or features are samples;
+- a reshape that regroups it with other dimensions (``h.t().reshape(h.shape)``), a table or weight computed
   from the batch (``embedding_bag`` / ``F.embedding`` / ``F.linear``), broadcasting samples against
   other samples (``h[None] * h[:, None]``, ``text @ image.T``), pooling, padding, FFTs, integration,
   distances, linear solves or ``sum_to_size`` along it (:mod:`fxdp.analysis.batch_transforms`).
@@ -38,9 +37,9 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from fxdp.analysis.batch_index import getitem_place, setitem_place
 from torch.utils._pytree import tree_flatten
 
+from fxdp.analysis.batch_index import getitem_place, setitem_place
 from fxdp.analysis.batch_layers import (
     batch_of, conv, embedding_bag, linear, loss, mha, norm_layer, recurrent, recurrent_cell, sdpa, spatial)
 from fxdp.analysis.batch_rules import (

@@ -45,8 +45,8 @@ each now has a rule that follows its per-sample uses and refuses the batch dimen
 Limits: the position is still lost, without a refusal, where a rule cannot represent it but the op is
 per-sample or known only to be routed: rows of a ``(B*T, d)`` tensor selected by an index computed from
 the batch (mixture-of-experts token routing), seq-first rows merged behind the time dimension
-(``(T, B, d).reshape(T*B, d)``) or a split of the batch dimension, a reduced training loss, an input whose position is
-already unknown. For such tensors and everything derived from them only the full-reduction refusal and
+(``(T, B, d).reshape(T*B, d)``) or a split of the batch dimension, a reduced training loss, an input
+whose position is already unknown. For such tensors and everything derived from them only the full-reduction refusal and
 the numeric probe / re-validation above apply. Integer and boolean results of ops without a rule are
 not refused (no gradient). Values leaving the tracked graph (``.item()``, ``.tolist()``, Python
 control flow on values) are not followed: a branch they select is covered by re-validation of the call
