@@ -16,12 +16,17 @@ output and raises :class:`Mixing` when the op moves values across that dimension
 - a contraction over it (``h.T @ h``, ``einsum('bi,bj->ij')``, ``F.linear`` on a tensor whose last
   dimension is the batch), a convolution or normalisation whose statistics span it
   (``layer_norm`` over it, ``group_norm`` / ``conv`` with the batch anywhere but dim 0),
-  attention whose keys or features are samples.
+  attention whose keys or features are samples;
+- a reshape that regroups it with other dimensions (``h.t().reshape(h.shape)``), a table or weight computed
+  from the batch (``embedding_bag`` / ``F.embedding`` / ``F.linear``), broadcasting samples against
+  other samples (``h[None] * h[:, None]``, ``text @ image.T``), pooling, padding, FFTs, integration,
+  distances, linear solves or ``sum_to_size`` along it (:mod:`fxdp.analysis.batch_transforms`).
 
 Rules raise only for floating-point tensors (``Mixing.tensor``): masks, counts and indices carry
-no gradient. An op without a rule here (or whose output does not have the size the rule expects)
-gives ``None``: the position is lost for that tensor and what it derives, and only the checks
-that need no position apply to it (see the monitor's docstring).
+no gradient. An op without a rule here that gets a tensor whose position is known is refused by
+:func:`untracked` unless it is in :data:`PER_SAMPLE_UNTRACKED`; a rule that returns ``None`` (or a
+place that does not fit the output) loses the position for that tensor and what it derives, and only
+the checks that need no position apply to it (see the monitor's docstring).
 """
 from __future__ import annotations
 
@@ -32,15 +37,20 @@ from typing import Callable, Dict, Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from torch.utils._pytree import tree_flatten
+
 from fxdp.analysis.batch_index import getitem_place, setitem_place
-from fxdp.analysis.batch_layers import batch_of, conv, linear, loss, mha, norm_layer, sdpa, spatial
+from fxdp.analysis.batch_layers import (
+    batch_of, conv, embedding_bag, linear, loss, mha, norm_layer, recurrent, recurrent_cell, sdpa, spatial)
 from fxdp.analysis.batch_rules import (
-    Mixing, cat, einsum, elementwise, expand, matmul_family, movedim, permute, repeat, reshape)
+    Mixing, Untracked, cat, einsum, elementwise, expand, matmul_family, movedim, permute, repeat, reshape)
 from fxdp.analysis.batch_reduce import ALONG, REDUCE, SELECT, reduction, select
+from fxdp.analysis.batch_transforms import (
+    FFT, MATRIX, cdist, fft, matrix, pad, per_position, solve, sum_to_size, trapezoid)
 
 Place = Optional[Tuple[int, int]]
 T = torch.Tensor
-__all__ = ["Mixing", "Place", "RULES", "fresh_ops", "rule_key"]
+__all__ = ["Mixing", "Place", "RULES", "PER_SAMPLE_UNTRACKED", "fresh_ops", "rule_key", "untracked"]
 
 
 def _funcs(names, owners=(torch, T, F, torch.linalg, torch.special)):
@@ -122,6 +132,19 @@ def _table() -> Dict[Callable, Callable]:
     put(["multi_head_attention_forward"], mha, (F,))
     put(LOSSES, loss, (F,))
     put(["embedding", "one_hot"], batch_of, (F,))
+    put(["embedding_bag"], embedding_bag, (F,))
+    put(["lstm", "gru", "rnn_tanh", "rnn_relu"], recurrent, (torch,))
+    put(["lstm_cell", "gru_cell", "rnn_tanh_cell", "rnn_relu_cell"], recurrent_cell, (torch,))
+    put(["pad"], pad, (F, torch._C._nn))
+    for n in FFT:
+        put([n], fft(n), (torch.fft,))
+    put(["trapezoid", "trapz", "cumulative_trapezoid"], trapezoid, (torch,))
+    put(["cdist"], cdist, (torch,))
+    put(["solve"], solve, (torch.linalg,))
+    put(MATRIX + ["inverse"], matrix, (torch.linalg, torch, T))
+    put(["sum_to_size"], sum_to_size, (T,))
+    put(["triu", "tril", "triu_", "tril_"], per_position, (torch, T))
+    put(["broadcast_tensors", "__deepcopy__"], elementwise, (torch, T))
     put(ELEMENTWISE + INPLACE, elementwise)
     for prop in ("T", "mT", "H", "mH", "data", "real", "imag"):
         # a property's getter reaches __torch_function__ as a fresh method-wrapper: key by its descriptor
@@ -131,6 +154,31 @@ def _table() -> Dict[Callable, Callable]:
 
 RULES = _table()
 _FRESH = frozenset(_funcs(FRESH, (torch, T)))
+# Ops without a rule proven per-sample for whatever batch position they get (their tensor outputs hold
+# no value of their inputs across samples); any other op without a rule refuses a tensor whose batch
+# position is known (:func:`untracked`).
+PER_SAMPLE_UNTRACKED = frozenset(_funcs("detach_ retain_grad share_memory_".split(), (T,)))
+
+
+def untracked(ctx, func, args, kwargs, out):
+    """The place after an op :data:`RULES` has no rule for (or whose rule cannot read this call).
+
+    Refused (:class:`Untracked`) when an input's batch position is known and the op returns a
+    floating-point tensor other than one of its inputs: fxdp cannot tell whether the op moves values
+    between samples (an FFT, a pooling, a solve, a custom kernel across the batch), and an op that does,
+    gated on the batch size (``if B > 3``), is seen neither by this check nor by the numeric probe.
+    Otherwise the position of the output is unknown (None); an op returning its input keeps its place."""
+    outs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
+    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+    if outs and all(any(o is t for t in leaves) for o in outs):
+        return ctx.KEEP
+    values = [o for o in outs if o.is_floating_point() or o.is_complex()]
+    known = [(t, ctx.place(t)) for t in leaves if isinstance(ctx.place(t), tuple)]
+    if not values or not known or rule_key(func) in PER_SAMPLE_UNTRACKED:
+        return None
+    t, (bd, k) = known[0]
+    raise Untracked(f"gets a tensor computed from the batch (shape {tuple(t.shape)}, batch dimension {bd})",
+                    any(x.requires_grad for x, _ in known) or any(o.requires_grad for o in values))
 
 
 def rule_key(func):

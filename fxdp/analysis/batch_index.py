@@ -151,10 +151,16 @@ def getitem_place(ctx, func, args, kwargs, out):
 
 def setitem_place(ctx, func, args, kwargs, out):
     """``x[index] = v`` (and ``index_put``): batch-derived values written into selected rows of
-    the batch dimension move them between samples; otherwise ``x`` keeps (or gains) its place."""
+    the batch dimension move them between samples; otherwise ``x`` keeps (or gains) its place.
+    Values whose batch position is known must land exactly on the batch dimension of ``x`` (or, for a
+    fresh ``x``, on a dimension the index keeps whole: T5's shift-right): written at a permutation of
+    the rows (``z[perm] = h``), accumulated (``index_put(..., accumulate=True)``) or broadcast across
+    another dimension they would reach other samples' rows, and are refused."""
     x = args[0]
+    accumulate = False
     if getattr(func, "__name__", "").startswith("index_put"):
         index, value = tuple(args[1]), (args[2] if len(args) > 2 else kwargs.get("values"))
+        accumulate = bool(args[3] if len(args) > 3 else kwargs.get("accumulate", False))
     else:
         index, value = args[1], args[2]
     vpl = ctx.place(value) if isinstance(value, torch.Tensor) else ABSENT
@@ -164,15 +170,51 @@ def setitem_place(ctx, func, args, kwargs, out):
         ctx.mix(value, f"writes batch-derived values into a selection of the batch dimension ({walked[2]})")
     target = x if out is None else out
     if pl is ABSENT and vpl is not ABSENT:
-        ctx.set(target, _written_place(ctx, x, walked, value, vpl))
+        place = None if accumulate else _written_place(ctx, x, index, walked, value, vpl)
+        if place is None and isinstance(vpl, tuple):
+            ctx.mix(value, "writes batch-derived values into a fresh tensor at positions fxdp cannot match to the "
+                           "samples (advanced indices, accumulation, or across the dimension of the samples)")
+        ctx.set(target, place)
     elif pl is not ABSENT:
+        if isinstance(vpl, tuple) and isinstance(pl, tuple) and not _lands_on_batch(ctx, x, index, value, vpl):
+            ctx.mix(value, f"writes batch-derived values into x[...] elsewhere than its batch dimension (dim {pl[0]})")
         ctx.set(target, pl if walked is not None else None)
     return ctx.KEEP
 
 
-def _written_place(ctx, x, walked, value, vpl):
+class _Supposing:
+    """The rule context, with ``x`` supposed to hold the batch at ``place`` (a fresh tensor written into)."""
+
+    def __init__(self, ctx, x, place):
+        self.ctx, self.x, self.supposed, self.B = ctx, x, place, ctx.B
+
+    def place(self, t):
+        return self.supposed if t is self.x else self.ctx.place(t)
+
+    def mix(self, t, what):
+        return self.ctx.mix(t, what)
+
+
+def _lands_on_batch(ctx, x, index, value, vpl) -> bool:
+    """The value's batch dimension, broadcast into ``x[index]``, is the batch dimension of that selection."""
+    try:
+        sel = getitem_place(ctx, None, (x, index), {}, None)
+        shape = x[index].shape
+    except Exception:  # Mixing, or an index fxdp cannot replay
+        return False
+    return isinstance(sel, tuple) and (vpl[0] + len(shape) - value.dim(), vpl[1]) == sel
+
+
+def _written_place(ctx, x, index, walked, value, vpl):
     """The place of a fresh tensor (``zeros``) after ``x[index] = value`` (T5's shift-right of the
-    labels): the value's batch dimension lands on a dimension of ``x`` the index keeps whole."""
+    labels): the value's batch dimension lands on a dimension of ``x`` the index keeps whole (or indexes
+    by ``arange(B)``)."""
+    if walked is not None and walked[1] and isinstance(vpl, tuple):
+        for d in range(x.dim()):
+            if int(x.shape[d]) == ctx.B * vpl[1] and _lands_on_batch(_Supposing(ctx, x, (d, vpl[1])), x,
+                                                                    index, value, vpl):
+                return (d, vpl[1])
+        return None
     if walked is None or not isinstance(vpl, tuple) or walked[1]:
         return None
     tokens, partial = walked[0], walked[4]

@@ -26,6 +26,11 @@ class Mixing(Exception):
         self.requires_grad = requires_grad  # False: the mixed tensor is detached (the monitor may hold it)
 
 
+class Untracked(Mixing):
+    """An op with no batch-dimension rule (or whose rule cannot read the call) gets a tensor whose batch
+    position is known: fxdp cannot tell whether it mixes samples, so it is refused as if it did."""
+
+
 def tensors_of(xs):
     return [x for x in xs if isinstance(x, torch.Tensor)]
 
@@ -66,11 +71,24 @@ def derived(ctx, ts):
     return [(t, ctx.place(t)) for t in ts if ctx.place(t) is not ABSENT]
 
 
+_NOT_VALUES = ("type_as", "to", "new_tensor")  # their other tensor argument gives a dtype / device, no values
+
+
 def elementwise(ctx, func, args, kwargs, out):
+    """Elementwise and broadcasting ops. Two inputs whose batch dimensions land on different output
+    dimensions (``h[None] * h[:, None]``) pair every sample with every other: refused."""
     o = _first(out)
     if o is None:
         return None
-    return agree(ctx, derived(ctx, _leaves(args, kwargs)), o.dim())
+    leaves = tensors_of(args[:1]) if getattr(func, "__name__", "") in _NOT_VALUES else _leaves(args, kwargs)
+    pairs = derived(ctx, leaves)
+    place = agree(ctx, pairs, o.dim())
+    if place is None and pairs and all(isinstance(pl, tuple) for _, pl in pairs):
+        values = [t for t, _ in pairs if t.is_floating_point() or t.is_complex()]
+        if values and len({(pl[0] + o.dim() - t.dim(), pl[1]) for t, pl in pairs}) > 1:
+            return ctx.mix(values[0], "broadcasts batch-derived tensors whose batch dimensions land on different "
+                                      "dimensions (as h[None] against h[:, None]), pairing samples with each other")
+    return place
 
 
 def _norm(d, n):
@@ -78,6 +96,10 @@ def _norm(d, n):
 
 
 def reshape(ctx, func, args, kwargs, out):
+    """view / reshape / flatten / (un)squeeze: followed while the batch stays the leading factor of one
+    dimension (``(B, T, d) -> (B*T, d)`` gives ``k = T``); one that regroups it with other dimensions
+    into several new ones is refused (for floating-point tensors); a merge behind another dimension or a
+    split of the batch loses the position."""
     x = args[0]
     pl = ctx.place(x)
     if pl is None or pl is ABSENT or not isinstance(out, torch.Tensor):
@@ -94,7 +116,32 @@ def reshape(ctx, func, args, kwargs, out):
         prefix *= n
         if prefix > before:
             break
-    return None
+    if _regroups(x.shape, out.shape, bd):
+        return ctx.mix(x, f"reshapes the batch dimension (dim {bd}) together with other dimensions into new ones "
+                          f"({tuple(x.shape)} -> {tuple(out.shape)}, as h.t().reshape(h.shape)), so rows of the "
+                          "result hold several samples; keep the batch dimension whole, or move it first "
+                          "(x.transpose(0, 1)) before reshaping")
+    return None  # a merge behind another dim ((T, B, d) -> (T*B, d)) or a split of the batch: position lost
+
+
+def _prefixes(shape):
+    out = [1]
+    for n in shape:
+        out.append(out[-1] * int(n))
+    return out
+
+
+def _regroups(before_shape, after_shape, bd) -> bool:
+    """The smallest run of input dims around ``bd`` that the reshape maps onto a run of output dims has
+    several non-trivial dims on both sides: the batch is cut into pieces that land in other samples' rows."""
+    pin, pout = _prefixes(before_shape), _prefixes(after_shape)
+    a = max(i for i in range(bd + 1) if pin[i] in pout)
+    b = min(i for i in range(bd + 1, len(pin)) if pin[i] in pout)
+    j0 = max(j for j, p in enumerate(pout) if p == pin[a])
+    j1 = min(j for j, p in enumerate(pout) if p == pin[b])
+    m = sum(1 for n in before_shape[a:b] if int(n) > 1)
+    n = sum(1 for s in after_shape[j0:j1] if int(s) > 1)
+    return m >= 2 and n >= 2
 
 
 def expand(ctx, func, args, kwargs, out):
@@ -234,7 +281,9 @@ def _mm_place(ctx, a, b, out_ndim):
     if not places:
         return ABSENT
     if len(places) == 2 and (places[0][2] or places[1][2]):
-        return None  # an outer product between samples: position unknown (the probe sees it)
+        return ctx.mix(a if a.is_floating_point() else b,
+                       "multiplies the samples of one operand with the samples of the other (an outer product "
+                       "between samples, as text @ image.T)")
     if len({p[:2] for p in places}) != 1:
         return None
     return places[0][:2]
@@ -259,7 +308,7 @@ def matmul_family(ctx, func, args, kwargs, out):
     if name in ("outer", "ger"):
         pa, pb = ctx.place(a), ctx.place(b)
         if pa is not ABSENT and pb is not ABSENT:
-            return None
+            return ctx.mix(a if a.is_floating_point() else b, "forms the outer product of two batch-derived vectors")
         return pa if pa is not ABSENT else ((1, pb[1]) if pb is not None else None)
     if name == "inner":
         for t in (a, b):

@@ -32,15 +32,25 @@ Not refused: boolean / integer tensors (masks, counts, indices: no gradient), re
 (``F.cross_entropy(..., reduction="mean")``: the training loss), BatchNorm (refused in training
 mode by the interceptor, per channel with running statistics).
 
-Limits (the structural check is sound only where it knows the batch position): an op without
-a rule (a custom kernel, ``torch.fft``, ``masked_scatter``, a reshape that splits or interleaves
-the batch dimension, an outer product between samples such as CLIP's ``text @ image.T``, rows of a
-``(B*T, d)`` tensor selected by an index computed from the batch, as in mixture-of-experts token
-routing) makes
-the position of its output unknown; for that tensor and everything derived from it only the
-full-reduction refusal and the numeric probe / re-validation above apply, as before. Values
-leaving the tracked graph (``.item()``, ``.tolist()``, Python control flow on values) are not
-followed: a branch they select is covered by re-validation of the call sequence.
+Ops without a rule. An op that :data:`~fxdp.analysis.batch_dims.RULES` does not know (a custom kernel,
+``masked_scatter``, ``torch.histc``), or whose rule cannot read the call, and that gets a tensor whose
+batch position is known and returns a floating-point tensor, is refused
+(:func:`~fxdp.analysis.batch_dims.untracked`; a short allow-list of ops proven per-sample is exempt):
+behind it the position would be unknown, and mixing there gated on the batch size (``if B > 3``) is
+seen by neither check (a review measured up to 3.3 R through ``embedding_bag``, ``F.linear`` with a
+batch-derived weight, ``h.t().reshape(h.shape)``, writes into a fresh tensor, pooling / ``fft`` /
+``trapezoid`` / ``cdist`` / ``linalg.solve`` across the batch, ``sum_to_size``, ``h[None] * h[:, None]``:
+each now has a rule that follows its per-sample uses and refuses the batch dimension being touched).
+
+Limits: the position is still lost, without a refusal, where a rule cannot represent it but the op is
+per-sample or known only to be routed: rows of a ``(B*T, d)`` tensor selected by an index computed from
+the batch (mixture-of-experts token routing), seq-first rows merged behind the time dimension
+(``(T, B, d).reshape(T*B, d)``) or a split of the batch dimension, a reduced training loss, an input
+whose position is already unknown. For such tensors and everything derived from them only the full-reduction refusal and
+the numeric probe / re-validation above apply. Integer and boolean results of ops without a rule are
+not refused (no gradient). Values leaving the tracked graph (``.item()``, ``.tolist()``, Python
+control flow on values) are not followed: a branch they select is covered by re-validation of the call
+sequence.
 """
 from __future__ import annotations
 
@@ -51,8 +61,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten
 
 from fxdp.analysis.autograd_hooks import refuse_saved_tensor_hooks
-from fxdp.analysis.batch_dims import RULES, fresh_ops, rule_key
-from fxdp.analysis.batch_rules import ABSENT, Mixing
+from fxdp.analysis.batch_dims import RULES, fresh_ops, rule_key, untracked
+from fxdp.analysis.batch_rules import ABSENT, Mixing, Untracked
 from fxdp.core.errors import SampleMixingError
 
 T = torch.Tensor
@@ -210,24 +220,26 @@ class MixingMonitor(TorchFunctionMode):
 
 
     def _rule_place(self, func, name, args, kwargs, out):
-        rule = RULES.get(rule_key(func))
-        if rule is None:
-            return None
+        rule = RULES.get(rule_key(func), untracked)
         try:
-            return rule(self, func, args, kwargs, out)
+            try:
+                return rule(self, func, args, kwargs, out)
+            except Mixing:
+                raise
+            except Exception:
+                if self.strict:
+                    raise
+                return untracked(self, func, args, kwargs, out)  # a rule that cannot read this call
         except Mixing as m:
+            build = _untracked_message if isinstance(m, Untracked) else _message
             if torch.is_grad_enabled() and m.requires_grad:
-                raise SampleMixingError(_message(name, m.what, self.B)) from None
+                raise SampleMixingError(build(name, m.what, self.B)) from None
             # on a tensor without gradient (detached, under no_grad: statistics for a buffer, a copy of
             # an example): held, and refused when the result meets per-sample values or enters the
             # differentiated computation; not when it only feeds a buffer (BufferWatch names that)
             self._any_held += 1
             how = " (under torch.no_grad)" if not torch.is_grad_enabled() else " (on a tensor without gradient)"
-            return _Held(_message(name, m.what + how, self.B), self._any_held)
-        except Exception:
-            if self.strict:
-                raise
-            return None
+            return _Held(build(name, m.what + how, self.B), self._any_held)
 
     def _hold_outputs(self, out, message: str) -> None:
         self._any_held += 1
@@ -310,3 +322,13 @@ def _message(name: str, what: str, B: int) -> str:
             "and mix examples (mixup) in the data pipeline, not inside the privatized forward. If several rows "
             "of the batch are one example or one user, declare them one privacy unit "
             "(with fxdp.privacy_units(model, ids=...) or views=K) instead of mixing them inside the model.")
+
+
+def _untracked_message(name: str, what: str, B: int) -> str:
+    return (f"fxdp: {name} {what} in the training forward (batch of {B}), and fxdp has no rule for where the samples "
+            "go through it: it cannot tell whether the op mixes samples (pooling, an FFT, a solve or a custom kernel "
+            "across the batch), and mixing there, gated on the batch size, would escape per-sample clipping, so the "
+            "forward is refused. Express the computation with torch ops fxdp follows along each sample's own "
+            "dimensions (reshape / permute keeping the batch dimension, reductions and transforms over dim >= 1, "
+            "matmul, indexing), or apply the op outside the privatized model to public data; if the op is per-sample, "
+            "report it so that a batch-dimension rule can be added (fxdp.analysis.batch_dims).")

@@ -21,7 +21,9 @@ located the batch in when it opened the forward) carry their batch dimension; pa
 the model carry none. Any other tensor input (an activation computed by eager code between two graph
 breaks) is taken to carry the batch in its one dimension of the forward's batch size; with no such
 dimension it is not tracked, with several its batch position is unknown (then only the full-reduction
-refusal applies to it, as in eager mode for ops without a rule). A value mixed across the batch without
+refusal applies to it and what derives from it, as in eager mode). An op in the graph without a
+batch-dimension rule that gets a tensor whose position is known is refused, as in eager mode
+(:func:`fxdp.analysis.batch_dims.untracked`). A value mixed across the batch without
 gradient (under no_grad, or before any parameter), which the eager monitor refuses where it later meets
 per-sample values, is refused where it leaves the graph as one of its outputs: beyond a graph break
 fxdp cannot follow it.

@@ -44,11 +44,13 @@ def test_batch_dim_is_tracked_through_reshape_permute_and_matmul():
 
 
 def test_seq_first_and_merged_dims_are_tracked():
-    x = torch.randn(T, B, D)
+    x = torch.randn(T, B, D, requires_grad=True)
     with monitor(x, dims=[1]) as m:
         assert m.place(x.reshape(T, B * 2, 3)) == (1, 2)
         assert m.place(x.transpose(0, 1).reshape(B * T, D)) == (0, T)
         assert m.place(x.reshape(T * B, D)) is None   # the batch is the inner factor: position lost
+        with pytest.raises(SampleMixingError, match="together with other dimensions.*transpose"):
+            x.reshape(B, T * D)                   # regrouped: rows of the result hold several samples
         conv_in = torch.randn(B, 3, 8, 8)
     with monitor(conv_in) as m:
         h = F.conv2d(conv_in, torch.randn(4, 3, 3, 3))
@@ -133,16 +135,97 @@ def test_integer_and_boolean_tensors_are_not_refused_and_their_full_reductions_a
             x / mask.sum()
 
 
-def test_unknown_ops_lose_the_position_without_refusing():
+def test_an_op_without_a_rule_on_a_tensor_with_a_known_batch_position_is_refused():
+    """An op the rule table does not know (here torch.histc) could move values between samples; with the
+    batch position of its input known it is refused, naming the op; on a tensor without gradient it is
+    held and refused where it meets per-sample values. Where the position is already unknown (token
+    routing) only the full-reduction refusal applies; integer outputs (counts) are not refused."""
     x = torch.randn(B, T, D, requires_grad=True)
     with monitor(x) as m:
-        f = torch.fft.fft(x, dim=-1)           # no rule: position unknown
-        assert m.place(f) is None
-        g = f.real                             # derived from an unknown place: still unknown
-        assert m.place(g) is None
-        g.sum(1)                                # not refused: the batch position is not known
+        with pytest.raises(SampleMixingError, match="histc gets a tensor computed from the batch.*no rule"):
+            torch.histc(x, bins=4)
+        tokens = x.reshape(B * T, D)
+        routed = tokens[torch.where(tokens.sum(-1) > 0)[0]]
+        assert m.place(routed) is None
+        torch.histc(routed, bins=4)                # position unknown: not refused
         with pytest.raises(SampleMixingError, match="over all its elements"):
-            g.sum()                             # a full reduction is refused whatever the position
+            routed.sum()                           # a full reduction is refused whatever the position
+        torch.bucketize(x, torch.tensor([0.0]))    # an integer result: no gradient
+    raw = torch.randn(B, D)
+    with MixingMonitor([raw], B, batch_dims=[0], strict=True):
+        with torch.no_grad():
+            hist = torch.histc(raw, bins=D)        # held: no gradient yet
+        with pytest.raises(SampleMixingError, match="histc.*under torch.no_grad.*no rule"):
+            nn.Linear(D, D)(raw + hist)
+
+
+FOLLOWED = [  # per-sample uses of the ops a privacy review found without rules: the batch stays at dim 0
+    ("embedding_bag", lambda x: F.embedding_bag((x[:, :3, 0] > 0).long(), torch.randn(9, D)), (0, 1)),
+    ("linear with a batch weight", lambda x: F.linear(torch.randn(3, T * D), x.flatten(1)).T, (0, 1)),
+    ("reshape keeping the batch", lambda x: x.transpose(0, 1).reshape(T, B * D).transpose(0, 1), (0, D)),
+    ("write into a fresh tensor", lambda x: _written(torch.zeros(B, T + 1, D), (slice(None), slice(1, None)), x),
+     (0, 1)),
+    ("write into x", lambda x: _written(x * 1, (slice(None), slice(0, 2)), x[:, 1:3] * 2), (0, 1)),
+    ("index_put with arange", lambda x: torch.zeros(B, T, D).index_put((torch.arange(B),), x), (0, 1)),
+    ("pooling", lambda x: F.avg_pool1d(x.transpose(1, 2), 2).transpose(1, 2), (0, 1)),
+    ("2-D pooling", lambda x: F.max_pool2d(x[:, None], 2)[:, 0], (0, 1)),
+    ("fft", lambda x: torch.fft.ifft(torch.fft.fft(x, dim=-1), dim=-1).real, (0, 1)),
+    ("fft2", lambda x: torch.fft.irfft2(torch.fft.rfft2(x), s=(T, D)), (0, 1)),
+    ("fftn", lambda x: torch.fft.fftn(x, dim=(1, 2)).abs(), (0, 1)),
+    ("trapezoid", lambda x: torch.trapezoid(x, dim=1), (0, 1)),
+    ("cumulative_trapezoid", lambda x: torch.cumulative_trapezoid(x, dim=-1), (0, 1)),
+    ("cdist", lambda x: torch.cdist(x, x), (0, 1)),
+    ("linalg.solve", lambda x: torch.linalg.solve(torch.eye(T) * 2 + 0.1, x), (0, 1)),
+    ("sum_to_size", lambda x: x.sum_to_size(B, 1, D), (0, 1)),
+    ("pad", lambda x: F.pad(x, (1, 1, 2, 0)), (0, 1)),
+    ("broadcast", lambda x: x[:, None] * x[:, :, None], (0, 1)),
+]
+
+
+def _written(z, index, value):
+    z[index] = value
+    return z
+
+
+@pytest.mark.parametrize("name, op, place", FOLLOWED, ids=[n for n, _, _ in FOLLOWED])
+def test_per_sample_uses_of_formerly_ruleless_ops_keep_the_batch_dimension(name, op, place):
+    x = torch.randn(B, T, D, requires_grad=True)
+    with monitor(x) as m:
+        assert m.place(op(x)) == place, name
+
+
+ACROSS = [  # the same ops across the batch dimension (each leaked up to 3.3 R gated on the batch size)
+    (lambda x: F.embedding_bag(torch.zeros(B, 1, dtype=torch.long), x.flatten(1)), "table computed from the batch"),
+    (lambda x: F.embedding(torch.zeros(B, dtype=torch.long), x.flatten(1)), "table computed from the batch"),
+    (lambda x: F.linear(x.flatten(1), x.flatten(1)), "weight computed from the batch"),
+    (lambda x: F.linear(torch.ones(2, B), x.flatten(1).T), "weight computed from the batch"),
+    (lambda x: x.flatten(1).t().reshape(B, T * D), "together with other dimensions"),
+    (lambda x: _written(torch.zeros(B, T, D), torch.tensor([1, 0, 2, 3]), x), "into a fresh tensor"),
+    (lambda x: torch.zeros(B, T, D).index_put((torch.zeros(B, dtype=torch.long),), x, accumulate=True),
+     "into a fresh tensor"),
+    (lambda x: _written(x * 1, (slice(None), slice(0, B), 0), x[:, :B, 0].T), "elsewhere than its batch dimension"),
+    (lambda x: F.avg_pool1d(x.permute(1, 2, 0), 3, 1, 1), "pools, resamples or shuffles along dim 2"),
+    (lambda x: F.interpolate(x.permute(1, 2, 0), scale_factor=2.0), "resamples"),
+    (lambda x: torch.fft.fft(x, dim=0), "transforms along dim 0"),
+    (lambda x: torch.fft.fftn(x), "transforms along dim 0"),
+    (lambda x: torch.trapezoid(x, dim=0), "integrates along dim 0"),
+    (lambda x: torch.cdist(x[:, 0], x[:, 0]), "distances between samples"),
+    (lambda x: torch.linalg.solve(torch.eye(B) + 0.1, x[:, 0]), "solves a linear system"),
+    (lambda x: torch.linalg.inv(x[:, :B, :B].transpose(0, 2) + 3 * torch.eye(B)), "matrix function"),
+    (lambda x: x.sum_to_size(1, T, D), "sums along dim 0"),
+    (lambda x: x[None] * x[:, None], "broadcasts batch-derived tensors"),
+    (lambda x: F.pad(x.transpose(0, 2), (1, 1)), "pads the batch dimension"),
+    (lambda x: x.flatten(1) @ x.flatten(1).T, "outer product between samples"),
+]
+
+
+@pytest.mark.parametrize("op, cause", ACROSS)
+def test_formerly_ruleless_ops_across_the_batch_dimension_are_refused(op, cause):
+    x = torch.randn(B, T, D, requires_grad=True)
+    with monitor(x), pytest.raises(SampleMixingError) as err:
+        op(x)
+    msg = str(err.value)
+    assert "samples are mixed" in msg and cause in msg and "privacy_units" in msg, msg
 
 
 def test_module_layers_keep_the_batch_dimension():

@@ -7,6 +7,12 @@ only in rows beyond the probed samples (``h[4:] + h[:1]``: 2.33 R). With the str
 exceeds R, so the models leak; with it on, the first training step is refused with a
 SampleMixingError naming the op and the batch dimension, through ``PrivacyEngine.make_private``,
 for abadi and automatic clipping, all-layer and block-wise.
+
+A second review found mixing gated on the batch size (``if x.shape[0] > 3``) behind ops the structural
+check had no rule for, which made the batch position unknown: ``embedding_bag`` or ``F.linear`` with a
+batch-derived table / weight, ``h.t().reshape``, writes into a fresh tensor, pooling / FFT / trapezoid /
+cdist / linalg.solve across the batch, ``sum_to_size``, ``h[None]`` against ``h[:, None]`` (1.3 to 3.7 R
+here with the check off). Each is refused at the first step, eager and compiled.
 """
 import copy
 import math
@@ -136,6 +142,7 @@ def test_without_the_structural_rules_the_same_loop_exceeds_R(name, monkeypatch)
     refused, as before), neighbours differ by more than R and nothing is raised."""
     monkeypatch.setattr(mixing_monitor, "RULES", {})
     monkeypatch.setattr(mixing_monitor, "MASK_FULL_REDUCTIONS", set())
+    monkeypatch.setattr(mixing_monitor, "untracked", lambda *a: None)
     cls, _ = MODELS[name]
     template = _template(cls)
     x, y = _data()
@@ -153,3 +160,96 @@ def test_the_value_gated_model_without_its_trigger_trains_and_stays_within_R(sty
     x[:, 0] = x[:, 0].clamp(max=1.0)
     R = _median_R(template, x, y)
     assert 0.3 * R < _largest_move(template, x, y, R, style, "automatic") <= R * (1 + 1e-9)
+
+
+# ------------------------------------------------------------- ops without a propagation rule (issue: review 4)
+class _GatedOnBatchSize(nn.Module):
+    """Per-sample on batches of at most 3 rows (what the analysis probes), mixed across the batch through
+    ``mix`` on larger ones. ``mix`` runs on every batch, so the sequence of mixing-relevant calls is the same
+    on both paths and nothing is re-validated: only the structural check can see the mixing."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(6, 6), nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        mixed = self.mix(h)
+        if x.shape[0] > 3:
+            h = h + 4.0 * mixed
+        return self.head(h)
+
+
+def _gated(name, mix):
+    return type(f"Gated_{name}", (_GatedOnBatchSize,), {"mix": lambda self, h: mix(h)})
+
+
+def _write(h):
+    z = torch.zeros(h.shape, dtype=h.dtype)
+    z[torch.arange(h.shape[0] - 1, -1, -1)] = h
+    return z
+
+
+def _low_pass(h):
+    return torch.fft.irfft(torch.fft.rfft(h, dim=0)[:1], n=h.shape[0], dim=0)
+
+
+def _solve(h):
+    n = h.shape[0]
+    return torch.linalg.solve(torch.eye(n, dtype=h.dtype) - 0.8 * torch.ones(n, n, dtype=h.dtype) / n, h)
+
+
+RULELESS = {  # name: (mix across the batch, what the refusal names)
+    "embedding_bag-table": (lambda h: F.embedding_bag(torch.zeros(h.shape[0], 1, dtype=torch.long), h),
+                            "table computed from the batch"),
+    "linear-weight": (lambda h: F.linear(h, h).sum(1, keepdim=True), "weight computed from the batch"),
+    "t-reshape": (lambda h: F.pad(h[:, :4].t().reshape(h.shape[0], 4), (0, 2)), "together with other dimensions"),
+    "setitem-fresh": (_write, "into a fresh tensor"),
+    "index_put-fresh": (lambda h: torch.zeros(h.shape, dtype=h.dtype).index_put(
+        (torch.zeros(h.shape[0], dtype=torch.long),), h, accumulate=True), "into a fresh tensor"),
+    "avg_pool-across": (lambda h: F.avg_pool1d(h.t()[None], 3, 1, 1, count_include_pad=False)[0].t(),
+                        "pools, resamples or shuffles along dim 2"),
+    "fft-across": (_low_pass, "transforms along dim 0"),
+    "trapezoid-across": (lambda h: torch.trapezoid(h, dim=0), "integrates along dim 0"),
+    "cdist-across": (lambda h: torch.cdist(h, h).mean(1, keepdim=True), "distances between samples"),
+    "solve-across": (_solve, "solves a linear system"),
+    "sum_to_size": (lambda h: h.sum_to_size(1, h.shape[1]), "sums along dim 0"),
+    "broadcast-pairs": (lambda h: (h[None] * h[:, None]).mean(1), "broadcasts batch-derived tensors"),
+}
+RULELESS_MODELS = {name: _gated(name.replace("-", "_"), mix) for name, (mix, _) in RULELESS.items()}
+
+
+@pytest.mark.parametrize("name", list(RULELESS))
+def test_mixing_through_formerly_ruleless_ops_gated_on_the_batch_size_is_refused_at_the_first_step(name):
+    template = _template(RULELESS_MODELS[name])
+    x, y = _data()
+    R = _median_R(template, x, y)
+    with pytest.raises(fxdp.SampleMixingError) as err:
+        _step(template, x, y, R, "all-layer", "abadi")
+    msg = str(err.value)
+    assert "samples are mixed" in msg and RULELESS[name][1] in msg and "privacy_units" in msg, msg
+
+
+@pytest.mark.parametrize("name", list(RULELESS))
+def test_mixing_through_formerly_ruleless_ops_is_refused_when_compiled(name):
+    x, y = _data()
+    model = fxdp.privatize(_template(RULELESS_MODELS[name]), max_grad_norm=0.5)
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    with torch._dynamo.config.patch(recompile_limit=64), pytest.raises(fxdp.SampleMixingError) as err:
+        F.cross_entropy(compiled(x), y).backward()
+    assert RULELESS[name][1] in str(err.value), str(err.value)
+    assert getattr(model.fc.weight, "private_grad", None) is None
+
+
+@pytest.mark.parametrize("name", list(RULELESS))
+def test_without_the_structural_check_the_ruleless_models_exceed_R(name, monkeypatch):
+    """The refusals above are not vacuous: with the structural check off (no rules, rule-less ops not
+    refused) the same one-step loop moves by more than R between neighbouring batches."""
+    monkeypatch.setattr(mixing_monitor, "RULES", {})
+    monkeypatch.setattr(mixing_monitor, "MASK_FULL_REDUCTIONS", set())
+    monkeypatch.setattr(mixing_monitor, "untracked", lambda *a: None)
+    template = _template(RULELESS_MODELS[name])
+    x, y = _data()
+    R = _median_R(template, x, y)
+    move = _largest_move(template, x, y, R, "all-layer", "abadi")
+    assert move > 1.2 * R, (move, R)
