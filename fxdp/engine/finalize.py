@@ -59,6 +59,7 @@ def collect(uses, batch_size: int, folded=None, folded_decisions=None) -> Tuple[
         per_param[name] = list(factors)
     for u in uses:
         if u.folded:
+            fold.recheck(u)
             continue
         if u.layout is None:
             raise BatchLayoutError(f"fxdp: no batch layout for {u.op}; this is a bug in fxdp.")

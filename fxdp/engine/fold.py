@@ -18,7 +18,10 @@ rule, same decision, same compute dtype); it only moves the work earlier. Edge c
   gradient and each broadcast parameter's gradient in separate captures), and only in a backward
   pass that accumulates into its parameters: an input-gradient pass (``torch.autograd.grad(loss,
   x)``, PGD) leaves it as it was, for a later backward through a retained graph;
-- a saved input modified in place after the op used it is refused here, as in finalize;
+- a saved input modified in place after the op used it is refused here, and again in finalize for the
+  tensors a low-rank (ghost) factor still reads;
+- a use folded in a backward pass that then failed midway cannot be folded again (its tensors are
+  released): a retried backward through that forward pass is refused, not counted twice;
 - a forward pass of no rows folds nothing (finalize writes zeros).
 """
 from __future__ import annotations
@@ -45,11 +48,12 @@ def refuse_modified_inputs(use) -> None:
 
 
 def factors_of(use, batch_size: int) -> Dict[str, object]:
-    """The rule's factors of one use, per role, its tensors released (the caller records decisions)."""
+    """The rule's factors of one use not folded in backward, per role, its tensors released (the caller
+    records decisions)."""
     refuse_modified_inputs(use)
     out = use.rule.factors(use.binding, use.saved, use.grad_output, use.extra_grads, use.layout, batch_size)
     use.saved, use.grad_output, use.extra_grads = {}, None, {}
-    use.binding.saved, use.binding.layout_source = {}, None  # the binding held the activations too
+    use.binding.saved, use.binding.layout_source = {}, None
     return out
 
 
@@ -67,10 +71,35 @@ def add_factor(per_param: Dict[str, List[object]], name: str, factor) -> None:
 
 
 def fold(use, ctx) -> None:
-    """Compute ``use``'s factors now (see module docstring) into ``ctx.folded`` / ``ctx.decisions``."""
+    """Compute ``use``'s factors now (see module docstring) into ``ctx.folded`` / ``ctx.decisions``.
+
+    The tensors of a factor left low-rank (ghost norm, embedding) stay referenced by it until finalize,
+    which checks again that none of them was modified in place meanwhile (:func:`recheck`)."""
+    if use.folded:
+        raise PrivacyError(
+            f"fxdp: backward reached {use.op} ({', '.join(use.binding.param_names)}) again after an earlier backward "
+            "pass through the same forward pass stopped midway (an error in backward); fxdp had already formed "
+            "this use's per-sample gradients and released what they were computed from, so a second pass would "
+            "count them twice or from nothing. Run the forward pass again before the next backward.")
     if ctx.batch_size <= 0 or use.layout is None:
         return
-    for role, factor in factors_of(use, ctx.batch_size).items():
+    refuse_modified_inputs(use)
+    raw = use.rule.factors(use.binding, use.saved, use.grad_output, use.extra_grads, use.layout, ctx.batch_size)
+    low_rank = False
+    for role, factor in raw.items():
         ctx.decisions[f"{use.ordinal}:{role}"] = F.decide(factor)
-        add_factor(ctx.folded, use.binding.roles[role], F.prepare(factor))
+        prepared = F.prepare(factor)
+        low_rank = low_rank or not isinstance(prepared, F.DenseGrad)
+        add_factor(ctx.folded, use.binding.roles[role], prepared)
+    use.grad_output, use.extra_grads = None, {}
+    if not low_rank:
+        use.saved = {}
+    use.binding.saved, use.binding.layout_source = {}, None  # the binding held the activations too
     use.folded = True
+
+
+def recheck(use) -> None:
+    """Finalize, for a folded use: the saved tensors its low-rank factors still read were not modified in place
+    since the forward (a backward hook or custom Function that writes into an activation after the fold)."""
+    refuse_modified_inputs(use)
+    use.saved = {}
