@@ -21,18 +21,26 @@ neighbouring batches by more than R (noise off, D vs D minus one example):
 2. **Hooks on autograd nodes** (``t.grad_fn.register_hook(fn)`` / ``register_prehook(fn)``, on any node,
    reached through ``next_functions`` too): registered while a forward is open, a hook is wrapped so that it
    may read the gradients (logging, inspection: it runs, its result is ignored when it is ``None`` or the
-   very gradients it was given) but a hook returning new gradients (``g + g.sum(0)``: 2.9 R) raises
-   ``SampleMixingError`` in backward, before they are used -- as for ``Tensor.register_hook``
-   (:func:`~fxdp.analysis.mixing_monitor.observe_only`).
+   very gradients it was given) but a hook returning new gradients (``g + g.sum(0)``: 2.9 R) or changing
+   them in place (``g.add_(g.sum(0))``: 4.1 R; seen by their version counters) raises
+   ``SampleMixingError`` in backward, before they are used. ``Tensor.register_hook`` (and what is built on it,
+   ``register_multi_grad_hook``) in eager code of the forward gets the same wrapping
+   (:func:`observe_only_tensor_hook`); traced by dynamo into a compiled graph, it is refused when the graph
+   is compiled (:mod:`fxdp.compile.backend`).
 
 How: while any private forward is open (:func:`guard` / :func:`unguard`, counted, from
-:class:`fxdp.engine.forward_checks.open_forward`), three torch attributes are replaced process-wide and
+:class:`fxdp.engine.forward_checks.open_forward`), four torch attributes are replaced process-wide and
 restored when the last one closes: ``torch.autograd.Function._register_hook`` (every node hook registration,
-C++ and Python nodes, goes through it), ``torch._C._autograd._push_saved_tensors_default_hooks`` and
-``SavedTensor.register_hooks``. Hooks that another thread registers meanwhile are guarded too.
+C++ and Python nodes, goes through it), ``torch.Tensor.register_hook``,
+``torch._C._autograd._push_saved_tensors_default_hooks`` and ``SavedTensor.register_hooks``. Hooks that another thread registers meanwhile are guarded too.
 
 Not seen: hooks registered *outside* the forward on nodes it made (after it returns, through
-``output.grad_fn``): like a loss, that is the training loop's code, outside the model.
+``output.grad_fn``): like a loss, that is the training loop's code, outside the model. Nor code that
+deliberately goes around torch's own bookkeeping: writes through ``.data`` (no version counter), hooks set
+through private autograd internals (``_backward_hooks`` with ``_register_hook_dict``), or torch functions
+called under ``torch._C.DisableTorchFunction`` (which hides them from every torch-function mode, fxdp's
+structural check included) -- fxdp guards against mistakes in an honest training program, not against code
+written to defeat it.
 """
 from __future__ import annotations
 
@@ -109,11 +117,33 @@ def _same(out, given) -> bool:
     return all(a is b for a, b in zip(out, given))
 
 
+def versions(grads) -> tuple:
+    """The version counters of the tensors among ``grads`` (a tensor, or tuples / lists of them, None allowed)."""
+    if isinstance(grads, torch.Tensor):
+        return (grads._version,)
+    if isinstance(grads, (tuple, list)):
+        return tuple(v for g in grads for v in versions(g))
+    return ()
+
+
+def refuse_changed(before: tuple, grads, what: str) -> None:
+    """A hook that may only read changed the gradients it was handed in place (``g.add_(g.sum(0))``)."""
+    if versions(grads) != before:
+        raise SampleMixingError(
+            f"fxdp: a {what} registered inside the privatized forward changed the gradients it was given in "
+            "place; fxdp's checks cannot see what it computes, and it can mix samples' gradients "
+            "(g.add_(g.sum(0))) or rescale them after the per-sample norms. Hooks inside the forward may only read "
+            "the gradients; compute any change in the forward instead.")
+
+
 def observe_only_node_hook(hook):
     """A node hook (``register_hook(fn(grad_inputs, grad_outputs))`` or ``register_prehook(fn(grad_outputs))``)
-    that may read, not replace: its result must be ``None`` or the gradients it was given (module doc)."""
+    that may read, not replace: its result must be ``None`` or the gradients it was given, which it must not
+    change in place (module doc)."""
     def guarded(*args):
+        before = versions(args)
         out = hook(*args)
+        refuse_changed(before, args, "hook on an autograd node")
         if out is not None and not _same(out, args[0]):
             raise SampleMixingError(
                 "fxdp: a hook registered inside the privatized forward on an autograd node (grad_fn.register_hook "
@@ -123,6 +153,29 @@ def observe_only_node_hook(hook):
         return None
     guarded.__wrapped__ = hook
     return guarded
+
+
+def observe_only_tensor_hook(hook):
+    """A ``Tensor.register_hook`` hook registered while a private forward is open runs in backward, where
+    fxdp's checks do not see it: it may read the gradient (logging, inspection), not replace it -- ``g +
+    g.sum(0)`` mixes samples' gradients (2.9 R) -- nor change it in place (``g.add_(g.sum(0))``: 4.1 R)."""
+    def guarded(grad):
+        before = versions(grad)
+        out = hook(grad)
+        refuse_changed(before, grad, "gradient hook")
+        if out is not None and out is not grad:
+            raise SampleMixingError(
+                "fxdp: a gradient hook registered inside the privatized forward (Tensor.register_hook) returned a new "
+                "gradient; fxdp's checks cannot see what it computes, and it can mix samples' gradients "
+                "(g + g.sum(0)) or rescale them after the per-sample norms. Hooks inside the forward may only read "
+                "the gradient (return None); compute any change in the forward instead.")
+        return None
+    guarded.__wrapped__ = hook
+    return guarded
+
+
+def _register_tensor_hook(tensor, hook):
+    return _ORIGINAL["tensor"](tensor, observe_only_tensor_hook(hook))
 
 
 def _register_node_hook(backward_hooks, hook):
@@ -148,8 +201,10 @@ def guard() -> None:
     if _DEPTH[0] == 0:
         owner = torch.autograd.Function
         _ORIGINAL.update(register=owner._register_hook, own=owner.__dict__.get("_register_hook"),
-                         push=_autograd._push_saved_tensors_default_hooks, saved=_autograd.SavedTensor.register_hooks)
+                         push=_autograd._push_saved_tensors_default_hooks, saved=_autograd.SavedTensor.register_hooks,
+                         tensor=torch.Tensor.register_hook)
         owner._register_hook = staticmethod(_register_node_hook)
+        torch.Tensor.register_hook = _register_tensor_hook
         _autograd._push_saved_tensors_default_hooks = _push_saved_hooks
         _autograd.SavedTensor.register_hooks = _saved_tensor_register_hooks
     _DEPTH[0] += 1
@@ -168,4 +223,5 @@ def unguard() -> None:
             owner._register_hook = _ORIGINAL["own"]
         _autograd._push_saved_tensors_default_hooks = _ORIGINAL["push"]
         _autograd.SavedTensor.register_hooks = _ORIGINAL["saved"]
+        torch.Tensor.register_hook = _ORIGINAL["tensor"]
         _ORIGINAL.clear()

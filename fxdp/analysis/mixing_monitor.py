@@ -168,9 +168,6 @@ class MixingMonitor(TorchFunctionMode):
         kwargs = kwargs or {}
         if _top_saved_hooks(False) is not None:
             refuse_saved_tensor_hooks()
-        if func is T.register_hook and self.structural and len(args) == 2 and self._is_derived(args[0]) \
-                and args[0].is_floating_point():
-            args = (args[0], observe_only(args[1]))
         if func in MIXING_RELEVANT:
             self.signature = hash((self.signature, func))
             self.calls += 1
@@ -280,22 +277,6 @@ def _refuse_leaving(name: str, t: torch.Tensor, place) -> None:
         "forward; fxdp cannot follow it there, and a statistic of the batch computed in Python or NumPy (a min-max "
         "scaling, a threshold) would make each sample's output depend on the other samples. Compute it with "
         "torch ops along each sample's own dimensions, or outside the model from public data.")
-
-
-def observe_only(hook):
-    """A gradient hook registered inside the forward on a tensor computed from the batch runs in backward,
-    where these checks do not see it: it may read the gradient (logging, inspection) but not replace it --
-    ``g + g.sum(0)`` mixes samples' gradients (2.9 R). A hook that returns a new gradient is refused."""
-    def guarded(grad):
-        out = hook(grad)
-        if out is not None and out is not grad:
-            raise SampleMixingError(
-                "fxdp: a gradient hook registered inside the privatized forward on a tensor computed from the batch "
-                "returned a new gradient; fxdp's checks cannot see what it computes, and it can mix samples' "
-                "gradients (g + g.sum(0)) or rescale them after the per-sample norms. Hooks inside the forward may "
-                "only read the gradient (return None); compute any change in the forward instead.")
-        return None
-    return guarded
 
 
 class _Held:

@@ -107,6 +107,7 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     original = _copy(gm)
     try:
         _refuse_closed_forward(example_inputs)
+        _refuse_traced_tensor_hooks(gm)
         check_graph_mixing(gm, example_inputs)  # the eager structural sample-mixing check, on every graph
         region = run_region_passes(Region(gm, list(example_inputs)))
     except EagerFallback:
@@ -120,6 +121,20 @@ def fxdp_backend(gm: torch.fx.GraphModule, example_inputs: List[Any], options: O
     if region.plan_ids:
         weakref.finalize(region.gm, release_plans, list(region.plan_ids))
     return marked_region(inner(region.gm, example_inputs), *_plan_inputs(region.gm))
+
+
+def _refuse_traced_tensor_hooks(gm: torch.fx.GraphModule) -> None:
+    """A ``Tensor.register_hook`` that dynamo traced into the graph (``higher_order.register_hook``) runs in
+    backward as graph code, where fxdp's observe-only wrapping of eager hooks does not reach it: a hook that
+    replaces or rewrites the gradient (``g + g.sum(0)``) mixed samples' gradients (4.1 R in a review)."""
+    hop = getattr(torch.ops.higher_order, "register_hook", None)
+    if hop is not None and any(n.op == "call_function" and n.target is hop for n in gm.graph.nodes):
+        raise PrivacyError(
+            "fxdp backend: the compiled privatized forward registers a gradient hook on a tensor "
+            "(Tensor.register_hook / register_multi_grad_hook); torch.compile runs it inside its graph in "
+            "backward, where fxdp cannot check that it only reads the gradient (a hook that changes it can mix "
+            "samples' gradients after the per-sample norms). Register such hooks outside the forward, or train "
+            "this model with eager fxdp.privatize (where hooks inside the forward may read gradients).")
 
 
 def _refuse_closed_forward(example_inputs) -> None:

@@ -124,6 +124,40 @@ def test_grad_fn_hooks_that_replace_gradients_are_refused(kind, compiled):
         _sensitivity(run, x, y, R)
 
 
+def _mix_in_place(g):
+    if g is not None and g.dim() and g.shape[0] == B:
+        g.add_(g.sum(0, keepdim=True))
+
+
+IN_PLACE = {
+    "node prehook": lambda h: h.grad_fn.register_prehook(lambda gs: [_mix_in_place(g) for g in gs] and None),
+    "node hook": lambda h: h.grad_fn.register_hook(lambda gi, go: [_mix_in_place(g) for g in gi] and None),
+    "tensor hook": lambda h: h.register_hook(lambda g: _mix_in_place(g)),
+    "multi-grad hook": lambda h: torch.autograd.graph.register_multi_grad_hook(
+        (h,), lambda gs: [_mix_in_place(g) for g in gs] and None),
+}
+
+
+@pytest.mark.parametrize("compiled", MODES)
+@pytest.mark.parametrize("kind", list(IN_PLACE))
+def test_hooks_that_change_the_gradients_they_read_in_place_are_refused(kind, compiled):
+    """A hook returning None that writes into its gradients (4.1 R in a review) is seen by their versions;
+    under torch.compile a tensor hook traced into the graph is refused when the region is compiled."""
+    traced = compiled and kind == "tensor hook"  # register_multi_grad_hook: a graph break, run eagerly
+    _, run, x, y, R = _setup(compiled, node=IN_PLACE[kind])
+    with pytest.raises(PrivacyError if traced else SampleMixingError,
+                       match="registers a gradient hook on a tensor" if traced else "changed the gradients it was "
+                       "given in place"):
+        _sensitivity(run, x, y, R)
+
+
+def test_a_tensor_hook_traced_into_a_compiled_forward_is_refused_even_when_it_returns_the_gradient():
+    """Dynamo traces Tensor.register_hook into its graph (a hook that replaced the gradient: 4.1 R)."""
+    _, run, x, y, R = _setup(True, node=lambda h: h.register_hook(lambda g: _mix(g)))
+    with pytest.raises(PrivacyError, match="registers a gradient hook on a tensor"):
+        _sensitivity(run, x, y, R)
+
+
 def test_grad_fn_hooks_reached_through_next_functions_are_refused():
     _, run, x, y, R = _setup(False, node=lambda h: h.grad_fn.next_functions[0][0].register_prehook(mix_pre))
     with pytest.raises(SampleMixingError, match="returned new gradients"):
