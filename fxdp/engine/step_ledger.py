@@ -67,6 +67,11 @@ class BackwardTargets:
         ``params``. Unknown parameters count as accumulating (the pass is then clipped and counted)."""
         for p in params:
             node = self._nodes.get(id(p))
+            if node is None and isinstance(p, torch.Tensor) and p.is_leaf and p.requires_grad:
+                # a virtual parameter (made from trainable ones before it meets the batch: weight_norm, W + A @ B) is a
+                # fresh leaf the tap takes as an input: its accumulator is in the graph, and a pass that goes on to
+                # the parameters executes it (counted as accumulating, an input-gradient pass doubled PGD's sums: 2 R)
+                node = torch.autograd.graph.get_gradient_edge(p).node
             if node is None:
                 return True
             try:
