@@ -44,6 +44,9 @@ written to defeat it.
 """
 from __future__ import annotations
 
+import types
+import weakref
+
 import torch
 import torch.autograd.graph as _graph
 import torch.utils.checkpoint as _ckpt
@@ -73,9 +76,25 @@ _TORCH_HOOKS = (
 )
 
 
+def _torchs(obj) -> bool:
+    """``obj`` is something torch's own hooks close over: torch's objects, functions, modules, or plain constants."""
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return True
+    if isinstance(obj, weakref.ref):
+        return _torchs(obj())
+    if isinstance(obj, types.ModuleType):
+        return obj.__name__.split(".")[0] == "torch"
+    module = getattr(obj, "__module__", None) if isinstance(obj, types.FunctionType) else type(obj).__module__
+    return isinstance(module, str) and module.split(".")[0] == "torch"
+
+
 def _is_torch_hook(fn) -> bool:
+    """Torch's hook by the identity of its code and globals, and closing over torch's objects only (a function
+    built from torch's code around a frame of the caller's making is not torch's hook)."""
     code, globs = getattr(fn, "__code__", None), getattr(fn, "__globals__", None)
-    return any(code in codes and globs is g for codes, g in _TORCH_HOOKS)
+    if not any(code in codes and globs is g for codes, g in _TORCH_HOOKS):
+        return False
+    return all(_torchs(cell.cell_contents) for cell in (fn.__closure__ or ()))
 
 
 def allowed_saved_hooks(pack, unpack) -> bool:
