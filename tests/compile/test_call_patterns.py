@@ -88,8 +88,9 @@ def test_fullgraph_compile():
 
 def test_module_compile_in_place():
     """``model.compile()`` compiles ``_call_impl``, hooks included: dynamo traces fxdp's forward pre-hook
-    (and the eager analysis it runs), breaking the graph there; still exact. (~15 s for this MLP on 2 CPU
-    cores, nearly all of it dynamo tracing the analysis: the slowest default test of this directory.)"""
+    (and the eager analysis it runs), breaking the graph there; still exact. (~10-15 s on 2 CPU cores, nearly
+    all of it dynamo tracing the analysis; partly paid by whichever test of the process first has the hooks
+    traced, e.g. test_exactness's compiled step function.)"""
     def in_place(m):
         m.compile(backend="fxdp", options={"compiler": "aot_eager"})
         return m
