@@ -19,16 +19,8 @@ def test_fullgraph_compile_equals_eager_privatize(name):
     assert_same_private_grads(model, eager)
 
 
-STYLES = ["all-layer", "layer-wise", "param-wise", "block-wise"]
-CLIPPING_FNS = ["abadi", "automatic", "global"]
-# Every style and every clipping function in the default run (4 pairs); the full product under -m slow.
-DEFAULT_PAIRS = [("all-layer", "abadi"), ("layer-wise", "automatic"), ("param-wise", "global"),
-                 ("block-wise", "automatic")]
-
-
-@pytest.mark.parametrize("style,clipping_fn", [
-    (s, f) if (s, f) in DEFAULT_PAIRS else pytest.param(s, f, marks=pytest.mark.slow)
-    for s in STYLES for f in CLIPPING_FNS])
+@pytest.mark.parametrize("style", ["all-layer", "layer-wise", "param-wise", "block-wise"])
+@pytest.mark.parametrize("clipping_fn", ["abadi", "automatic", "global"])
 def test_every_style_and_clipping_function_equals_eager(style, clipping_fn):
     torch.manual_seed(1)
     base, args, target, loss_fn, kw = case("seq", B=6)
