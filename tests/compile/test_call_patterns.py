@@ -55,7 +55,7 @@ class ModeSpyMLP(ModeMLP):
 def test_torch_compile_mode_reaches_the_inner_compiler(monkeypatch):
     """torch.compile's ``mode`` reaches fxdp's inner compiler with the default (inductor) compiler. The
     region then runs under aot_eager: building inductor's settings for every mode is checked below, and
-    compiling with them by the inductor tests (on CPU every mode's settings equal the default's)."""
+    compiling with them by the inductor tests (on CPU, CUDA graphs off, reduce-overhead's are the default's)."""
     from fxdp.compile import backend
     real, asked = backend._inner_compiler, []
 

@@ -245,7 +245,7 @@ def _compiled_matches_reference(base, args, target, loss_fn):
         assert float((p.private_grad - expected[name]).abs().max()) < 1e-9 * scale, name
 
 
-@pytest.mark.slow  # every compiled GPT-2 test runs these checks; test_exactness's checks it against the reference
+@pytest.mark.slow  # every compiled GPT-2 test runs these checks; by default GPT-2 vs the reference: test_exactness
 def test_hf_gpt2_compiles_and_stays_exact():
     torch.manual_seed(0)
     base, args, target, loss_fn, _ = case("gpt2", B=3)
