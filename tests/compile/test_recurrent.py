@@ -12,9 +12,9 @@ from tests.compile.helpers import check_compiled_against_reference
 from tests.rules.test_recurrent import Tagger, data, sum_ce
 
 
-@pytest.mark.parametrize("cls,batch_first,style", [
-    (nn.LSTM, True, "all-layer"), (nn.LSTM, False, "block-wise"), (nn.GRU, True, "layer-wise"),
-    pytest.param(nn.GRU, False, "param-wise", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("cls,batch_first,style", [  # by default: both cells, both layouts
+    pytest.param(nn.LSTM, True, "all-layer", marks=pytest.mark.slow), (nn.LSTM, False, "block-wise"),
+    (nn.GRU, True, "layer-wise"), pytest.param(nn.GRU, False, "param-wise", marks=pytest.mark.slow)])
 def test_multilayer_bidirectional_recurrent_layers_are_exact_compiled(cls, batch_first, style):
     torch.manual_seed(0)
     ids, y = data(B=4, T=3)

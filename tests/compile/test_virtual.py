@@ -131,6 +131,7 @@ def test_nanogpt_positions_and_tied_head_are_exact_compiled():
                                      fullgraph=True)
 
 
+@pytest.mark.slow  # ~7 s; a table gathered with a batch-free index by default: Gathers and Swin
 def test_t5_trainable_relative_attention_bias_is_exact_compiled():
     cfg = transformers.T5Config(vocab_size=40, d_model=16, d_kv=8, d_ff=24, num_layers=1, num_heads=2,
                                 dropout_rate=0.0, relative_attention_num_buckets=8, decoder_start_token_id=0)
