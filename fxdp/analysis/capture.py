@@ -248,7 +248,7 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
         interceptor = ParameterInterceptor(trainable, recorder)
         with torch.enable_grad(), analysis_forward(analysis), interceptor, MixingMonitor(structural=False) as calls:
             try:
-                out = model(*args, **kwargs)
+                out = model._call_impl(*args, **kwargs)  # not model.compile()'s compiled call: an analysis run is eager
             except PrivacyError:
                 raise
             except Exception as exc:
