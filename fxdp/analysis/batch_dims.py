@@ -46,7 +46,7 @@ from fxdp.analysis.batch_rules import (
     Mixing, Untracked, cat, einsum, elementwise, expand, matmul_family, movedim, permute, repeat, reshape)
 from fxdp.analysis.batch_reduce import ALONG, REDUCE, SELECT, reduction, select
 from fxdp.analysis.batch_transforms import (
-    FFT, MATRIX, cdist, fft, matrix, pad, per_position, solve, sum_to_size, trapezoid)
+    FFT, MATRIX, cdist, complex_view, fft, matrix, pad, per_position, solve, sum_to_size, trapezoid, unfold)
 
 Place = Optional[Tuple[int, int]]
 T = torch.Tensor
@@ -143,6 +143,9 @@ def _table() -> Dict[Callable, Callable]:
     put(["solve"], solve, (torch.linalg,))
     put(MATRIX + ["inverse"], matrix, (torch.linalg, torch, T))
     put(["sum_to_size"], sum_to_size, (T,))
+    put(["view_as_real", "view_as_complex"], complex_view, (torch,))
+    put(["unfold"], unfold, (F,))
+    put(["rsub", "polar", "complex"], elementwise, (torch,))
     put(["triu", "tril", "triu_", "tril_"], per_position, (torch, T))
     put(["broadcast_tensors", "__deepcopy__"], elementwise, (torch, T))
     put(ELEMENTWISE + INPLACE, elementwise)

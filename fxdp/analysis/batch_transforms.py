@@ -8,7 +8,8 @@ away are not the batch dimension: then the batch dimension stays where it is (sh
 dimensions the op removes); when it is one of them the op moves values between samples and the rule
 raises :class:`~fxdp.analysis.batch_rules.Mixing` (an FFT along the batch, ``trapezoid(h, dim=0)``,
 ``torch.cdist(h, h)`` between samples, ``linalg.solve(A, h)`` with the samples as the equations,
-``h.sum_to_size(1, d)``, ``F.pad`` of the batch dimension).
+``h.sum_to_size(1, d)``, ``F.pad`` of the batch dimension); and the complex views and ``F.unfold``,
+which keep the batch dimension unless they act on it.
 """
 from __future__ import annotations
 
@@ -186,4 +187,29 @@ def per_position(ctx, func, args, kwargs, out):
     return pl if isinstance(pl, tuple) else None
 
 
-__all__ = ["FFT", "MATRIX", "pad", "fft", "trapezoid", "cdist", "solve", "matrix", "sum_to_size", "per_position"]
+def complex_view(ctx, func, args, kwargs, out):
+    """``view_as_real`` adds a trailing dimension of size 2, ``view_as_complex`` removes one (rotary
+    embeddings in complex form): the batch dimension stays where it is unless it is that trailing one."""
+    x = args[0] if args else kwargs.get("input")
+    pl = _known(ctx, x)
+    if not isinstance(pl, tuple):
+        return None
+    if func is torch.view_as_complex and pl[0] == x.dim() - 1:
+        return ctx.mix(x, "pairs the batch dimension's entries into complex numbers (view_as_complex along it)")
+    return pl
+
+
+def unfold(ctx, func, args, kwargs, out):
+    """``F.unfold(x, kernel)`` (im2col) of ``(B, C, *spatial)``: patches within each sample, the batch stays
+    dim 0; with the batch anywhere else its entries are gathered into other samples' patches."""
+    x = args[0] if args else kwargs.get("input")
+    pl = _known(ctx, x)
+    if not isinstance(pl, tuple):
+        return None
+    if pl[0] != 0:
+        return ctx.mix(x, f"unfolds patches across the batch dimension (dim {pl[0]})")
+    return pl
+
+
+__all__ = ["FFT", "MATRIX", "pad", "fft", "trapezoid", "cdist", "solve", "matrix", "sum_to_size", "per_position",
+           "complex_view", "unfold"]

@@ -179,6 +179,11 @@ FOLLOWED = [  # per-sample uses of the ops a privacy review found without rules:
     ("sum_to_size", lambda x: x.sum_to_size(B, 1, D), (0, 1)),
     ("pad", lambda x: F.pad(x, (1, 1, 2, 0)), (0, 1)),
     ("broadcast", lambda x: x[:, None] * x[:, :, None], (0, 1)),
+    ("complex views (rotary)", lambda x: torch.view_as_real(torch.view_as_complex(x[..., :2].contiguous()) * 1j),
+     (0, 1)),
+    ("polar", lambda x: torch.polar(x.abs(), x), (0, 1)),
+    ("rsub", lambda x: torch.rsub(x, 1.0), (0, 1)),
+    ("F.unfold (im2col)", lambda x: F.unfold(x[:, None], 2), (0, 1)),
 ]
 
 
@@ -216,6 +221,7 @@ ACROSS = [  # the same ops across the batch dimension (each leaked up to 3.3 R g
     (lambda x: x[None] * x[:, None], "broadcasts batch-derived tensors"),
     (lambda x: F.pad(x.transpose(0, 2), (1, 1)), "pads the batch dimension"),
     (lambda x: x.flatten(1) @ x.flatten(1).T, "outer product between samples"),
+    (lambda x: F.unfold(x.transpose(0, 1)[:, None], 2), "unfolds patches across the batch dimension"),
 ]
 
 
