@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import fxdp
+from tests import models_zoo as Z
 from tests.compile.helpers import check_compiled_against_reference
 from tests.rules.test_virtual import Elementwise, Gathers, Views, seq
 from tests.models.test_virtual_models import ClipScore
@@ -145,15 +146,7 @@ def test_t5_trainable_relative_attention_bias_is_exact_compiled():
 
 
 def test_swin_relative_position_bias_table_is_exact_compiled():
-    cfg = transformers.SwinConfig(image_size=8, patch_size=2, num_channels=3, embed_dim=8, depths=[1, 1],
-                                  num_heads=[2, 2], window_size=2, mlp_ratio=1.0, num_labels=3,
-                                  hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, drop_path_rate=0.0)
-    torch.manual_seed(0)
-    model = transformers.SwinForImageClassification(cfg).double()
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if "relative_position_bias_table" in n:
-                p.normal_()
+    model = Z.swin()
     x = torch.randn(4, 3, 8, 8, dtype=torch.float64)
     check_compiled_against_reference(model, (x,), {}, labels(4), lambda o, t: sum_ce(o.logits, t),
                                      style="block-wise")
