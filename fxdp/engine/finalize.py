@@ -29,6 +29,7 @@ true gradient.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Dict, List, Tuple
 
 import torch
@@ -39,6 +40,17 @@ from fxdp.engine.clipping import ClipResult
 from fxdp.rules import factors as F
 
 PerParam = Dict[str, List[object]]
+
+
+@contextlib.contextmanager
+def autocast_off():
+    """Finalize in the dtypes it chose: a ``loss.backward()`` inside a ``torch.autocast`` block would
+    otherwise run the norms and clipped-sum GEMMs in bf16/fp16 (3.4 R measured at B = 2048)."""
+    with contextlib.ExitStack() as stack:
+        for device_type in ("cpu", "cuda"):
+            if torch.is_autocast_enabled(device_type):
+                stack.enter_context(torch.autocast(device_type, enabled=False))
+        yield
 
 
 def accumulation_dtype(p: torch.Tensor) -> torch.dtype:
