@@ -297,7 +297,10 @@ def matmul_family(ctx, func, args, kwargs, out):
     if name == "__rmatmul__":
         a, b = args[1], args[0]
     elif name in ("baddbmm", "addmm", "addbmm", "addmv"):
-        a, b = args[1], args[2]
+        keys = {"baddbmm": ("batch1", "batch2"), "addbmm": ("batch1", "batch2"), "addmm": ("mat1", "mat2"),
+                "addmv": ("mat", "vec")}[name]
+        a = args[1] if len(args) > 1 else kwargs.get(keys[0])
+        b = args[2] if len(args) > 2 else kwargs.get(keys[1])
     else:
         a, b = args[0], args[1]
     if name in ("dot", "vdot"):

@@ -142,8 +142,9 @@ def solve(ctx, func, args, kwargs, out):
             places.add((o.dim() - 1, k))
         elif bd >= n - core:
             return ctx.mix(t, f"solves a linear system whose equations run along the batch dimension (dim {bd})")
-        else:
-            places.add((bd + o.dim() - n, k))
+        else:  # leading dims broadcast from the right among themselves: (*, n, n) and (*, n[, k]) -> (*, n[, k])
+            out_core = 1 if vector else 2
+            places.add((bd + (o.dim() - out_core) - (n - core), k))
     if len(places) > 1:
         return ctx.mix(A, "solves systems that pair each sample with other samples' right-hand sides")
     return places.pop() if places else None
@@ -182,9 +183,16 @@ def sum_to_size(ctx, func, args, kwargs, out):
 
 
 def per_position(ctx, func, args, kwargs, out):
-    """triu / tril: each output element is its input element or zero, by position only."""
-    pl = _known(ctx, args[0])
-    return pl if isinstance(pl, tuple) else None
+    """triu / tril: each output element is its input element or zero, by its position in the last two
+    dimensions -- per sample when the batch is a leading dimension; with the batch among the last two, which
+    entries survive depends on the sample's index (removing one example shifts every later one)."""
+    x = args[0]
+    pl = _known(ctx, x)
+    if not isinstance(pl, tuple):
+        return None
+    if pl[0] >= x.dim() - 2:
+        return ctx.mix(x, f"keeps or zeroes entries by their index along the batch dimension (dim {pl[0]})")
+    return pl
 
 
 def complex_view(ctx, func, args, kwargs, out):

@@ -49,7 +49,7 @@ from fxdp.core.identity import get_view, write_targets
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.engine.recorder import LayoutTable, RuntimeRecorder, structure_key
-from fxdp.engine.step_ledger import BackwardTargets, StepLedger
+from fxdp.engine.step_ledger import BackwardTargets, StepLedger, use_targets
 from fxdp.engine.tap import ForwardContext, LayerUse
 
 # (autograd graph task id, engine) whose taps receive gradients in the running backward
@@ -246,7 +246,7 @@ class Engine:
         if ctx.finalized:
             # a retained graph traversed again: an input-gradient pass (torch.autograd.grad(loss, x)) adds
             # nothing and is fine; a pass that would accumulate into the parameters again is refused
-            if use.received and not self._targets.accumulates(use.binding.params.values()):
+            if use.received and not self._targets.accumulates(use_targets(use)):
                 return
             raise PrivacyError(
                 f"fxdp: a second backward pass through the same privatized forward pass reaches {use.op} "
@@ -274,7 +274,7 @@ class Engine:
         _BACKWARD_OWNER[0] = (task, weakref.ref(self))
         use.grad_output = grad_output
         use.extra_grads = extra
-        accumulates = self._targets.accumulates(use.binding.params.values())
+        accumulates = self._targets.accumulates(use_targets(use))
         self._accumulates = self._accumulates or accumulates
         if accumulates and fold.ready(use):
             fold.fold(use, ctx)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 from typing import Dict, List
 
+import torch
+
 from fxdp.core.errors import PrivacyError
 from fxdp.rules import factors as F
 
@@ -91,15 +93,22 @@ def fold(use, ctx) -> None:
         prepared = F.prepare(factor)
         low_rank = low_rank or not isinstance(prepared, F.DenseGrad)
         add_factor(ctx.folded, use.binding.roles[role], prepared)
-    use.grad_output, use.extra_grads = None, {}
-    if not low_rank:
+    if low_rank:  # the factor reads the gradients too: checked with the saved inputs at finalize
+        grads = {"<output gradient>": use.grad_output,
+                 **{f"<gradient of {r}>": g for r, g in use.extra_grads.items()}}
+        grads = {k: g for k, g in grads.items() if isinstance(g, torch.Tensor)}
+        use.saved = {**use.saved, **grads}
+        use.versions = {**use.versions, **{k: g._version for k, g in grads.items()}}
+    else:
         use.saved = {}
+    use.grad_output, use.extra_grads = None, {}
     use.binding.saved, use.binding.layout_source = {}, None  # the binding held the activations too
     use.folded = True
 
 
 def recheck(use) -> None:
-    """Finalize, for a folded use: the saved tensors its low-rank factors still read were not modified in place
-    since the forward (a backward hook or custom Function that writes into an activation after the fold)."""
+    """Finalize, for a folded use: the saved tensors and gradients its low-rank factors still read were not
+    modified in place since the forward / the fold (a backward hook or custom Function that writes into an
+    activation or a kept gradient after the fold)."""
     refuse_modified_inputs(use)
     use.saved = {}

@@ -86,3 +86,29 @@ class BackwardTargets:
                     "Call loss.backward() and read p.private_grad (or step the DPOptimizer); torch.autograd.grad "
                     "with respect to inputs (adversarial examples) is fine.") from None
         return False
+
+
+def use_targets(use) -> list:
+    """The tensors whose accumulators tell whether a backward pass trains through ``use``: its parameters,
+    except that a virtual parameter a compiled region recorded (a detached value, no accumulator of its own:
+    :mod:`fxdp.compile.virtual_taps`) stands for the parameters it was made from, which are inputs of the
+    compiled graph (counting it as accumulating made a PGD input-gradient pass a training pass: 2 R). An
+    eager virtual parameter is a fresh leaf the tap takes as an input and answers for itself."""
+    ctx = use.context
+    made = {v.name: v for v in ctx.virtuals} if ctx.compiled and ctx.virtuals else {}
+    out = []
+    for role, p in use.binding.params.items():
+        name = use.binding.roles.get(role)
+        if name not in made or (p.is_leaf and p.requires_grad):
+            out.append(p)
+            continue
+        pending = [name]
+        while pending:
+            n = pending.pop()
+            if n in made:
+                pending.extend(made[n].inputs)
+            elif isinstance(ctx.params.get(n), torch.nn.Parameter):
+                out.append(ctx.params[n])
+            else:
+                out.append(p)  # unknown: counts as accumulating
+    return out

@@ -184,6 +184,10 @@ FOLLOWED = [  # per-sample uses of the ops a privacy review found without rules:
     ("polar", lambda x: torch.polar(x.abs(), x), (0, 1)),
     ("rsub", lambda x: torch.rsub(x, 1.0), (0, 1)),
     ("F.unfold (im2col)", lambda x: F.unfold(x[:, None], 2), (0, 1)),
+    ("linalg.solve, vector right-hand side", lambda x: torch.linalg.solve(x[:, :, :T] + 3 * torch.eye(T), x[:, :, 0]),
+     (0, 1)),
+    ("baddbmm with keyword operands", lambda x: torch.zeros(1, T, T).baddbmm(batch1=x, batch2=x.transpose(1, 2)),
+     (0, 1)),
 ]
 
 
@@ -222,6 +226,7 @@ ACROSS = [  # the same ops across the batch dimension (each leaked up to 3.3 R g
     (lambda x: F.pad(x.transpose(0, 2), (1, 1)), "pads the batch dimension"),
     (lambda x: x.flatten(1) @ x.flatten(1).T, "outer product between samples"),
     (lambda x: F.unfold(x.transpose(0, 1)[:, None], 2), "unfolds patches across the batch dimension"),
+    (lambda x: torch.triu(x[:, :, 0]), "by their index along the batch dimension"),
 ]
 
 

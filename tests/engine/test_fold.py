@@ -73,7 +73,8 @@ class Producer(nn.Module):
         h = self.first(x)
         self.a = h * 1.0
         self.h = h
-        return self.out(torch.tanh(self.wide(self.a))).sum((1, 2))
+        self.o = self.wide(self.a)
+        return self.out(torch.tanh(self.o)).sum((1, 2))
 
 
 def test_an_input_modified_in_place_after_its_ghost_use_was_folded_is_refused():
@@ -111,3 +112,21 @@ def test_a_backward_retried_after_it_failed_midway_is_refused():
     fxdp.clear_private_grads(model)
     model(torch.randn(5, 2, 16)).sum().backward()  # a new forward trains again
     assert all(p.private_grad is not None for p in model.parameters())
+
+
+def test_an_output_gradient_a_ghost_factor_keeps_changed_in_place_after_the_fold_is_refused():
+    """A hook after the forward keeps the output gradient of ``wide`` (a ghost use, whose factor reads it); a
+    later one rewrites it in place, after ``wide`` was folded (a review: 1.09 R)."""
+    torch.manual_seed(0)
+    model = fxdp.privatize(Producer(), loss_reduction="sum")
+    out = model(torch.randn(5, 2, 16))
+    kept = []
+
+    def change(g):
+        with torch.no_grad():
+            kept[0].add_(kept[0][:1].clone())
+
+    model.o.register_hook(kept.append)
+    model.h.register_hook(change)
+    with pytest.raises(PrivacyError, match="modified in place"):
+        out.sum().backward()

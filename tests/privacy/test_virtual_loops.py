@@ -43,21 +43,25 @@ def _data():
     return torch.randn(8, 6, dtype=torch.float64), torch.randint(0, 3, (8,))
 
 
+@pytest.mark.parametrize("compiled", [pytest.param(False, id="eager"), pytest.param(True, id="compiled")])
 @pytest.mark.parametrize("make", MODELS)
-def test_an_input_gradient_pass_before_the_training_pass_contributes_nothing(make):
+def test_an_input_gradient_pass_before_the_training_pass_contributes_nothing(make, compiled):
+    """Compiled regions record a virtual parameter as a detached value: its sources answer (a review: 2 R)."""
     x, y = _data()
     template = make().double()
 
     def run(pgd_steps):
-        model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=0.1, loss_reduction="sum")
+        privatized = fxdp.privatize(copy.deepcopy(template), max_grad_norm=0.1, loss_reduction="sum")
+        model = torch.compile(privatized, backend="fxdp", options={"compiler": "aot_eager"}) if compiled \
+            else privatized
         x_adv = x.clone()
         for _ in range(pgd_steps):
             probe = x_adv.clone().requires_grad_()
             g, = torch.autograd.grad(ce_sum(model(probe), y), probe)
             x_adv = (x_adv + 0.0 * g.sign()).detach()  # a zero step: the training batch is x itself
         ce_sum(model(x_adv), y).backward()
-        return {n: p.private_grad.clone() for n, p in model.named_parameters()}, \
-            fxdp.get_engine(model).ledger.batch_sizes
+        return {n: p.private_grad.clone() for n, p in privatized.named_parameters()}, \
+            fxdp.get_engine(privatized).ledger.batch_sizes
 
     plain, plain_ledger = run(0)
     adversarial, ledger = run(3)
