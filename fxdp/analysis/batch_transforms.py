@@ -157,11 +157,16 @@ MATRIX = "inv inv_ex det slogdet logdet cholesky cholesky_ex matrix_exp matrix_p
 def matrix(ctx, func, args, kwargs, out):
     """Batched linear algebra on the last two dimensions: per sample iff the batch is a leading one."""
     x = args[0] if args else kwargs.get("A", kwargs.get("input"))
+    return _batch_leading(ctx, x, "is a matrix function over the batch dimension (dim {bd}, one of the last two)")
+
+
+def _batch_leading(ctx, x, what: str):
+    """The place of ``x`` when its batch is a leading dimension of an op over its last two; else refused."""
     pl = _known(ctx, x)
     if not isinstance(pl, tuple):
         return None
     if pl[0] >= x.dim() - 2:
-        return ctx.mix(x, f"is a matrix function over the batch dimension (dim {pl[0]}, one of the last two)")
+        return ctx.mix(x, what.format(bd=pl[0]))
     return pl
 
 
@@ -186,13 +191,7 @@ def per_position(ctx, func, args, kwargs, out):
     """triu / tril: each output element is its input element or zero, by its position in the last two
     dimensions -- per sample when the batch is a leading dimension; with the batch among the last two, which
     entries survive depends on the sample's index (removing one example shifts every later one)."""
-    x = args[0]
-    pl = _known(ctx, x)
-    if not isinstance(pl, tuple):
-        return None
-    if pl[0] >= x.dim() - 2:
-        return ctx.mix(x, f"keeps or zeroes entries by their index along the batch dimension (dim {pl[0]})")
-    return pl
+    return _batch_leading(ctx, args[0], "keeps or zeroes entries by their index along the batch dimension (dim {bd})")
 
 
 def complex_view(ctx, func, args, kwargs, out):
