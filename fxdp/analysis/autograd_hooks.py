@@ -136,61 +136,48 @@ def _same(out, given) -> bool:
     return all(a is b for a, b in zip(out, given))
 
 
-def versions(grads) -> tuple:
+def _versions(grads) -> tuple:
     """The version counters of the tensors among ``grads`` (a tensor, or tuples / lists of them, None allowed)."""
     if isinstance(grads, torch.Tensor):
         return (grads._version,)
     if isinstance(grads, (tuple, list)):
-        return tuple(v for g in grads for v in versions(g))
+        return tuple(v for g in grads for v in _versions(g))
     return ()
 
 
-def refuse_changed(before: tuple, grads, what: str) -> None:
-    """A hook that may only read changed the gradients it was handed in place (``g.add_(g.sum(0))``)."""
-    if versions(grads) != before:
-        raise SampleMixingError(
-            f"fxdp: a {what} registered inside the privatized forward changed the gradients it was given in "
-            "place; fxdp's checks cannot see what it computes, and it can mix samples' gradients "
-            "(g.add_(g.sum(0))) or rescale them after the per-sample norms. Hooks inside the forward may only read "
-            "the gradients; compute any change in the forward instead.")
-
-
-def observe_only_node_hook(hook):
-    """A node hook (``register_hook(fn(grad_inputs, grad_outputs))`` or ``register_prehook(fn(grad_outputs))``)
-    that may read, not replace: its result must be ``None`` or the gradients it was given, which it must not
-    change in place (module doc)."""
+def _observe_only(hook, what: str, unchanged):
+    """``hook`` wrapped so that it may read the gradients it is given, not replace them (its result must be
+    None or, by ``unchanged(result, args)``, the gradients it was given) nor change them in place (their
+    version counters): either raises ``SampleMixingError`` in backward, before the gradients are used."""
     def guarded(*args):
-        before = versions(args)
+        before = _versions(args)
         out = hook(*args)
-        refuse_changed(before, args, "hook on an autograd node")
-        if out is not None and not _same(out, args[0]):
+        changed = "changed the gradients it was given in place" if _versions(args) != before else \
+            "returned new gradients" if out is not None and not unchanged(out, args) else None
+        if changed:
             raise SampleMixingError(
-                "fxdp: a hook registered inside the privatized forward on an autograd node (grad_fn.register_hook "
-                "/ register_prehook) returned new gradients; fxdp's checks cannot see what it computes, and it can "
-                "mix samples' gradients (g + g.sum(0)) or rescale them after the per-sample norms. Hooks inside "
+                f"fxdp: a {what} {changed}; fxdp's checks cannot see what it computes, and it can mix samples' "
+                "gradients (g + g.sum(0), g.add_(g.sum(0))) or rescale them after the per-sample norms. Hooks inside "
                 "the forward may only read the gradients (return None); compute any change in the forward instead.")
         return None
     guarded.__wrapped__ = hook
     return guarded
 
 
+def observe_only_node_hook(hook):
+    """A node hook (``register_hook(fn(grad_inputs, grad_outputs))`` or ``register_prehook(fn(grad_outputs))``)
+    that may read, not replace: its result must be ``None`` or the gradients it was given, which it must not
+    change in place (module doc)."""
+    return _observe_only(hook, "hook registered inside the privatized forward on an autograd node "
+                               "(grad_fn.register_hook / register_prehook)", lambda out, args: _same(out, args[0]))
+
+
 def observe_only_tensor_hook(hook):
     """A ``Tensor.register_hook`` hook registered while a private forward is open runs in backward, where
     fxdp's checks do not see it: it may read the gradient (logging, inspection), not replace it -- ``g +
     g.sum(0)`` mixes samples' gradients (2.9 R) -- nor change it in place (``g.add_(g.sum(0))``: 4.1 R)."""
-    def guarded(grad):
-        before = versions(grad)
-        out = hook(grad)
-        refuse_changed(before, grad, "gradient hook")
-        if out is not None and out is not grad:
-            raise SampleMixingError(
-                "fxdp: a gradient hook registered inside the privatized forward (Tensor.register_hook) returned a new "
-                "gradient; fxdp's checks cannot see what it computes, and it can mix samples' gradients "
-                "(g + g.sum(0)) or rescale them after the per-sample norms. Hooks inside the forward may only read "
-                "the gradient (return None); compute any change in the forward instead.")
-        return None
-    guarded.__wrapped__ = hook
-    return guarded
+    return _observe_only(hook, "gradient hook registered inside the privatized forward (Tensor.register_hook)",
+                         lambda out, args: out is args[0])
 
 
 def _register_tensor_hook(tensor, hook):

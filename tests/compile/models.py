@@ -23,6 +23,20 @@ class SeqFirstEncoder(nn.Module):
         return self.head(self.enc(x).mean(0))
 
 
+class ScaleByParameter(torch.autograd.Function):
+    """``x * w`` as a custom autograd.Function: a parameter use no rule covers (fxdp must refuse it)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return x * w
+
+    @staticmethod
+    def backward(ctx, g):
+        x, w = ctx.saved_tensors
+        return g * w, (g * x).sum(0)
+
+
 class BrokenMLP(nn.Module):
     """An MLP with a graph break of its own between its layers."""
 

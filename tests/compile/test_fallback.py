@@ -12,7 +12,7 @@ import torch.nn as nn
 
 import fxdp
 from tests import models_zoo as Z
-from tests.compile.models import assert_same_private_grads, check_compiled_against_reference, ce_sum
+from tests.compile.models import ScaleByParameter, assert_same_private_grads, check_compiled_against_reference, ce_sum
 
 STYLES = ["all-layer", "layer-wise", "param-wise", "block-wise"]
 
@@ -106,18 +106,6 @@ def test_several_steps_and_batch_sizes_stay_exact():
     assert_same_private_grads(model, eager)
 
 
-class _Mul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return x * w
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        return g * w, (g * x).sum(0)
-
-
 class HiddenUse(nn.Module):
     """A parameter used in untraced code other than through a rule: as in eager mode, refused."""
 
@@ -132,7 +120,7 @@ class HiddenUse(nn.Module):
 
 @torch._dynamo.disable
 def _hidden(m, h):
-    return _Mul.apply(h, m.w) if m.how == "function" else h * m.w_view
+    return ScaleByParameter.apply(h, m.w) if m.how == "function" else h * m.w_view
 
 
 @pytest.mark.parametrize("how", ["function", "cached view"])

@@ -5,7 +5,7 @@ import torch.nn as nn
 
 import fxdp
 from fxdp.core.errors import PrivacyError
-from tests.compile.models import case
+from tests.compile.models import ScaleByParameter, case
 
 
 def test_compiling_an_unprivatized_model_is_refused():
@@ -59,25 +59,13 @@ def test_uncovered_parameter_use_is_refused_at_compile_time():
         torch.compile(model, backend="fxdp", options={"compiler": "eager"})(torch.randn(4, 6, dtype=torch.float64))
 
 
-class _Scale(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w):
-        ctx.save_for_backward(x, w)
-        return x * w
-
-    @staticmethod
-    def backward(ctx, g):
-        x, w = ctx.saved_tensors
-        return g * w, (g * x).sum(0)
-
-
 class CustomFunction(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc, self.w = nn.Linear(6, 6), nn.Parameter(torch.ones(6))
 
     def forward(self, x):
-        return _Scale.apply(self.fc(x), self.w)
+        return ScaleByParameter.apply(self.fc(x), self.w)
 
 
 def test_refusals_inside_the_backend_reach_the_caller_as_fxdp_errors():
