@@ -75,9 +75,7 @@ def collect(uses, batch_size: int, folded=None, folded_decisions=None) -> Tuple[
             continue
         if u.layout is None:
             raise BatchLayoutError(f"fxdp: no batch layout for {u.op}; this is a bug in fxdp.")
-        for role, factor in fold.factors_of(u, batch_size).items():
-            decisions[f"{u.ordinal}:{role}"] = F.decide(factor)
-            fold.add_factor(per_param, u.binding.roles[role], factor)
+        fold.record_factors(u, fold.factors_of(u, batch_size), per_param, decisions)
     return per_param, decisions
 
 

@@ -49,13 +49,36 @@ def refuse_modified_inputs(use) -> None:
             "the gradient. Avoid in-place operations on tensors a layer has consumed.")
 
 
-def factors_of(use, batch_size: int) -> Dict[str, object]:
-    """The rule's factors of one use not folded in backward, per role, its tensors released (the caller
-    records decisions)."""
+def _rule_factors(use, batch_size: int) -> Dict[str, object]:
     refuse_modified_inputs(use)
-    out = use.rule.factors(use.binding, use.saved, use.grad_output, use.extra_grads, use.layout, batch_size)
-    use.saved, use.grad_output, use.extra_grads = {}, None, {}
+    return use.rule.factors(use.binding, use.saved, use.grad_output, use.extra_grads, use.layout, batch_size)
+
+
+def _release(use, keep=None) -> None:
+    """Drop the use's tensors (``keep``: the saved ones a low-rank factor still reads, for :func:`recheck`);
+    the binding held the activations too."""
+    use.saved, use.grad_output, use.extra_grads = keep or {}, None, {}
     use.binding.saved, use.binding.layout_source = {}, None
+
+
+def record_factors(use, factors: Dict[str, object], per_param, decisions, prepare: bool = False) -> bool:
+    """Each role's factor of ``use`` into ``per_param`` (dense ones summed, :func:`add_factor`) and its norm
+    decision into ``decisions``; with ``prepare``, as :func:`fxdp.rules.factors.prepare` leaves it. True if a
+    factor stays low-rank (it still reads the use's tensors)."""
+    low_rank = False
+    for role, factor in factors.items():
+        decisions[f"{use.ordinal}:{role}"] = F.decide(factor)
+        if prepare:
+            factor = F.prepare(factor)
+        low_rank = low_rank or not isinstance(factor, F.DenseGrad)
+        add_factor(per_param, use.binding.roles[role], factor)
+    return low_rank
+
+
+def factors_of(use, batch_size: int) -> Dict[str, object]:
+    """The rule's factors of one use not folded in backward, per role, its tensors released."""
+    out = _rule_factors(use, batch_size)
+    _release(use)
     return out
 
 
@@ -85,24 +108,16 @@ def fold(use, ctx) -> None:
             "count them twice or from nothing. Run the forward pass again before the next backward.")
     if ctx.batch_size <= 0 or use.layout is None:
         return
-    refuse_modified_inputs(use)
-    raw = use.rule.factors(use.binding, use.saved, use.grad_output, use.extra_grads, use.layout, ctx.batch_size)
-    low_rank = False
-    for role, factor in raw.items():
-        ctx.decisions[f"{use.ordinal}:{role}"] = F.decide(factor)
-        prepared = F.prepare(factor)
-        low_rank = low_rank or not isinstance(prepared, F.DenseGrad)
-        add_factor(ctx.folded, use.binding.roles[role], prepared)
-    if low_rank:  # the factor reads the gradients too: checked with the saved inputs at finalize
+    raw = _rule_factors(use, ctx.batch_size)
+    kept = {}
+    if record_factors(use, raw, ctx.folded, ctx.decisions, prepare=True):
+        # a low-rank factor reads the gradients too: checked with the saved inputs at finalize
         grads = {"<output gradient>": use.grad_output,
                  **{f"<gradient of {r}>": g for r, g in use.extra_grads.items()}}
         grads = {k: g for k, g in grads.items() if isinstance(g, torch.Tensor)}
-        use.saved = {**use.saved, **grads}
+        kept = {**use.saved, **grads}
         use.versions = {**use.versions, **{k: g._version for k, g in grads.items()}}
-    else:
-        use.saved = {}
-    use.grad_output, use.extra_grads = None, {}
-    use.binding.saved, use.binding.layout_source = {}, None  # the binding held the activations too
+    _release(use, kept)
     use.folded = True
 
 
