@@ -248,6 +248,12 @@ def main():
     print(tabulate(rows, headers=["mode", "step ms", "vs plain eager", "vs plain compiled", "peak MiB in a step",
                                   "vs plain compiled", "step memory MiB", "vs plain eager", "vs plain compiled",
                                   "first step s (incl. compile)"]))
+    if args.rounds > 1 and "plain-compiled" in runs:
+        ref = runs["plain-compiled"]
+        print("step time vs plain compiled in each round (the spread between rounds is this machine's noise):")
+        for m, rs in runs.items():
+            per_round = [f"{a['median_ms'] / b['median_ms']:.2f}x" for a, b in zip(rs, ref)]
+            print(f"  {m:16s} " + " ".join(per_round))
     print("peak: the process's peak during a training step (CPU: RSS, libraries included; CUDA: allocated); "
           "step memory: that peak above the memory before the step.")
 

@@ -12,6 +12,8 @@ A pipeline of small steps, each a function of the previous one's result:
    for a parameter used several times, the squared norms of the parts plus twice every cross
    term (never the sum of norms, never one part only). A low-rank factor whose norm is computed by
    instantiation is instantiated here once and the same per-sample gradients give its clipped sum.
+   Parameters of one group whose one factor is a small dense per-sample gradient (biases, norm
+   weights) are packed side by side: one norm and one clipped-sum product for all of them.
 3. clip factors -- :func:`fxdp.engine.clipping.clip_groups` (pure; one factor per group and sample,
    zero for samples with a non-finite norm).
 4. :func:`write_private_grads` -- per trainable parameter, the clipped sum of its factors as one
@@ -30,7 +32,8 @@ true gradient.
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Tuple
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -89,21 +92,88 @@ def _total(terms: List[torch.Tensor]) -> torch.Tensor:
     return torch.stack([t.to(dt) for t in terms]).sum(0)
 
 
+# per-sample gradients of at most this many values per sample (biases, norm weights) are packed side by side
+PACK_NUMEL = 1 << 16
+
+
+@dataclass(eq=False)
+class DensePack:
+    """The small dense per-sample gradients of several parameters of one clip group, side by side as one
+    ``(B, P)`` tensor: one norm and one clipped-sum product for all of them instead of a few small ops per
+    parameter. Only parameters with exactly one factor are packed (no cross terms between their uses), so
+    the squared norm of a pack's row is exactly the sum of its members' squared per-sample norms."""
+    flat: torch.Tensor
+    slices: Dict[str, Tuple[int, int, torch.Size]]   # name -> (offset, numel, shape)
+    _total: Optional[torch.Tensor] = field(default=None, repr=False)
+
+    def clipped_sum(self, name: str, coef: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+        """``sum_b coef[b] * grad_b`` of member ``name`` (the product over the whole pack is formed once; every
+        member of a pack is in the same group, so all are asked with the same ``coef`` and ``keep``)."""
+        if self._total is None:
+            self._total = coef.to(self.flat.dtype) @ F.mask_rows(self.flat, keep)
+        offset, numel, shape = self.slices[name]
+        return self._total[offset:offset + numel].reshape(shape).clone()
+
+
+@dataclass(eq=False)
+class PackedGrad:
+    """A parameter's place in a :class:`DensePack` (its one factor after :func:`group_norms`)."""
+    pack: DensePack
+    name: str
+
+
+def _pack_small_dense(per_param: PerParam, group_of: Dict[str, int], terms: Dict[int, List[torch.Tensor]],
+                      candidates: List[str]) -> None:
+    """Pack the single small dense factors of ``candidates`` per (group, dtype, device) and add each pack's
+    squared row norms to its group's ``terms``; a lone candidate keeps its factor."""
+    packs: Dict[tuple, List[str]] = {}
+    for name in candidates:
+        g = per_param[name][0].grad
+        packs.setdefault((group_of[name], F.compute_dtype(g), g.device), []).append(name)
+    for (group, dt, _), names in packs.items():
+        factors = [per_param[n][0] for n in names]
+        if len(names) == 1:
+            terms.setdefault(group, []).append(F.sq_norm(factors[0]))
+            continue
+        B = factors[0].grad.shape[0]
+        flat = torch.cat([f.grad.reshape(B, -1).to(dt) for f in factors], 1)
+        slices, offset = {}, 0
+        for n, f in zip(names, factors):
+            slices[n] = (offset, f.grad[0].numel(), f.shape)
+            offset += f.grad[0].numel()
+        pack = DensePack(flat, slices)
+        terms.setdefault(group, []).append(torch.linalg.vector_norm(flat, dim=1).square())
+        for n in names:
+            per_param[n] = [PackedGrad(pack, n)]
+
+
 def group_norms(per_param: PerParam, group_of: Dict[str, int], scale: float) -> Dict[int, torch.Tensor]:
     """Per group, each sample's squared norm of its (scaled) summed gradient, cross terms included.
 
     Factors whose norm is computed by instantiation are replaced, in ``per_param``, by their dense
     per-sample gradients (:func:`fxdp.rules.factors.prepare`), so the clipped sum reuses them; the low-rank
-    factors they replace are released here, so the instantiated gradients take their memory."""
+    factors they replace are released here, so the instantiated gradients take their memory. Parameters
+    whose one factor is a small dense one are packed per group (:class:`DensePack`)."""
     terms: Dict[int, List[torch.Tensor]] = {}
+    small: List[str] = []
     for name, factors in per_param.items():
         factors[:] = [F.prepare(f) for f in factors]
+        if len(factors) == 1 and isinstance(factors[0], F.DenseGrad) and factors[0].grad[0].numel() <= PACK_NUMEL:
+            small.append(name)
+            continue
         out = terms.setdefault(group_of[name], [])
         out.extend(F.sq_norm(f) for f in factors)
         for i in range(len(factors)):
             for j in range(i + 1, len(factors)):
                 out.append(2 * F.inner(factors[i], factors[j]))
+    _pack_small_dense(per_param, group_of, terms, small)
     return {g: _total(ts) * (scale * scale) for g, ts in terms.items()}
+
+
+def _clipped_sum(f, coef: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+    if isinstance(f, PackedGrad):
+        return f.pack.clipped_sum(f.name, coef, keep)
+    return F.clipped_sum(f, coef, keep)
 
 
 def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[str], per_param: PerParam,
@@ -123,9 +193,9 @@ def write_private_grads(params: Dict[str, torch.nn.Parameter], trainable: List[s
             g = group_of[name]
             if g not in coefs:
                 coefs[g] = result.factors[g] * scale
-            total = F.clipped_sum(factors[0], coefs[g], keep)
+            total = _clipped_sum(factors[0], coefs[g], keep)
             for f in factors[1:]:
-                total = total + F.clipped_sum(f, coefs[g], keep)
+                total = total + _clipped_sum(f, coefs[g], keep)
             total = total.to(accumulation_dtype(p))
         else:
             total = torch.zeros(p.shape, dtype=accumulation_dtype(p), device=p.device)  # p may be a DTensor

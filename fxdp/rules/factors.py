@@ -226,7 +226,7 @@ def inner(a, b) -> torch.Tensor:
     return (ga.to(dt).reshape(ga.shape[0], -1) * gb.to(dt).reshape(gb.shape[0], -1)).sum(1)
 
 
-def _mask_rows(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
+def mask_rows(t: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
     if keep is None:
         return t
     return torch.where(keep.view(-1, *([1] * (t.dim() - 1))), t, torch.zeros((), dtype=t.dtype, device=t.device))
@@ -242,7 +242,7 @@ def clipped_sum(f, coef: torch.Tensor, keep: Optional[torch.Tensor] = None) -> t
         dt = compute_dtype(f.left, f.right, coef)
         B, G, T, m = f.left.shape
         n = f.right.shape[-1]
-        left, right = _mask_rows(f.left.to(dt), keep), _mask_rows(f.right.to(dt), keep)
+        left, right = mask_rows(f.left.to(dt), keep), mask_rows(f.right.to(dt), keep)
         c = coef.to(dt).view(B, 1, 1, 1)
         if m <= n:  # scale the smaller side
             left = left * c
@@ -256,13 +256,13 @@ def clipped_sum(f, coef: torch.Tensor, keep: Optional[torch.Tensor] = None) -> t
     if isinstance(f, EmbeddingGrad):
         dt = compute_dtype(f.grad, coef)
         B, T, d = f.grad.shape
-        g = _mask_rows(f.grad.to(dt), keep) * coef.to(dt).view(B, 1, 1)
+        g = mask_rows(f.grad.to(dt), keep) * coef.to(dt).view(B, 1, 1)
         out = torch.zeros(f.shape, dtype=dt, device=g.device)
         out.index_add_(0, f.index.reshape(-1), g.reshape(-1, d))
         return out
     if isinstance(f, DenseGrad):
         g = f.materialize()
-        g = _mask_rows(g, keep)
+        g = mask_rows(g, keep)
         return torch.tensordot(coef.to(g.dtype), g, dims=1)
     raise TypeError(f"fxdp: unknown gradient factor {type(f).__name__}")
 
