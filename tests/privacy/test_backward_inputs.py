@@ -74,7 +74,7 @@ def test_backward_with_inputs_naming_one_virtual_source_gives_its_reference_clip
 
 
 @pytest.mark.parametrize("make", MODELS)
-def test_backward_with_inputs_restricted_to_the_data_contributes_nothing(make):
+def test_backward_with_inputs_restricted_to_the_data_contributes_nothing_through_virtual_parameters(make):
     torch.manual_seed(0)
     model = fxdp.privatize(make().double(), max_grad_norm=1.0, loss_reduction="sum")
     x, y = data(model)
