@@ -17,11 +17,10 @@ contribution by R.
 
 A backward pass that accumulates into no trainable parameter (``torch.autograd.grad`` with
 respect to inputs, ``backward(inputs=[x])``: PGD / FGSM adversarial examples) contributes
-nothing; ``backward(inputs=[some parameters])`` trains those only (each sample's gradient with respect
-to them is clipped; the other trainable parameters get zeros), parameters transformed before they meet
-the batch (virtual parameters) counting as the parameters they were made from. Double backward
-(``create_graph=True``, input-gradient penalties) is refused: the taps give first-order gradients only,
-so the penalty's parameter gradient would be missing. Every
+nothing; ``backward(inputs=[some parameters])`` clips each sample's gradient with respect to those
+(virtual parameters count as their sources; the others get zeros). Double backward (``create_graph=True``,
+input-gradient penalties) is refused: the taps give first-order gradients only, so the penalty's
+parameter gradient would be missing. Every
 finalized pass records its batch size in ``engine.ledger`` (:mod:`fxdp.engine.step_ledger`),
 which the optimizer checks against the examples drawn for the step.
 """
