@@ -35,9 +35,9 @@ import torch
 
 from fxdp.core.errors import PrivacyError
 from fxdp.engine import forward_checks
-from fxdp.engine.tap import TapFunction
+from fxdp.engine.tap import TapFunction, VirtualLink
 
-_TAP_CLASSES: set = {TapFunction}
+_TAP_CLASSES: set = {TapFunction, VirtualLink}
 # Open compiled forwards for which backend "fxdp" refused a graph (ForwardContext -> the refusal), and
 # engines refused under torch._dynamo.config.suppress_errors (Engine -> the refusal)
 _REFUSED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -17,8 +17,10 @@ contribution by R.
 
 A backward pass that accumulates into no trainable parameter (``torch.autograd.grad`` with
 respect to inputs, ``backward(inputs=[x])``: PGD / FGSM adversarial examples) contributes
-nothing. Double backward (``create_graph=True``, input-gradient penalties) is refused: the taps
-give first-order gradients only, so the penalty's parameter gradient would be missing. Every
+nothing; ``backward(inputs=[some parameters])`` clips each sample's gradient with respect to those
+(virtual parameters count as their sources; the others get zeros). Double backward (``create_graph=True``,
+input-gradient penalties) is refused: the taps give first-order gradients only, so the penalty's
+parameter gradient would be missing. Every
 finalized pass records its batch size in ``engine.ledger`` (:mod:`fxdp.engine.step_ledger`),
 which the optimizer checks against the examples drawn for the step.
 """
@@ -86,7 +88,7 @@ class Engine:
         self._pending: List[ForwardContext] = []
         self._callback_queued = False
         self._task = None
-        self._accumulates = False
+        self._trained = set()  # names of the parameters the running backward pass accumulates into
         self._compiled_forwards = None
         self._targets = BackwardTargets()
         self._watch = None
@@ -98,7 +100,7 @@ class Engine:
             state[k] = None if k != "_pending" else []
         state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
         state["_compiled_forwards"] = None  # a copy is a different engine to compiled graphs
-        state["_accumulates"], state["_targets"] = False, BackwardTargets()  # autograd nodes of these parameters
+        state["_trained"], state["_targets"] = set(), BackwardTargets()  # autograd nodes of these parameters
         state["_watch"] = None
         state["_monitor"] = None
         state["unit_scope"] = None
@@ -274,9 +276,9 @@ class Engine:
         _BACKWARD_OWNER[0] = (task, weakref.ref(self))
         use.grad_output = grad_output
         use.extra_grads = extra
-        accumulates = self._targets.accumulates(use_targets(use))
-        self._accumulates = self._accumulates or accumulates
-        if accumulates and fold.ready(use):
+        trained = self._targets.trained(use_targets(use))
+        self._trained |= trained
+        if trained and fold.ready(use):
             fold.fold(use, ctx)
         if not any(c is ctx for c in self._pending):
             self._pending.append(ctx)
@@ -287,7 +289,7 @@ class Engine:
     def _enter_task(self, task: int) -> None:
         if task != self._task:
             # a new backward pass; state left by one that failed midway is dropped
-            self._task, self._pending, self._callback_queued, self._accumulates = task, [], False, False
+            self._task, self._pending, self._callback_queued, self._trained = task, [], False, set()
 
     def expect_backward(self, task: int) -> None:
         """Called in backward pass ``task`` before a reentrant checkpoint runs its nested backward: the end
@@ -302,8 +304,8 @@ class Engine:
         self._task = None
         _BACKWARD_OWNER[0] = None
         pending, self._pending = self._pending, []
-        accumulates, self._accumulates = self._accumulates, False
-        if not accumulates:
+        trained, self._trained = self._trained, set()
+        if not trained:
             for ctx in pending:
                 self._discard_received(ctx)
             return
@@ -321,10 +323,10 @@ class Engine:
                 "once in this backward.")
         with torch.no_grad(), finalize.autocast_off():
             if any(c.unit_scope is not None for c in pending):
-                self._finalize_context(*pending)
+                self._finalize_context(*pending, trained=trained)
             else:
                 for ctx in pending:
-                    self._finalize_context(ctx)
+                    self._finalize_context(ctx, trained=trained)
 
     def _discard_received(self, ctx: ForwardContext) -> None:
         """A backward pass that wanted no parameter gradient (``torch.autograd.grad(loss, x)``): what it
@@ -350,9 +352,10 @@ class Engine:
             return 1.0
         return float(scaler.get_scale())
 
-    def _finalize_context(self, ctx: ForwardContext, *together: ForwardContext):
+    def _finalize_context(self, ctx: ForwardContext, *together: ForwardContext, trained=frozenset()):
         """The pipeline of :mod:`fxdp.engine.finalize` for one forward pass (or for the forward passes of
-        one :func:`fxdp.privacy_units` block: clipped per unit, :mod:`fxdp.engine.units`)."""
+        one :func:`fxdp.privacy_units` block: clipped per unit, :mod:`fxdp.engine.units`), for the parameters
+        named in ``trained`` (the pass accumulates into them; ``backward(inputs=[...])`` may name a subset)."""
         collected = []
         for c in (ctx,) + together:
             c.finalized = True
@@ -375,7 +378,8 @@ class Engine:
                 "the batch (virtual parameters); fxdp does not combine those across forward passes yet. Run the "
                 "views in one forward pass (concatenate them along the batch, with privacy_units ids).")
         if B > 0:
-            per_param = {n: F.merge_factors(fs) for n, fs in resolve_virtuals(per_param, ctx.virtuals, B).items()}
+            per_param = {n: F.merge_factors(fs) for n, fs in resolve_virtuals(per_param, ctx.virtuals, B).items()
+                         if n in trained}
         for c in (ctx,) + together:
             c.virtuals = []
         loss_scale = self._loss_scale()

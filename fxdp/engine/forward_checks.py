@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten
 from fxdp.analysis import autograd_hooks
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
 from fxdp.engine.compiled_hook import ISLANDS
-from fxdp.engine.tap import TapFunction
+from fxdp.engine.tap import TapFunction, VirtualLink
 
 # Private forwards and analysis runs in progress (any engine): a parameterised submodule called
 # in grad mode while this is zero runs outside every privatized forward.
@@ -170,8 +170,9 @@ def _describe(node) -> str:
 
 
 def is_tap(node) -> bool:
-    """An eager tap's autograd node (its parameter inputs get no gradient)."""
-    return getattr(node, "_forward_cls", None) is TapFunction
+    """An eager tap's autograd node, or a virtual parameter's link to its sources (their parameter inputs get
+    no gradient)."""
+    return getattr(node, "_forward_cls", None) in (TapFunction, VirtualLink)
 
 
 tensors_of = _tensors

@@ -11,13 +11,13 @@ import contextlib
 from typing import Optional
 
 import torch
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 from fxdp.core.inputs import input_batch_dims
 from fxdp.core.layout import BatchLayout, LayoutKind
 from fxdp.engine.checkpointing import (checkpoint_virtual_refusal, current_region, lift_operand,
                                        no_grad_input_refusal, observe_forward_call, region_of, unique_tensors)
-from fxdp.engine.tap import ForwardContext, LayerUse, TapFunction
+from fxdp.engine.tap import ForwardContext, LayerUse, TapFunction, link_virtual
 from fxdp.rules.virtual import make_virtuals, virtual_binding
 
 
@@ -123,7 +123,8 @@ class RuntimeRecorder:
         raise exc
 
     def virtual(self, call, interceptor):
-        """At a call site the analysis found batch-free: a virtual parameter instead of a tap."""
+        """At a call site the analysis found batch-free: a virtual parameter instead of a tap (linked to the
+        tensors it is made from, :class:`fxdp.engine.tap.VirtualLink`)."""
         ctx = self.context
         if self.table is None:
             return None
@@ -141,11 +142,20 @@ class RuntimeRecorder:
         ctx.virtual_sites += 1
         if ctx.compiled:
             ctx.next_ordinal += 1
+        # the value gets gradient edges to what it was made from (tap.VirtualLink), and the parameters among
+        # those are named in ctx.params: a backward pass trains through it if it accumulates into them
+        sources = [t for t in unique_tensors(call) if call.param_name(t)]
+        made_names = {v.name for v in ctx.virtuals}
+        for t in sources:
+            if call.param_name(t) not in made_names:
+                ctx.params.setdefault(call.param_name(t), t)
+        linked = {}
         for u, v in made:
-            interceptor.param_names[id(u)] = v.name
-            interceptor.virtual_leaves.append(u)
+            w = linked[id(u)] = link_virtual(u, sources)
+            interceptor.param_names[id(w)] = v.name
+            interceptor.virtual_leaves.append(w)
             ctx.virtuals.append(v)
-        return out
+        return tree_map(lambda x: linked.get(id(x), x) if isinstance(x, torch.Tensor) else x, out)
 
     def next_ordinal(self) -> int:
         """The ordinal of the next call site. Under torch.compile (eager code between the compiled

@@ -11,13 +11,15 @@ Two small records that tie ``p.private_grad`` to the examples behind it:
 - :class:`BackwardTargets` -- whether the running backward pass would accumulate a gradient into
   (or capture the gradient of) a trainable parameter. ``torch.autograd.grad(loss, x_adv)`` (PGD /
   FGSM adversarial examples, input-gradient penalties) and ``loss.backward(inputs=[x])`` do not:
-  such a pass must contribute nothing to ``private_grad``. It asks autograd's engine whether it will
-  execute each parameter's ``AccumulateGrad`` node; those nodes are looked up once, in grad mode
-  during a forward pass, and held, so that autograd keeps using the same node objects.
+  such a pass must contribute nothing to ``private_grad``; ``loss.backward(inputs=[some parameters])``
+  trains those parameters only (the per-sample gradient with respect to them is clipped; the others
+  get zeros). It asks autograd's engine whether it will execute each parameter's ``AccumulateGrad``
+  node; those nodes are looked up once, in grad mode during a forward pass, and held, so that
+  autograd keeps using the same node objects.
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List
+from typing import Dict, Iterable, List, Set, Tuple
 
 import torch
 
@@ -62,53 +64,62 @@ class BackwardTargets:
                 nodes[id(p)] = self._nodes.get(id(p)) or torch.autograd.graph.get_gradient_edge(p).node
         self._nodes = nodes
 
-    def accumulates(self, params: Iterable[torch.nn.Parameter]) -> bool:
-        """In backward: True if this pass accumulates into (or captures the gradient of) any of
-        ``params``. Unknown parameters count as accumulating (the pass is then clipped and counted)."""
-        for p in params:
-            node = self._nodes.get(id(p))
-            if node is None and isinstance(p, torch.Tensor) and p.is_leaf and p.requires_grad:
-                # a virtual parameter (made from trainable ones before it meets the batch: weight_norm, W + A @ B) is a
-                # fresh leaf the tap takes as an input: its accumulator is in the graph, and a pass that goes on to
-                # the parameters executes it (counted as accumulating, an input-gradient pass doubled PGD's sums: 2 R)
-                node = torch.autograd.graph.get_gradient_edge(p).node
-            if node is None:
-                return True
-            try:
-                if torch._C._will_engine_execute_node(node):
-                    return True
-            except RuntimeError:
-                # torch.autograd.grad(loss, [parameters]): the leaf is captured, not accumulated
-                raise PrivacyError(
-                    "fxdp: torch.autograd.grad(loss, parameters) on a privatized model is not supported: fxdp "
-                    "forms the clipped per-sample sum in backward() and writes it to p.private_grad (the optimizer "
-                    "noises it), and never returns parameter gradients, which would be unclipped and un-noised. "
-                    "Call loss.backward() and read p.private_grad (or step the DPOptimizer); torch.autograd.grad "
-                    "with respect to inputs (adversarial examples) is fine.") from None
-        return False
+    def trained(self, targets: Iterable[Tuple[str, torch.Tensor]]) -> Set[str]:
+        """In backward: the names among ``targets`` (:func:`use_targets`) whose tensor this pass accumulates into
+        (or captures the gradient of: refused). ``loss.backward(inputs=[some parameters])`` trains those only;
+        the engine keeps the factors of these names and drops the others'."""
+        return {name for name, p in targets if self._accumulates(p)}
+
+    def accumulates(self, targets: Iterable[Tuple[str, torch.Tensor]]) -> bool:
+        """In backward: True if this pass accumulates into (or captures the gradient of) any of ``targets``."""
+        return any(self._accumulates(p) for _, p in targets)
+
+    def _accumulates(self, p) -> bool:
+        """Unknown tensors count as accumulating (the pass is then clipped and counted)."""
+        node = self._nodes.get(id(p))
+        if node is None and isinstance(p, torch.Tensor) and p.requires_grad:
+            # a virtual parameter whose sources are unknown answers through its own node: a fresh leaf's
+            # accumulator, or its link to its sources (fxdp.engine.tap.VirtualLink); counting it as accumulating
+            # made an input-gradient pass a training pass (doubled PGD's sums: 2 R)
+            node = torch.autograd.graph.get_gradient_edge(p).node
+        if node is None:
+            return True
+        try:
+            return bool(torch._C._will_engine_execute_node(node))
+        except RuntimeError:
+            # torch.autograd.grad(loss, [parameters]): the leaf is captured, not accumulated
+            raise PrivacyError(
+                "fxdp: torch.autograd.grad(loss, parameters) on a privatized model is not supported: fxdp "
+                "forms the clipped per-sample sum in backward() and writes it to p.private_grad (the optimizer "
+                "noises it), and never returns parameter gradients, which would be unclipped and un-noised. "
+                "Call loss.backward() and read p.private_grad (or step the DPOptimizer); torch.autograd.grad "
+                "with respect to inputs (adversarial examples) is fine.") from None
 
 
-def use_targets(use) -> list:
-    """The tensors whose accumulators tell whether a backward pass trains through ``use``: its parameters,
-    except that a virtual parameter a compiled region recorded (a detached value, no accumulator of its own:
-    :mod:`fxdp.compile.virtual_taps`) stands for the parameters it was made from, which are inputs of the
-    compiled graph (counting it as accumulating made a PGD input-gradient pass a training pass: 2 R). An
-    eager virtual parameter is a fresh leaf the tap takes as an input and answers for itself."""
+def use_targets(use) -> List[Tuple[str, torch.Tensor]]:
+    """(parameter name, tensor) pairs whose accumulators tell whether, and into which parameters, a backward
+    pass trains through ``use``: its parameters, except that a virtual parameter stands for the parameters it
+    was made from (``ForwardContext.params``). Eager ones are linked to them (:class:`fxdp.engine.tap.VirtualLink`),
+    compiled ones are detached values with no accumulator of their own (:mod:`fxdp.compile.virtual_taps`), the
+    sources being inputs of the compiled graph; counting a virtual parameter itself as accumulating made a PGD
+    input-gradient pass a training pass (2 R), and a fresh leaf's own accumulator was in no
+    ``backward(inputs=[parameters])`` (its uses were dropped). A source not found answers through the virtual
+    parameter's own node (see :meth:`BackwardTargets._accumulates`)."""
     ctx = use.context
-    made = {v.name: v for v in ctx.virtuals} if ctx.compiled and ctx.virtuals else {}
+    made = {v.name: v for v in ctx.virtuals}
     out = []
     for role, p in use.binding.params.items():
         name = use.binding.roles.get(role)
-        if name not in made or (p.is_leaf and p.requires_grad):
-            out.append(p)
+        if name not in made:
+            out.append((name, p))
             continue
         pending = [name]
         while pending:
             n = pending.pop()
             if n in made:
                 pending.extend(made[n].inputs)
-            elif isinstance(ctx.params.get(n), torch.nn.Parameter):
-                out.append(ctx.params[n])
+            elif isinstance(ctx.params.get(n), torch.Tensor):
+                out.append((n, ctx.params[n]))
             else:
-                out.append(p)  # unknown: counts as accumulating
+                out.append((n, p))
     return out

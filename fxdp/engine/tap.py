@@ -170,6 +170,34 @@ class TapFunction(torch.autograd.Function):
         return (None, None, *input_grads)
 
 
+class VirtualLink(torch.autograd.Function):
+    """A virtual parameter's value (made on detached parameters, :mod:`fxdp.rules.virtual`), given gradient
+    edges to the tensors it was made from -- trainable parameters or earlier virtual parameters -- through
+    which no gradient passes (the taps where it meets the batch give it none, and this node gives its
+    sources none: their private gradients come from the taps' factors, resolved at finalize).
+
+    The edges make autograd run those taps whenever a backward pass accumulates into the sources:
+    ``loss.backward(inputs=list(model.parameters()))`` or a subset naming the sources. A virtual parameter
+    that was a fresh leaf was in no such ``inputs``, so the taps where it met the batch were skipped and its
+    uses silently dropped from the sources' private gradients. A pass that reaches none of the sources
+    (``torch.autograd.grad(loss, x)``) still does not run this node (:mod:`fxdp.engine.step_ledger`)."""
+
+    @staticmethod
+    def forward(ctx, value, *sources):
+        ctx.set_materialize_grads(False)
+        ctx.n = len(sources)
+        return value
+
+    @staticmethod
+    def backward(ctx, grad):
+        return (None,) * (1 + ctx.n)
+
+
+def link_virtual(value: torch.Tensor, sources) -> torch.Tensor:
+    """``value`` (a virtual parameter) as a tensor with gradient edges to ``sources`` (see :class:`VirtualLink`)."""
+    return VirtualLink.apply(value.detach(), *sources)
+
+
 # ------------------------------------------------------------------ inside a non-reentrant checkpoint
 def _checkpointed_forward(ctx, use: LayerUse, call: OpCall, tensors):
     """The op on detached parameters, without a subgraph: its operands (and the rule's saved tensors) are

@@ -185,7 +185,7 @@ def private_model(kind, style, R, sigma=0.0, lr=1.0, momentum=0.0, width=None, E
                                     data_loader=loader, noise_multiplier=sigma, max_grad_norm=R, style=style,
                                     sample_rate=E / 8)
     # these jobs feed fixed batches by hand (to compare with one process on the same global batch), not the
-    # Poisson loader: the clipped = drawn step invariant is tested on its own in tests/privacy/test_loops.py
+    # Poisson loader: the clipped = drawn step invariant is tested on its own in tests/privacy/test_loops_clipped_equals_drawn.py
     opt.batch_check = None
     return model, opt, dp
 

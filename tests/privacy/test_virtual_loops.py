@@ -7,32 +7,11 @@ import copy
 
 import pytest
 import torch
-import torch.nn as nn
-from torch.nn.utils.parametrizations import weight_norm
 
 import fxdp
 from tests.models_zoo import ce_sum
+from tests.privacy.virtual_models import LowRankSum, WeightNorm
 from tests.reference import clipped_reference
-
-
-class WeightNorm(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc, self.head = weight_norm(nn.Linear(6, 6)), nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(self.fc(x)))
-
-
-class LowRankSum(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.w, self.a, self.b = (nn.Parameter(torch.randn(6, 6)), nn.Parameter(torch.randn(6, 2)),
-                                  nn.Parameter(torch.randn(2, 6)))
-        self.head = nn.Linear(6, 3)
-
-    def forward(self, x):
-        return self.head(torch.tanh(x @ (self.w + self.a @ self.b)))
 
 
 MODELS = [pytest.param(WeightNorm, id="weight_norm"), pytest.param(LowRankSum, id="W+AB")]
