@@ -51,7 +51,7 @@ from fxdp.core.identity import get_view, write_targets
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.engine.recorder import LayoutTable, RuntimeRecorder, structure_key
-from fxdp.engine.step_ledger import BackwardTargets, StepLedger, use_targets
+from fxdp.engine.step_ledger import BackwardTargets, PassTraining, StepLedger, use_targets
 from fxdp.engine.tap import ForwardContext, LayerUse
 
 # (autograd graph task id, engine) whose taps receive gradients in the running backward
@@ -88,7 +88,7 @@ class Engine:
         self._pending: List[ForwardContext] = []
         self._callback_queued = False
         self._task = None
-        self._trained = set()  # names of the parameters the running backward pass accumulates into
+        self._pass = PassTraining()  # what the running backward pass trains
         self._compiled_forwards = None
         self._targets = BackwardTargets()
         self._watch = None
@@ -100,7 +100,7 @@ class Engine:
             state[k] = None if k != "_pending" else []
         state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
         state["_compiled_forwards"] = None  # a copy is a different engine to compiled graphs
-        state["_trained"], state["_targets"] = set(), BackwardTargets()  # autograd nodes of these parameters
+        state["_pass"], state["_targets"] = PassTraining(), BackwardTargets()  # autograd nodes of these parameters
         state["_watch"] = None
         state["_monitor"] = None
         state["unit_scope"] = None
@@ -276,8 +276,9 @@ class Engine:
         _BACKWARD_OWNER[0] = (task, weakref.ref(self))
         use.grad_output = grad_output
         use.extra_grads = extra
-        trained = self._targets.trained(use_targets(use))
-        self._trained |= trained
+        targets = use_targets(use)
+        trained = self._targets.trained(targets)
+        self._pass.add(targets, trained)
         if trained and fold.ready(use):
             fold.fold(use, ctx)
         if not any(c is ctx for c in self._pending):
@@ -289,7 +290,7 @@ class Engine:
     def _enter_task(self, task: int) -> None:
         if task != self._task:
             # a new backward pass; state left by one that failed midway is dropped
-            self._task, self._pending, self._callback_queued, self._trained = task, [], False, set()
+            self._task, self._pending, self._callback_queued, self._pass = task, [], False, PassTraining()
 
     def expect_backward(self, task: int) -> None:
         """Called in backward pass ``task`` before a reentrant checkpoint runs its nested backward: the end
@@ -304,11 +305,18 @@ class Engine:
         self._task = None
         _BACKWARD_OWNER[0] = None
         pending, self._pending = self._pending, []
-        trained, self._trained = self._trained, set()
+        done, self._pass = self._pass, PassTraining()
+        trained = done.trained
         if not trained:
             for ctx in pending:
                 self._discard_received(ctx)
             return
+        try:
+            self.ledger.admit(done.untrained)
+        except PrivacyError:
+            for ctx in pending:
+                ctx.finalized, ctx.uses = True, []
+            raise
         if len(pending) > 1 and all(c.unit_scope is None for c in pending):
             for ctx in pending:
                 ctx.finalized = True

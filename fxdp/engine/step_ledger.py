@@ -19,7 +19,7 @@ Two small records that tie ``p.private_grad`` to the examples behind it:
 """
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Set, Tuple
+from typing import Dict, FrozenSet, Iterable, List, Optional, Set, Tuple
 
 import torch
 
@@ -31,6 +31,8 @@ class StepLedger:
 
     def __init__(self):
         self.batch_sizes: List[int] = []
+        # names of the used parameters the passes since the last reset did not train (backward(inputs=[...]))
+        self.untrained: Optional[FrozenSet[str]] = None
 
     @property
     def samples(self) -> int:
@@ -45,6 +47,39 @@ class StepLedger:
 
     def reset(self) -> None:
         self.batch_sizes = []
+        self.untrained = None
+
+    def admit(self, untrained: FrozenSet[str]) -> None:
+        """Before a pass is finalized: every pass of one step must train the same parameters. Micro-batches that
+        each call ``backward(inputs=[...])`` with another subset clip an example over the subset of the
+        micro-batch it falls in, which depends on the other examples (removing one shifts the rest): 7 R was
+        measured with alternating subsets. ``untrained`` names the parameters this pass used but did not train."""
+        if self.batch_sizes and untrained != self.untrained:
+            before, now = sorted(self.untrained or ()), sorted(untrained)
+            raise PrivacyError(
+                "fxdp: the backward passes of one step train different parameters (backward(inputs=[...]) with "
+                f"another subset: earlier passes left {before[:4] or 'none'} untrained, this one {now[:4] or 'none'}). "
+                "Each example would be clipped over the parameters of the micro-batch it falls in, which depends on "
+                "the other examples, so one example could move the step by more than R. Use the same inputs= in "
+                "every backward pass of a step (or step the optimizer between them).")
+        self.untrained = untrained
+
+
+class PassTraining:
+    """What the running backward pass trains: the names it accumulates into, and the names of parameters
+    whose uses it reached but does not train (``backward(inputs=[...])`` naming others)."""
+
+    def __init__(self):
+        self.trained: Set[str] = set()
+        self.reached: Set[str] = set()
+
+    def add(self, targets: Iterable[Tuple[str, torch.Tensor]], trained: Set[str]) -> None:
+        self.trained |= trained
+        self.reached |= {n for n, _ in targets}
+
+    @property
+    def untrained(self) -> FrozenSet[str]:
+        return frozenset(self.reached - self.trained)
 
 
 class BackwardTargets:
