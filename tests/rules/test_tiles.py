@@ -170,3 +170,28 @@ def test_batch_free_rows_flattened_with_the_batch_are_refused_saying_what_fxdp_s
     with pytest.raises(fxdp.BatchLayoutError, match="does not change when the samples are reordered") as info:
         sum_ce(m(x), y).backward()
     assert "distinct samples" not in str(info.value)
+
+
+class ReorderedCopies(nn.Module):
+    """Copies of a batch-free tensor broadcast to the batch, then reordered with sample 0 kept in place: every
+    copy is the same, so only gradients show that sample b's rows now serve sample perm[b]."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.table, self.proj, self.head = nn.Parameter(torch.randn(S, D)), nn.Linear(D, D), nn.Linear(S, 3)
+
+    def forward(self, x):
+        n = x.size(0)
+        perm = torch.tensor([0] + list(range(n - 1, 0, -1)))
+        pos = self.proj(self.table).unsqueeze(0)
+        pos = (pos.expand(n, -1, -1) if self.how == "expand" else pos.repeat(n, 1, 1))[perm]
+        return self.head(torch.bmm(x, pos.transpose(1, 2)).tanh().mean(1))
+
+
+@pytest.mark.parametrize("how", ["expand", "repeat"])
+def test_broadcast_copies_reordered_with_sample_zero_in_place_are_refused(how):
+    x, y = data()
+    m = fxdp.privatize(ReorderedCopies(how).double(), max_grad_norm=1.0)
+    with pytest.raises(fxdp.SampleMixingError, match="gradients mix samples at Tensor"):
+        sum_ce(m(x), y).backward()
