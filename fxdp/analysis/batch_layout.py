@@ -87,8 +87,11 @@ def scaled_dim(shape, small_shape, n) -> Optional[BatchLayout]:
                            f"(shape {small_shape} with one sample fewer).")
 
 
-def classify(base: torch.Tensor, rolled: torch.Tensor, small_shape, n: int, perm: list, what: str) -> BatchLayout:
-    """Layout of ``base`` given its counterpart in the roll run (see module docstring)."""
+def classify(base: torch.Tensor, rolled: torch.Tensor, small_shape, n: int, perm: list, what: str,
+             tiled: bool = False) -> BatchLayout:
+    """Layout of ``base`` given its counterpart in the roll run (see module docstring); ``tiled``: ``base`` is
+    a (virtual) parameter tiled by the broadcast rule (``p.repeat(B*c, ...)``), whose rows may be flattened
+    copies."""
     shape = tuple(base.shape)
     if tuple(rolled.shape) != shape:
         raise BatchLayoutError(f"fxdp: {what}: shape {shape} changes when the samples are reordered.")
@@ -103,11 +106,34 @@ def classify(base: torch.Tensor, rolled: torch.Tensor, small_shape, n: int, perm
     if by_shape is None:
         return BatchLayout(LayoutKind.NONE, 0)
     if by_shape.kind is not LayoutKind.BATCH:
-        raise BatchLayoutError(
-            f"fxdp: {what}: the samples are flattened into dimension {by_shape.dim} of shape {shape} and "
-            "every sample in the example batch gives the same values here, so their order cannot be "
-            "determined. Analyse the model with an example batch of distinct samples.")
+        return _rows_of_copies(base, by_shape.dim, n, what) if tiled else _refuse_unordered(shape, by_shape.dim, n, what)
     return by_shape
+
+
+def _refuse_unordered(shape, k: int, n: int, what: str):
+    raise BatchLayoutError(
+        f"fxdp: {what}: dimension {k} of this tensor (shape {shape}) grows with the batch ({n} x "
+        f"{shape[k] // n} rows for {n} samples), but the tensor does not change when the samples are reordered: "
+        "it does not depend on the samples' values, so nothing tells which of its rows belong to which sample. "
+        "Give it a batch dimension of its own first (x.expand(B, ...) before any reshape to B*m rows).")
+
+
+def _rows_of_copies(base: torch.Tensor, k: int, n: int, what: str) -> BatchLayout:
+    """Layout of a batch-free tensor tiled to n*m rows along dim k (``u.repeat(B, 1, 1)`` to (B*H, S, d),
+    ``u.repeat_interleave(B, 0)``): the grouping of its rows into n samples of m under which every sample
+    holds the same copy -- B-major preferred when both do (m copies of one row). Which rows really serve
+    which sample is decided by the ops after it, and checked on gradients (gradient-mixing pass)."""
+    shape = tuple(base.shape)
+    for kind in (LayoutKind.ROWS_MAJOR, LayoutKind.ROWS_MINOR):
+        layout = BatchLayout(kind, k)
+        per_sample = layout.to_batch_first(base, n)
+        if all(close(per_sample[0], per_sample[b]) for b in range(1, n)):
+            return layout
+    raise BatchLayoutError(
+        f"fxdp: {what}: a tensor computed without the samples is tiled to {shape[k]} rows along dimension {k} "
+        f"(shape {shape}, {n} samples), but no grouping of those rows into {n} samples of {shape[k] // n} gives "
+        "every sample the same rows, so fxdp cannot tell which rows belong to which sample. Repeat whole copies "
+        "per sample (u.repeat(B, 1, ...) or u.expand(B, ...)) instead.")
 
 
 def infer_batch_layouts(analysis: Analysis) -> PassResult:
@@ -127,7 +153,8 @@ def infer_batch_layouts(analysis: Analysis) -> PassResult:
             continue  # batch-free by construction: checked by check_virtuals
         what = f"{entry.op} using {', '.join(entry.param_names)}"
         try:
-            entry.layout = classify(rb.source, rr.source, rs.source_shape, n, perm, what)
+            tiled = entry.binding.options.get("op") == "tile" and entry.binding.rule.name == "broadcast"
+            entry.layout = classify(rb.source, rr.source, rs.source_shape, n, perm, what, tiled)
             entry.input_layouts = {k: classify(t, rr.inputs[k], tuple(rs.inputs[k].shape), n, perm,
                                                f"input {k} of {what}") for k, t in rb.inputs.items()}
         except BatchLayoutError as exc:

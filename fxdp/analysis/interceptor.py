@@ -52,6 +52,30 @@ BATCH_MIXING = {
 
 SUGGEST = "Replace BatchNorm with GroupNorm or LayerNorm (fxdp.fix_batchnorm(model) does it for you)."
 
+# dropout -> whether it is active when ``training`` / ``train`` is not given
+DROPOUT_TRAINING_DEFAULT = {F.dropout: True, F.dropout1d: True, F.dropout2d: True, F.dropout3d: True,
+                            F.alpha_dropout: False, F.feature_alpha_dropout: False, torch.dropout: True}
+
+
+def dropout_on_parameter(func, args, kwargs, names):
+    """Dropout applied to a (virtual) parameter itself (DeBERTa's ``pos_dropout(rel_embeddings)``): when inactive
+    (p = 0 or not training) the identity, its input returned as is (as the analysis runs see every dropout);
+    else the refusal to raise (one mask shared by all samples, which per-sample gradients cannot replay).
+    Returns (input, None) or (None, refusal)."""
+    x = args[0] if args else kwargs.get("input")
+    p = args[1] if len(args) > 1 else kwargs.get("p", 0.5)
+    training = args[2] if len(args) > 2 else kwargs.get("training", kwargs.get("train",
+                                                                             DROPOUT_TRAINING_DEFAULT[func]))
+    if not training or float(p) == 0.0:
+        return x, None
+    exc = UncoveredParameterError(
+        f"fxdp: {func_name(func)} with p={p} applied to {', '.join(_roots(names))} directly, before it meets the "
+        "batch: its mask is drawn once for the whole batch, and fxdp's per-sample gradients of a tensor computed "
+        "from parameters alone cannot replay it. Set that dropout's p to 0 (or apply it after the op that meets "
+        "the batch), or freeze the parameter.")
+    exc.param_names = _roots(names)
+    return None, exc
+
 
 def checkpoint_refusal(names, func, reentrant: bool, why: str = "") -> UncoveredParameterError:
     """Refusal of a parameter use inside a ``torch.utils.checkpoint`` region this recorder cannot replay."""
@@ -107,6 +131,9 @@ class ParameterInterceptor(TorchFunctionMode):
                      if isinstance(t, torch.Tensor) and id(t) in self.param_names}
         if not trainable:
             return func(*args, **kwargs)
+        if func in DROPOUT_TRAINING_DEFAULT:
+            same, exc = dropout_on_parameter(func, args, kwargs, trainable.values())
+            return same if exc is None else self.recorder.refuse(exc, func, args, kwargs)
         if in_checkpoint() and not getattr(self.recorder, "replays_checkpoints", False):
             return self.recorder.refuse(checkpoint_refusal(trainable.values(), func, reentrant=False), func, args, kwargs)
         call = OpCall(func, tuple(args), dict(kwargs), trainable)
