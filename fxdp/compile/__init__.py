@@ -7,6 +7,8 @@
 - :mod:`~fxdp.compile.graph_checks`: the eager structural sample-mixing check, run on every compiled graph.
 - :mod:`~fxdp.compile.forwards`: the run-time side -- an engine's compiled forward passes, feeding the same
   records and finalize as eager taps.
+- :mod:`~fxdp.compile.islands`: code dynamo runs untraced (a disabled submodule, a root forward dynamo gave
+  up on) tapped by the eager interceptor.
 """
 from fxdp.compile import forwards as _forwards  # noqa: F401  (installs the engine's compiled-forward handler)
 from fxdp.compile import graph_checks as _graph_checks  # noqa: F401  (registers the graph captures as taps)

@@ -18,7 +18,7 @@ works (for a root module of your own class: torch.nn containers such as
 Graph breaks of the model's own split the forward into regions; their call
 sites are numbered across regions and every norm is combined at the end of
 backward, so all-layer and block-wise clipping stay exact. Code dynamo does not
-trace falls back to eager taps (:mod:`fxdp.compile.forwards`): a submodule that
+trace falls back to eager taps (:mod:`fxdp.compile.islands`): a submodule that
 runs eagerly between regions (a ``torch.compiler.disable``'d module or forward,
 a disabled function calling submodules, a frame dynamo gives up on) goes
 through the same interceptor and rules as eager ``privatize``, numbered with
@@ -48,7 +48,7 @@ import torch
 
 from fxdp.compile.composite_taps import release_plans
 from fxdp.core.errors import PrivacyError
-from fxdp.compile.forwards import eager_region
+from fxdp.compile.islands import eager_region
 from fxdp.compile.graph_ops import EagerFallback, marked_region, release_sites
 
 INNER = ("inductor", "aot_eager", "eager")
@@ -159,7 +159,7 @@ def _refuse_closed_forward(example_inputs) -> None:
 
 
 def _copy(gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """The dynamo graph as it came, for :func:`~fxdp.compile.forwards.eager_region` (the passes rewrite it)."""
+    """The dynamo graph as it came, for :func:`~fxdp.compile.islands.eager_region` (the passes rewrite it)."""
     graph = torch.fx.Graph()
     graph.output(graph.graph_copy(gm.graph, {}))
     return torch.fx.GraphModule(gm, graph)

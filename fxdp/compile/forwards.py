@@ -8,28 +8,28 @@ At run time each compiled region announces its call sites
 (:meth:`CompiledForwards.enter_region`), and in backward every capture
 arrives through :meth:`CompiledForwards.receive`, which builds the
 same :class:`~fxdp.engine.tap.LayerUse` records as the eager taps: from there
-on both paths share one finalize. Submodules that run eagerly between the
-regions are tapped by :class:`EagerIslands` (the eager interceptor), with
-ordinals shared with the regions, so norms are combined across compiled and
+on both paths share one finalize. Code dynamo runs untraced -- submodules that
+run eagerly between the regions, or the whole forward when dynamo gives up on
+the root's frame -- is tapped by the eager islands (:mod:`fxdp.compile.islands`),
+with ordinals shared with the regions, so norms are combined across compiled and
 eager uses. When the forward ends, a pass whose parameter uses did not all come
-through compiled regions or eager taps is refused, and so is a parameter that
-reaches the output around every tap (a custom autograd.Function or a view made
-before the forward, in eager code).
+through compiled regions or eager taps is refused (naming the recompile limit or
+the disabled forward when dynamo gave up on the root's frame), and so is a
+parameter that reaches the output around every tap (a custom autograd.Function
+or a view made before the forward, in eager code).
 """
 from __future__ import annotations
 
 import itertools
-import threading
 import weakref
 from collections import OrderedDict
 
 import torch
 
-from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.core.errors import BatchLayoutError, PrivacyError
-from fxdp.analysis.interceptor import ParameterInterceptor
-from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, CompiledSite, RegionRun, \
-    in_compiled_region, register_engine
+from fxdp.compile import islands as _islands
+from fxdp.compile.graph_ops import COMPILED_CLASSES, OUTPUT_SLOT, CompiledSite, RegionRun, register_engine
+from fxdp.compile.islands import EagerIslands
 from fxdp.engine.recorder import RuntimeRecorder, single_sample_layout
 from fxdp.engine.compiled_hook import install_compiled_forwards
 from fxdp.engine.tap import ForwardContext, LayerUse
@@ -41,133 +41,36 @@ _context_ids = itertools.count(1)
 
 def _frames_past_recompile_limit(model) -> list:
     """The forward functions of ``model``'s modules whose dynamo cache is full: dynamo runs them uncompiled."""
-    try:
-        from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
-        limit = torch._dynamo.config.recompile_limit
-    except (ImportError, AttributeError):  # pragma: no cover - other torch versions
-        return []
     out, seen = [], set()
     for m in model.modules():
         code = getattr(type(m).forward, "__code__", None)
         if code is None or code in seen:
             continue
         seen.add(code)
-        if len(_debug_get_cache_entry_list(code)) >= limit:
-            out.append(f"'{code.co_name}' ({code.co_filename}:{code.co_firstlineno})")
+        if _islands.past_recompile_limit(code):
+            out.append(_islands.describe(code))
     return out
+
+
+def _untraced_root_refusal(islands, expected: int, tapped: int) -> PrivacyError:
+    """Uses missed although the root's forward ran untraced under the root island (:mod:`fxdp.compile.islands`):
+    past the recompile limit it opens at the first submodule that runs eagerly, so a use in the root's own
+    code before it (or one hidden from the interceptor) is not seen."""
+    where = ("the whole forward ran under fxdp's eager interceptor" if not islands.root_open or
+             islands.untraced == _islands.DISABLED else
+             "fxdp fell back to its eager taps from the first submodule that ran eagerly on, so a parameter "
+             "the root module uses in its own forward code before that submodule is not seen")
+    return PrivacyError(
+        f"fxdp: dynamo ran this model's forward without tracing it ({islands.untraced}); {where}, and the "
+        f"analysis found {expected} parameter uses in this forward pass but {tapped} were tapped. Raise "
+        "torch._dynamo.config.recompile_limit (or compile fewer model classes in one process, or mark the varying "
+        "dimension dynamic: torch._dynamo.mark_dynamic), move the parameter use into a submodule, or train this "
+        "model with eager fxdp.privatize.")
 
 
 def _requires_grad(output) -> bool:
     from torch.utils._pytree import tree_flatten
     return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tree_flatten(output)[0])
-
-
-class EagerIslands(ParameterInterceptor):
-    """The eager interceptor of a compiled forward pass: taps the parameter uses of submodules that run
-    eagerly between its compiled regions (a ``torch._dynamo.disable``'d module or function, a frame
-    dynamo runs uncompiled), with the same rules and taps as eager ``privatize``, numbered in program
-    order with the regions' call sites.
-
-    It is pushed by the hooks of such a submodule (:func:`enter_island`), which run eagerly only when
-    the submodule does (dynamo traces them otherwise), and popped when the submodule returns. If dynamo
-    compiles code called from there, it traces this mode into the graph: there (``is_compiling()``) and
-    while a compiled region runs (:func:`~fxdp.compile.graph_ops.in_compiled_region`) it only forwards
-    the call -- the region taps its own uses in the graph."""
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if torch.compiler.is_compiling() or in_compiled_region():
-            return func(*args, **(kwargs or {}))
-        return super().__torch_function__(func, types, args, kwargs)
-
-
-_OPEN_ISLANDS: "dict[int, EagerIslands]" = {}  # forward id -> the islands of an open compiled forward pass
-_STACK = threading.local()
-
-
-def _stack() -> list:
-    if not hasattr(_STACK, "entries"):
-        _STACK.entries = []
-    return _STACK.entries
-
-
-class IslandMonitor(MixingMonitor):
-    """The structural sample-mixing check of eager forwards, over an eager island: its batch inputs are
-    the island's arguments, batch dimension the unique dimension of size B (unknown with several);
-    like :class:`EagerIslands` it only forwards calls that dynamo traces or a compiled region issues."""
-
-    def __init__(self, args, batch_size: int):
-        tensors, dims = [], []
-        for t in args if isinstance(args, (tuple, list)) else ():
-            if isinstance(t, torch.Tensor) and t.is_floating_point():
-                sized = [d for d in range(t.dim()) if t.shape[d] == batch_size]
-                tensors.append(t)
-                dims.append(sized[0] if len(sized) == 1 else None)
-        super().__init__(tensors, batch_size, batch_dims=dims)
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if torch.compiler.is_compiling() or in_compiled_region():
-            return func(*args, **(kwargs or {}))
-        return super().__torch_function__(func, types, args, kwargs)
-
-
-def enter_island(module, args=()) -> None:
-    """Pre-hook side, ``module`` runs eagerly: inside a compiled forward pass that owns its parameters,
-    its forward (and everything it calls) runs under that pass's :class:`EagerIslands` and under the
-    structural mixing check (:class:`IslandMonitor`) of its arguments."""
-    if not _OPEN_ISLANDS or in_compiled_region():
-        return
-    stack = _stack()
-    islands, monitor = None, None
-    if not any(mode is not None for _, mode, _ in stack):
-        own = [id(p) for p in module.parameters(recurse=False)]
-        islands = next((i for i in _OPEN_ISLANDS.values() if any(k in i.param_names for k in own)), None)
-    if islands is not None:
-        islands.__enter__()
-        monitor = IslandMonitor(args, islands.recorder.context.batch_size)
-        monitor.__enter__()
-    stack.append((module, islands, monitor))
-
-
-def _close(islands, monitor) -> None:
-    if monitor is not None:
-        monitor.__exit__(None, None, None)
-    if islands is not None:
-        islands.__exit__(None, None, None)
-
-
-def close_islands() -> None:
-    """The root forward pass ends: islands a submodule that raised left open are closed."""
-    stack = _stack()
-    while stack:
-        _, islands, monitor = stack.pop()
-        _close(islands, monitor)
-
-
-def exit_island(module) -> None:
-    """Forward-hook side: the island ``module`` opened (if any) ends."""
-    stack = _stack()
-    if stack and stack[-1][0] is module:
-        _, islands, monitor = stack.pop()
-        _close(islands, monitor)
-
-
-def eager_region(gm, positions):
-    """A region fxdp cannot tap in the graph (:class:`~fxdp.compile.graph_ops.EagerFallback`), run uncompiled
-    under the eager interceptor of the forward pass that owns its parameters (at ``positions`` among its
-    inputs): the same rules and taps as eager ``privatize``."""
-    from fxdp.compile.graph_ops import owner_of
-
-    def run(*args):
-        if any(mode is not None for _, mode, _ in _stack()):
-            return gm(*args)  # already inside an island
-        engine, _ = owner_of([args[i] for i in positions])
-        islands = _OPEN_ISLANDS.get(engine.current_forward.cid)
-        if islands is None:
-            raise PrivacyError("fxdp: a compiled region ran outside its model's forward pass; call the compiled "
-                               "model itself.")
-        with islands:
-            return gm(*args)
-    return run
 
 
 class CompiledForwards:
@@ -193,15 +96,16 @@ class CompiledForwards:
         self._contexts[ctx.cid] = ctx
         while len(self._contexts) > MAX_COMPILED_FORWARDS:
             self._contexts.popitem(last=False)
-        _OPEN_ISLANDS[ctx.cid] = EagerIslands(trainable, RuntimeRecorder(ctx, table, trainable))
+        model = self.engine.model
+        _islands.open_forward_islands(ctx, EagerIslands(trainable, RuntimeRecorder(ctx, table, trainable), model,
+                                                        _islands.untraced_root(model)))
 
     def close(self, ctx: ForwardContext, output):
         """The forward pass ended: every parameter use the analysis found was tapped (in a compiled region
         or by the eager interceptor). (That no parameter reaches the output around a tap is checked next by
         the engine, :func:`fxdp.engine.compiled_checks.check_compiled_output`.)"""
+        islands = _islands.close_islands(ctx.cid)
         ctx.batch_inputs = []
-        _OPEN_ISLANDS.pop(ctx.cid, None)
-        close_islands()
         expected = len(ctx.table.keys) if ctx.table is not None else None
         if ctx.next_ordinal == 0 and expected != 0 and _requires_grad(output):
             self._contexts.pop(ctx.cid, None)
@@ -226,6 +130,8 @@ class CompiledForwards:
                 "torch.compile(model, backend=\"fxdp\"), or train this model without torch.compile.")
         if expected is not None and ctx.next_ordinal != expected:
             self._contexts.pop(ctx.cid, None)
+            if islands is not None and islands.untraced is not None:
+                raise _untraced_root_refusal(islands, expected, ctx.next_ordinal)
             raise PrivacyError(
                 f"fxdp: the analysis found {expected} parameter uses in this forward pass, but compiled regions "
                 f"and eager submodules tapped {ctx.next_ordinal}. The others ran in code dynamo does not trace (a "
@@ -249,7 +155,7 @@ class CompiledForwards:
     def release(self, ctx: ForwardContext) -> None:
         """The forward pass was finalized (or dropped): its captures are no longer awaited."""
         self._contexts.pop(ctx.cid, None)
-        _OPEN_ISLANDS.pop(ctx.cid, None)
+        _islands.drop_islands(ctx.cid)
         ctx.by_ordinal, ctx.region_runs = {}, []
 
     def enter_region(self, plan, names) -> torch.Tensor:
@@ -323,5 +229,6 @@ class CompiledForwards:
 
 
 
-install_compiled_forwards(CompiledForwards, (enter_island, exit_island, torch._dynamo.disable(enter_island),
-                                             torch._dynamo.disable(exit_island)))
+install_compiled_forwards(CompiledForwards, (_islands.enter_island, _islands.exit_island,
+                                             torch._dynamo.disable(_islands.enter_island_from_traced),
+                                             torch._dynamo.disable(_islands.exit_island)))

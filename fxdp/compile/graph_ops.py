@@ -74,7 +74,7 @@ def engine_by_uid(uid: int):
 class EagerFallback(BatchLayoutError):
     """A region whose parameter uses fxdp cannot tap inside the graph but can run eagerly, under the same
     interceptor as eager ``privatize`` (a (1, T) layout source in a region without the batched input):
-    the backend then runs the region's graph uncompiled (:func:`fxdp.compile.forwards.eager_region`)."""
+    the backend then runs the region's graph uncompiled (:func:`fxdp.compile.islands.eager_region`)."""
 
 
 @dataclass(frozen=True)
@@ -194,7 +194,7 @@ _RUNNING = threading.local()
 
 def in_compiled_region() -> bool:
     """True while a graph compiled by backend "fxdp" runs its forward: the ops it issues are its own
-    (already tapped in the graph), not eager code for the interceptor (:mod:`fxdp.compile.forwards`)."""
+    (already tapped in the graph), not eager code for the interceptor (:mod:`fxdp.compile.islands`)."""
     return getattr(_RUNNING, "depth", 0) > 0
 
 

@@ -18,7 +18,7 @@ from fxdp.core.errors import PrivacyError
 _FACTORY: list = [None]
 # (enter, exit, enter_untraced, exit_untraced) of eager islands, set by the compile layer: called by the hooks
 # of every submodule with parameters when it runs eagerly during a compiled forward pass, or (the dynamo-disabled
-# pair) when dynamo traces the hooks of a submodule whose forward it will not trace (fxdp.compile.forwards)
+# pair) when dynamo traces the hooks of a submodule whose forward it will not trace (fxdp.compile.islands)
 ISLANDS: list = [None]
 
 
