@@ -154,6 +154,7 @@ class RuntimeRecorder:
             w = linked[id(u)] = link_virtual(u, sources)
             interceptor.param_names[id(w)] = v.name
             interceptor.virtual_leaves.append(w)
+            ctx.virtual_values.append(w)
             ctx.virtuals.append(v)
         return tree_map(lambda x: linked.get(id(x), x) if isinstance(x, torch.Tensor) else x, out)
 

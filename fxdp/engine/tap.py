@@ -76,6 +76,9 @@ class ForwardContext:
     batch_inputs: List[Any] = field(default_factory=list)  # (input tensor, batch dim), while the forward runs
     virtuals: List[Any] = field(default_factory=list)  # VirtualParam records (fxdp.rules.virtual), in order made
     virtual_sites: int = 0  # call sites that made virtual parameters (they take ordinals like taps)
+    # the virtual values themselves, alive until the pass is finalized: their ids name them in the tables that
+    # checkpoint regions copy, and a freed id reused by another tensor in a recomputation named it a parameter
+    virtual_values: List[Any] = field(default_factory=list)
     params: Dict[str, Any] = field(default_factory=dict)
     # fxdp.privacy_units: the block this forward ran in, and the unit id of each row
     unit_scope: Any = None
