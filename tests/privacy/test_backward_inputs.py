@@ -93,3 +93,40 @@ def test_autograd_grad_with_respect_to_a_virtual_parameters_source_is_refused(ma
     source = [p for n, p in model.named_parameters() if SUBSETS["one source"](n)]
     with pytest.raises(PrivacyError, match="autograd.grad"):
         torch.autograd.grad(ce_sum(model(x), y), source)
+
+
+def _micro_batches(subsets, size):
+    """A step of micro-batches of ``size`` rows, micro-batch k calling backward(inputs=...) with subsets[k % len]."""
+    from tests.privacy.loops import ce
+
+    def body(model, opt, x, y):
+        opt.zero_grad()
+        for k, i in enumerate(range(0, len(x), size)):
+            keep = subsets[k % len(subsets)]
+            ce(model, x[i:i + size], y[i:i + size]).backward(
+                inputs=[p for n, p in model.named_parameters() if keep(n)])
+        opt.step()
+    return body
+
+
+def test_micro_batches_of_one_step_training_different_subsets_are_refused():
+    """Alternating subsets clip each example over the subset of the micro-batch it falls in, which depends on
+    the other examples: removing one shifts the rest (7 R measured without the check)."""
+    from tests.privacy.loops import loop_data, mlp_template, one_step
+    template = mlp_template()
+    first = next(iter(dict(template.named_parameters()))).split(".")[0]
+    x, y = loop_data(4)
+    with pytest.raises(PrivacyError, match="train different parameters"):
+        one_step(template, x, y, 0.05, "all-layer", "abadi",
+                 _micro_batches([lambda n: n.startswith(first), lambda n: not n.startswith(first)], 1))
+
+
+def test_micro_batches_of_one_step_training_the_same_subset_move_the_step_at_most_R():
+    from tests.privacy.loops import loop_data, max_move, mlp_template
+    template = mlp_template()
+    first = next(iter(dict(template.named_parameters()))).split(".")[0]
+    x, y = loop_data(4)
+    move, full, _ = max_move(template, x, y, 0.05, "all-layer", "abadi",
+                             _micro_batches([lambda n: n.startswith(first)], 1))
+    assert move > 0.1 * 0.05  # the step moved: the bound is not met by a step that trains nothing
+    assert all(float(v.abs().max()) == 0.0 for n, v in full.items() if not n.startswith(first))
