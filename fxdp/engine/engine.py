@@ -63,6 +63,12 @@ def _graph_task() -> int:
     return torch._C._current_graph_task_id()
 
 
+def _close(contexts) -> None:
+    """Forward passes whose backward is refused or dropped: nothing of theirs is finalized later."""
+    for ctx in contexts:
+        ctx.finalized, ctx.uses = True, []
+
+
 class Engine:
     """Owns everything fxdp adds to one privatized model (see module docstring)."""
 
@@ -95,16 +101,10 @@ class Engine:
         self._monitor = None
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        for k in ("_mode", "_context", "_pending"):
-            state[k] = None if k != "_pending" else []
-        state["_depth"], state["_callback_queued"], state["_suspended"], state["_task"] = 0, False, False, None
-        state["_compiled_forwards"] = None  # a copy is a different engine to compiled graphs
-        state["_pass"], state["_targets"] = PassTraining(), BackwardTargets()  # autograd nodes of these parameters
-        state["_watch"] = None
-        state["_monitor"] = None
-        state["unit_scope"] = None
-        return state
+        # a copy is a different engine to compiled graphs and autograd nodes: its transient state starts fresh
+        fresh = Engine.__new__(Engine)
+        fresh._reset_transient()
+        return {**self.__dict__, **fresh.__dict__, "unit_scope": None}
 
     @property
     def current_forward(self):
@@ -314,13 +314,10 @@ class Engine:
         try:
             self.ledger.admit(done.untrained)
         except PrivacyError:
-            for ctx in pending:
-                ctx.finalized, ctx.uses = True, []
+            _close(pending)
             raise
         if len(pending) > 1 and all(c.unit_scope is None for c in pending):
-            for ctx in pending:
-                ctx.finalized = True
-                ctx.uses = []
+            _close(pending)
             raise PrivacyError(
                 f"fxdp: one backward pass went through {len(pending)} forward passes of the privatized model; "
                 "samples of different forward passes cannot be matched, and if the passes are views of the same "
@@ -341,17 +338,12 @@ class Engine:
         handed to the taps is dropped. An eager forward stays open, so that a later backward through its
         retained graph forms its private gradients once; a compiled one is closed."""
         if ctx.compiled:
-            ctx.finalized = True
-            ctx.uses = []
+            _close([ctx])
             self.compiled_forwards.release(ctx)
             return
         for u in ctx.uses:
             u.grad_output, u.extra_grads, u.received = None, {}, False
         ctx.folded, ctx.decisions = {}, {}
-
-    @property
-    def _weakself(self):
-        return weakref.ref(self)
 
     def _loss_scale(self) -> float:
         """The GradScaler's current scale (the one ``scaler.scale(loss)`` used), else 1."""
@@ -397,7 +389,7 @@ class Engine:
         R = self.clip_bound.value
         result = clip_groups(group_sq, self.plan.num_groups, self.config, B, device, max_grad_norm=R)
         self.clip_bound.record(result.unclipped, R)
-        writer = self._weakself
+        writer = weakref.ref(self)
         finalize.write_private_grads(params, trainable, per_param, result, self.plan.group_of, scale,
                                      on_write=lambda p: WRITERS.record(p, writer),
                                      convert=getattr(get_view(self.model), "convert_private_grad", None))
