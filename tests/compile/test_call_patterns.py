@@ -6,6 +6,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import fxdp
 from fxdp.core.errors import PrivacyError
@@ -137,7 +138,7 @@ def test_activation_checkpointing_is_inlined_under_compile_and_exact(reentrant):
     False, pytest.param(True, marks=pytest.mark.slow)])
 def test_huggingface_gradient_checkpointing(reentrant):
     torch.manual_seed(32)
-    base = Z.gpt2()
+    base = Z.gpt2(n_layer=1)  # HF checkpoints each block alike: one shows the pattern
     ids = torch.randint(0, 40, (4, 8))
     eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
     Z.lm_sum(eager(ids), ids).backward()
@@ -198,10 +199,31 @@ class OtherMLP(OwnMLP):
         return self.fc2(torch.tanh(self.fc1(x)))
 
 
+class GivenUpLinear(nn.Linear):
+    """nn.Linear with a forward code object of its own. Past the recompile limit dynamo runs the frame's callees
+    "run only": a callee with a cached graph whose guards pass runs that graph. nn.Linear.forward is shared by
+    every Linear of the process, so graphs other tests compiled for it could run here; this code has none."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class GivenUpMLP(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = GivenUpLinear(6, 8), GivenUpLinear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
 def test_a_frame_dynamo_gives_up_on_trains_exactly_through_eager_taps():
-    """Past dynamo's recompile limit the forward runs uncompiled: its submodules fall back to eager taps."""
+    """Past dynamo's recompile limit the forward runs uncompiled: its submodules fall back to eager taps. The
+    limit is set for this test only, and every frame it runs has code of its own: what other tests compiled
+    in this process cannot change which frames are given up."""
+    from torch._C._dynamo.eval_frame import _debug_get_cache_entry_list
     torch.manual_seed(36)
-    base = OwnMLP().double()
+    base = GivenUpMLP().double()
     eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
     model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.1)
     compiled = torch.compile(model, backend="fxdp", dynamic=False, options={"compiler": "eager"})
@@ -210,6 +232,8 @@ def test_a_frame_dynamo_gives_up_on_trains_exactly_through_eager_taps():
             x, y = torch.randn(B, 6, dtype=torch.float64), torch.randint(0, 3, (B,))
             Z.ce_sum(eager(x), y).backward()
             Z.ce_sum(compiled(x), y).backward()
+    assert len(_debug_get_cache_entry_list(GivenUpMLP.forward.__code__)) == 1  # B = 3 compiled, B = 4 given up
+    assert not _debug_get_cache_entry_list(GivenUpLinear.forward.__code__)
     assert_same_private_grads(model, eager)
 
 

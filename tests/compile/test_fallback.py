@@ -86,7 +86,7 @@ def test_untraced_code_between_regions_matches_the_reference(style):
     assert all(p.grad is None for p in model.parameters())
 
 
-@pytest.mark.slow  # ~13 s cold; the islands for every style above (aot_eager), inductor in test_inplace / test_exactness
+@pytest.mark.slow  # ~13 s cold; the islands for every style above (aot_eager), inductor in test_inplace.py
 def test_untraced_code_under_inductor_matches_the_reference():
     torch.manual_seed(51)
     x, y = torch.randn(6, 6, dtype=torch.float64), torch.randint(0, 3, (6,))

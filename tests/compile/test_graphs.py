@@ -6,7 +6,8 @@ import fxdp
 from tests.compile.models import case
 
 
-@pytest.mark.parametrize("name", ["gpt2", "encoder"])
+@pytest.mark.parametrize("name", [  # GPT-2 in one graph by default: test_exactness (fullgraph=True)
+    pytest.param("gpt2", marks=pytest.mark.slow), "encoder"])
 def test_privatized_model_traces_as_one_graph(name):
     base, args, target, loss_fn, kw = case(name, B=3)
     model = fxdp.privatize(base, **kw)
