@@ -37,6 +37,7 @@ from fxdp.rules import OpCall, bind, decomposition, func_name
 from fxdp.rules.functional import PerSampleFallbackRule
 from fxdp.rules.virtual import root_names
 from fxdp.analysis.checkpointing import in_checkpoint, reentrant_checkpoint
+from fxdp.analysis.drawn_dropout import dropout_decomposition
 
 FALLBACK = PerSampleFallbackRule()
 
@@ -90,6 +91,10 @@ class ParameterInterceptor(TorchFunctionMode):
         return out
 
     def _call(self, func, args, kwargs):
+        drawn = dropout_decomposition(func, args, kwargs, self.param_names)
+        if drawn is not None:  # before the recorder's substitutes: the analysis sees the same call sites
+            with self:
+                return drawn()
         substitute = self.recorder.substitute(func, args, kwargs)
         if substitute is not None:
             return substitute()
