@@ -40,6 +40,10 @@ def analysis_forward(analysis: Analysis):
 
 
 def _is_users(fn) -> bool:
+    from torch.nn.utils.spectral_norm import SpectralNorm
+
+    if type(fn) is SpectralNorm:  # its one side effect, the power iteration on u, v, is restored after each run
+        return False
     return not (getattr(fn, "__module__", "") or "").startswith("fxdp.")
 
 

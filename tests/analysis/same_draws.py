@@ -28,16 +28,20 @@ def seed_all(seed: int) -> None:
 
 def same_draw_per_sample_gradients(model, forward: Callable, sample_losses: Callable, seed: int):
     """[{name: gradient of sample b's loss}] from one batched forward of ``model`` seeded with ``seed``;
-    also the draws that follow (what the user's RNG streams give next)."""
+    also the draws that follow (what the user's RNG streams give next) and the buffers after the forward."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     seed_all(seed)
     losses = sample_losses(forward(model))
-    after = draws()
+    after = draws(), buffers(model)
     out = []
     for b in range(losses.shape[0]):
         grads = torch.autograd.grad(losses[b], [p for _, p in params], retain_graph=True, allow_unused=True)
         out.append({n: (g if g is not None else torch.zeros_like(p)) for (n, p), g in zip(params, grads)})
     return out, after
+
+
+def buffers(model):
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
 
 
 def draws():
@@ -49,7 +53,7 @@ def check_same_draws(model, forward: Callable, sample_losses: Callable, seed: in
                      compiled: bool = False, rtol: float = 1e-9) -> float:
     """Privatize a copy of ``model`` (R at the median norm, loss_reduction "sum"), run ``forward`` on it once
     from ``seed`` and compare every private_grad with the same-draw reference; assert the RNG streams then
-    continue as after an unprivatized forward. ``sample_losses(output)`` is the (B,) per-sample losses.
+    continue, and the buffers (power-iteration estimates...) are, as after one unprivatized forward. ``sample_losses(output)`` is the (B,) per-sample losses.
     Returns the worst relative error."""
     per_sample, want_after = same_draw_per_sample_gradients(copy.deepcopy(model), forward, sample_losses, seed)
     m = fxdp.privatize(copy.deepcopy(model), style=style, max_grad_norm=1.0, loss_reduction="sum")
@@ -60,7 +64,10 @@ def check_same_draws(model, forward: Callable, sample_losses: Callable, seed: in
     run = torch.compile(m, backend="fxdp", options={"compiler": "aot_eager"}) if compiled else m
     seed_all(seed)
     losses = sample_losses(forward(run))
-    assert draws() == want_after, "the privatized forward changed what the user's RNG streams give next"
+    assert draws() == want_after[0], "the privatized forward changed what the user's RNG streams give next"
+    got = buffers(m)
+    for name, want in want_after[1].items():
+        assert torch.equal(got[name], want), f"buffer {name} is not what one unprivatized forward leaves"
     losses.sum().backward()
     expected, norms = reference_private_grads(per_sample, groups, R)
     thr = R / len(groups) ** 0.5

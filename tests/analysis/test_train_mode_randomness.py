@@ -51,3 +51,39 @@ def test_parameter_inside_attention_with_dropout_under_compile_is_refused_naming
     with pytest.raises(fxdp.UncoveredParameterError, match=r"dropout_p=0.3 uses trainable parameter\(s\) bias.weight"
                        r".*eager fxdp.privatize"):
         m(X)
+
+
+# ------------------------------------------------------------- spectral norm's power iteration (weights only)
+def _spectral(kind):
+    from torch.nn.utils import parametrizations, spectral_norm
+
+    torch.manual_seed(0)
+    sn = parametrizations.spectral_norm if kind == "parametrization" else spectral_norm
+    return nn.Sequential(sn(nn.Linear(8, 6)), nn.Tanh(), sn(nn.Conv1d(5, 3, 3)), nn.Flatten(),
+                         nn.Linear(12, 3)).double().train()
+
+
+@pytest.mark.parametrize("kind", ["parametrization", "hook"])
+def test_spectral_norm_in_train_mode_equals_reference_and_advances_u_v_once(kind):
+    # u, v (buffers) are refined from the weights by a power iteration each training forward: allowed, and
+    # once per forward (the analysis runs restore them); same_draws checks buffers equal one plain forward's
+    x = torch.randn(6, 5, 8, dtype=torch.float64)
+    check_same_draws(_spectral(kind), lambda m: m(x), ce, style="param-wise")
+
+
+def test_buffer_updated_from_the_batch_next_to_spectral_norm_is_still_refused():
+    class Tracker(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 3))
+            self.register_buffer("mean", torch.zeros(8, dtype=torch.float64))
+
+        def forward(self, x):
+            with torch.no_grad():
+                self.mean.mul_(0.9).add_(0.1 * x.mean((0, 1)))
+            return self.fc(x).sum(1)
+
+    torch.manual_seed(0)
+    m = fxdp.privatize(Tracker().double().train())
+    with pytest.raises(fxdp.PrivacyError, match=r"buffer\(s\) mean were updated"):
+        m(torch.randn(6, 5, 8, dtype=torch.float64))
