@@ -38,8 +38,11 @@ from fxdp.rules.functional import PerSampleFallbackRule
 from fxdp.rules.virtual import root_names
 from fxdp.analysis.checkpointing import in_checkpoint, reentrant_checkpoint
 from fxdp.analysis.drawn_dropout import dropout_decomposition
+from fxdp.analysis.masked_assign import masked_assignment
 
 FALLBACK = PerSampleFallbackRule()
+# calls with parameters that no rule takes as they are, spelled as covered torch calls (before any rule)
+RESPELLINGS = (dropout_decomposition, masked_assignment)
 
 
 def _roots(names) -> tuple:
@@ -91,10 +94,11 @@ class ParameterInterceptor(TorchFunctionMode):
         return out
 
     def _call(self, func, args, kwargs):
-        drawn = dropout_decomposition(func, args, kwargs, self.param_names)
-        if drawn is not None:  # before the recorder's substitutes: the analysis sees the same call sites
-            with self:
-                return drawn()
+        for respell in RESPELLINGS:  # before the recorder's substitutes: the analysis sees the same call sites
+            run = respell(func, args, kwargs, self.param_names)
+            if run is not None:
+                with self:
+                    return run()
         substitute = self.recorder.substitute(func, args, kwargs)
         if substitute is not None:
             return substitute()

@@ -87,3 +87,23 @@ def test_buffer_updated_from_the_batch_next_to_spectral_norm_is_still_refused():
     m = fxdp.privatize(Tracker().double().train())
     with pytest.raises(fxdp.PrivacyError, match=r"buffer\(s\) mean were updated"):
         m(torch.randn(6, 5, 8, dtype=torch.float64))
+
+
+# ------------------------------------------------------------- numpy's global RNG in the analysis runs
+def test_batch_shuffled_by_numpy_permutation_is_still_refused():
+    # the analysis seeds numpy per call from the call's arguments: a draw over the batch is a real shuffle
+    import numpy as np
+
+    class Shuffles(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.fc(x)
+            return h[torch.from_numpy(np.random.permutation(h.shape[0]))]
+
+    torch.manual_seed(0)
+    m = fxdp.privatize(Shuffles().double())
+    with pytest.raises((fxdp.SampleMixingError, fxdp.BatchLayoutError)):
+        m(torch.randn(6, 8, dtype=torch.float64))
