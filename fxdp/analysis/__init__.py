@@ -2,6 +2,8 @@
 
 - :mod:`~fxdp.analysis.interceptor`: the TorchFunctionMode that sees every torch call touching a trainable
   parameter and binds it to a rule (shared by the analysis runs and the engine's training forwards).
+- :mod:`~fxdp.analysis.drawn_dropout`: attention dropout drawn inside a parameter use (sdpa with a trainable
+  ``attn_mask``), re-spelled by the interceptor so the mask is drawn once, outside the use.
 - :mod:`~fxdp.analysis.state`: the :class:`Analysis` of one example batch and its :class:`Entry` per call site.
 - :mod:`~fxdp.analysis.runner`: the one pass runner (named passes, ``[pass NAME]`` in errors, dumps after each).
 - :mod:`~fxdp.analysis.dumps`: FXDP_DEBUG dumps of the passes.

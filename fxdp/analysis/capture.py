@@ -4,12 +4,14 @@ The analysis runs the forward several times on selected samples of the
 example batch (original order, rolled, one sample replaced by another, one
 sample fewer). Each run records, per call that uses trainable parameters, the
 bound rule and a copy of the tensor that locates the samples. Dropout is
-disabled, the RNG forked and the module buffers (BatchNorm statistics...)
-restored, so the runs are comparable and leave no trace.
+disabled, the RNGs (torch's, numpy's, Python's) forked and seeded alike for
+every run, and the module buffers (BatchNorm statistics...) restored, so the
+runs are comparable and leave no trace.
 """
 from __future__ import annotations
 
 import contextlib
+import random
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
@@ -17,11 +19,17 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
+try:
+    import numpy as np
+except ImportError:  # pragma: no cover - numpy is optional for torch
+    np = None
+
 from fxdp.core.identity import trainable_ids
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.checkpointing import transparent_checkpoints
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.mixing_monitor import MixingMonitor
+from fxdp.analysis.numpy_draws import argument_seeded_numpy
 from fxdp.analysis.runner import PassResult
 from fxdp.analysis.samples import distinct_samples, perturbed_inputs
 from fxdp.analysis.side_effects import analysis_forward
@@ -196,17 +204,35 @@ def select_samples(args, kwargs, batch_dim, samples: List[int]):
     return tree_unflatten(out, spec)
 
 
+ANALYSIS_SEED = 20260
+
+
+def seed_run() -> None:
+    """Seed every global RNG a forward may draw from (torch's, numpy's, Python's ``random``: HuggingFace's
+    SpecAugment time masks come from ``np.random``) the same way at the start of each analysis run."""
+    torch.manual_seed(ANALYSIS_SEED)
+    random.seed(ANALYSIS_SEED)
+    if np is not None:
+        np.random.seed(ANALYSIS_SEED)
+
+
 @contextlib.contextmanager
 def quiet_state(model):
-    """Fork the RNG and restore the model's buffers afterwards."""
+    """Fork the RNGs (torch's, numpy's and Python's global ones) and restore the model's buffers afterwards:
+    the user's streams then give, after the analysis, exactly what they would have given without it."""
     buffers = {n: b.detach().clone() for n, b in model.named_buffers()}
     devices = []
     if torch.cuda.is_available():
         devices = list(range(torch.cuda.device_count()))
+    py_state = random.getstate()
+    np_state = np.random.get_state() if np is not None else None
     with torch.random.fork_rng(devices=devices):
         try:
             yield
         finally:
+            random.setstate(py_state)
+            if np_state is not None:
+                np.random.set_state(np_state)
             with torch.no_grad():
                 for n, b in model.named_buffers():
                     if n in buffers and b.shape == buffers[n].shape:
@@ -244,9 +270,10 @@ def probe_run(analysis: Analysis, samples: List[int], lifts=None, keep_graph: bo
     engine = getattr(model, "_fxdp_engine", None)
     with quiet_state(model), (engine.suspended() if engine is not None else contextlib.nullcontext()), \
             transparent_checkpoints():
-        torch.manual_seed(20260)
+        seed_run()
         interceptor = ParameterInterceptor(trainable, recorder)
-        with torch.enable_grad(), analysis_forward(analysis), interceptor, MixingMonitor(structural=False) as calls:
+        with torch.enable_grad(), analysis_forward(analysis), argument_seeded_numpy(ANALYSIS_SEED), interceptor, \
+                MixingMonitor(structural=False) as calls:
             try:
                 out = model._call_impl(*args, **kwargs)  # not model.compile()'s compiled call: an analysis run is eager
             except PrivacyError:

@@ -37,8 +37,12 @@ from fxdp.rules import OpCall, bind, decomposition, func_name
 from fxdp.rules.functional import PerSampleFallbackRule
 from fxdp.rules.virtual import root_names
 from fxdp.analysis.checkpointing import in_checkpoint, reentrant_checkpoint
+from fxdp.analysis.drawn_dropout import dropout_decomposition
+from fxdp.analysis.masked_assign import masked_assignment
 
 FALLBACK = PerSampleFallbackRule()
+# calls with parameters that no rule takes as they are, spelled as covered torch calls (before any rule)
+RESPELLINGS = (dropout_decomposition, masked_assignment)
 
 
 def _roots(names) -> tuple:
@@ -114,6 +118,11 @@ class ParameterInterceptor(TorchFunctionMode):
         return out
 
     def _call(self, func, args, kwargs):
+        for respell in RESPELLINGS:  # before the recorder's substitutes: the analysis sees the same call sites
+            run = respell(func, args, kwargs, self.param_names)
+            if run is not None:
+                with self:
+                    return run()
         substitute = self.recorder.substitute(func, args, kwargs)
         if substitute is not None:
             return substitute()

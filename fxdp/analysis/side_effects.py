@@ -15,6 +15,7 @@ import contextlib
 import warnings
 
 import torch.nn.modules.module as _module_mod
+from torch.nn.utils.spectral_norm import SpectralNorm
 
 from fxdp.analysis.runner import PassResult
 from fxdp.analysis.state import Analysis
@@ -40,6 +41,8 @@ def analysis_forward(analysis: Analysis):
 
 
 def _is_users(fn) -> bool:
+    if type(fn) is SpectralNorm:  # its one side effect, the power iteration on u, v, is restored after each run
+        return False
     return not (getattr(fn, "__module__", "") or "").startswith("fxdp.")
 
 

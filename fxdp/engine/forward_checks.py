@@ -30,7 +30,8 @@ Buffers (section 7 of issue #13): a buffer updated from the batch during a train
 :class:`BufferWatch` compares the version counter and identity of every buffer -- and of every frozen
 parameter (``requires_grad=False``), which ``state_dict`` releases the same way -- before and after
 the forward (eager and compiled: a compiled graph's input mutations are written back to the tensor)
-and refuses a change unless it is declared public (``privatize(..., public_buffers=[names])``).
+and refuses a change unless it is declared public (``privatize(..., public_buffers=[names])``) or is
+torch's spectral-norm power iteration, which reads the weights only (:mod:`fxdp.analysis.weight_buffers`).
 """
 from __future__ import annotations
 
@@ -41,6 +42,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from fxdp.analysis import autograd_hooks
+from fxdp.analysis.weight_buffers import weight_only_buffers
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
 from fxdp.engine.compiled_hook import ISLANDS
 from fxdp.engine.tap import TapFunction, VirtualLink
@@ -253,7 +255,7 @@ class BufferWatch:
 
     def __init__(self, model: nn.Module, public: Iterable[str], fingerprint: bool = False):
         self.model = model
-        self.public = frozenset(public)
+        self.public = frozenset(public) | weight_only_buffers(model)
         self.before = {n: (id(b), b._version) for n, b in _state(model) if n not in self.public}
         self.sums = self._fingerprint() if fingerprint else None
 
