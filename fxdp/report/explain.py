@@ -84,11 +84,17 @@ def explain(model, *example_args, **kwargs) -> Report:
     if B >= 1 and plan.num_groups:
         lifts = {e.ordinal: e.lift for e in analysis.entries} if analysis is not None else {}
         virtuals = {e.ordinal: e.virtual for e in analysis.entries} if analysis is not None else {}
-        try:
-            trace = trace_model(model, example_args, kwargs, B, config.batch_dim_spec, lifts=lifts, count_flops=True,
-                                virtuals=virtuals)
-        except Exception as exc:  # the model's own forward failed: the report says so instead of raising
-            notes.append(f"the traced forward pass on the example batch failed: {type(exc).__name__}: {exc}")
+        for count_flops in (True, False):
+            # torch's FlopCounterMode hooks every module's inputs (ModuleTracker); a module fed a parameter
+            # fxdp's trace replays batch-free (DeBERTa's pos_dropout on rel_embeddings) breaks those hooks
+            try:
+                trace = trace_model(model, example_args, kwargs, B, config.batch_dim_spec, lifts=lifts,
+                                    count_flops=count_flops, virtuals=virtuals)
+                break
+            except Exception as exc:  # the model's own forward failed: the report says so instead of raising
+                failure = f"{type(exc).__name__}: {exc}"
+                notes.append(f"forward FLOPs not measured (torch's FlopCounterMode failed: {failure})" if count_flops
+                             else f"the traced forward pass on the example batch failed: {failure}")
     if analysis is not None:
         problems = list(analysis.problems) + problems
     if engine is not None and config is engine.config and engine.clip_bound.owner is not None:
