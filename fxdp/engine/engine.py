@@ -335,14 +335,13 @@ class Engine:
 
     def _discard_received(self, ctx: ForwardContext) -> None:
         """A backward pass that wanted no parameter gradient (``torch.autograd.grad(loss, x)``): what it
-        handed to the taps is dropped. An eager forward stays open, so that a later backward through its
-        retained graph forms its private gradients once; a compiled one is closed."""
-        if ctx.compiled:
-            _close([ctx])
-            self.compiled_forwards.release(ctx)
-            return
+        handed to the taps is dropped, and the forward stays open, so that a later backward through its
+        retained graph forms its private gradients once. (A compiled pass's activations come back with each
+        backward's captures: dropped too, so the passes its registry keeps open hold no activations.)"""
         for u in ctx.uses:
             u.grad_output, u.extra_grads, u.received = None, {}, False
+            if ctx.compiled:
+                u.saved = u.binding.saved = {}
         ctx.folded, ctx.decisions = {}, {}
 
     def _loss_scale(self) -> float:

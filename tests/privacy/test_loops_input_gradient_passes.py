@@ -75,3 +75,33 @@ def test_double_backward_for_an_input_gradient_penalty_is_refused():
     x.requires_grad_(True)
     with pytest.raises(PrivacyError, match="create_graph=True"):
         torch.autograd.grad(ce(model, x, y), x, create_graph=True)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_input_gradient_then_training_backward_through_one_retained_graph_is_the_reference(compiled):
+    """``autograd.grad(loss, x, retain_graph=True)`` then ``loss.backward()`` on the same forward (an input
+    gradient logged or used as a regulariser's target): the second pass trains once, exactly (compiled used to
+    refuse it: the first pass had closed the forward). Under torch.compile a retained graph needs torch's
+    donated buffers off, with or without fxdp (torch refuses retain_graph otherwise, README)."""
+    with torch._functorch.config.patch(donated_buffer=False):
+        _input_gradient_then_training_backward(compiled)
+
+
+def _input_gradient_then_training_backward(compiled):
+    template = mlp_template()
+    x, y = loop_data()
+    R = median_R(template, x, y)
+    model = fxdp.privatize(copy.deepcopy(template), max_grad_norm=R)
+    run = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"}) if compiled else model
+    xr = x.clone().requires_grad_(True)
+    loss = ce(run, xr, y)
+    torch.autograd.grad(loss, xr, retain_graph=True)
+    assert all(getattr(p, "private_grad", None) is None for p in model.parameters())
+    loss.backward()
+    groups = fxdp.get_engine(model).plan.groups
+    per_sample = per_sample_gradients(copy.deepcopy(template), split_batch((x,), {}, y),
+                                      lambda out, t: F.cross_entropy(out, t))
+    want, _ = reference_private_grads(per_sample, groups, R)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.private_grad, want[n], rtol=1e-9, atol=1e-12)
+    assert fxdp.get_engine(model).ledger.batch_sizes == [N]
