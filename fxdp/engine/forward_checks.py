@@ -43,7 +43,7 @@ from torch.utils._pytree import tree_flatten
 
 from fxdp.analysis import autograd_hooks
 from fxdp.analysis.weight_buffers import weight_only_buffers
-from fxdp.core.errors import PrivacyError, UncoveredParameterError
+from fxdp.core.errors import PrivacyError, SampleMixingError, UncoveredParameterError
 from fxdp.engine.compiled_hook import ISLANDS
 from fxdp.engine.tap import TapFunction, VirtualLink
 
@@ -306,12 +306,25 @@ def check_public_buffers(model: nn.Module, public: Iterable[str]) -> frozenset:
 # ------------------------------------------------------- sample mixing: re-validation (issue #13 §6)
 def revalidate_sequence(engine, table, signature: int, args, kwargs, batch_size: int) -> None:
     """Analyse a forward on all its samples when its call sequence is not one the analysis saw
-    (:mod:`fxdp.analysis.mixing_monitor`); raises what the analysis finds."""
+    (:mod:`fxdp.analysis.mixing_monitor`); raises what the analysis finds. The analysis vouches for a
+    call sequence only if its own run on this input takes it: a path chosen by anything but the input (a
+    random draw -- torch's, numpy's, Python's -- global state, a counter) may be one the analysis runs,
+    seeded alike, never take, and what that path does with the samples is unchecked: refused."""
     if table is None or batch_size < 2:
         return
     validated = table.validated_signatures
     if signature in validated:
         return
-    engine.analyse(args, kwargs, batch_size, probe_size=batch_size)
+    analysis = engine.analyse(args, kwargs, batch_size, probe_size=batch_size)
+    base = analysis.runs.get("base")
+    if base is not None and base.signature != signature:
+        raise SampleMixingError(
+            "fxdp: this training forward took a path (a sequence of calls that can move values across the "
+            "batch) that the analysis, run again on the same input, does not take: the forward's control flow "
+            "depends on something other than its input -- a random draw (torch.rand, np.random, random: e.g. "
+            "a mixup or augmentation applied with probability p, HuggingFace layerdrop), global state or a counter. fxdp cannot check "
+            "what that path does with the samples, so this batch is refused. Draw such decisions outside the "
+            "model and pass them in as inputs (or as module attributes set before the forward), so that the "
+            "path is a function of what the model is given.")
     if len(validated) < 64:
         validated.add(signature)
