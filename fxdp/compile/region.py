@@ -262,12 +262,25 @@ class _NodeTracking(fx.Interpreter):
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
             leaves, _ = tree_flatten(result)
-            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+            if any(_carries_gradient(t, n, self.env) for t in leaves):
                 raise UncoveredParameterError(
                     f"fxdp backend: graph node {n.name} ({n.target}) uses a trainable parameter where no rule "
                     "covers it; its gradient would bypass clipping.")
             self.benign.add(n)
         return result
+
+
+def _carries_gradient(t, node: fx.Node, env) -> bool:
+    """Whether a node's result can pass a gradient on to the parameters it read. A view taken while grad
+    mode is off (``weight_mat.t()`` in spectral norm's ``torch.no_grad`` power iteration) keeps
+    ``requires_grad`` but is a leaf of its own, with no gradient path to its base (as in eager mode, where
+    the interceptor passes no-grad calls through); an input handed back as it is (``p.contiguous()``)
+    still carries one."""
+    if not (isinstance(t, torch.Tensor) and t.requires_grad):
+        return False
+    if torch.is_grad_enabled() or t.grad_fn is not None:
+        return True
+    return any(env.get(a) is t for a in node.all_input_nodes)
 
 
 def _concrete(v):
