@@ -44,6 +44,7 @@ from fxdp.analysis.runner import PassError, PassResult, run_passes
 from fxdp.compile import graph_ops as C
 from fxdp.compile.checkpoint_inline import inline_checkpoints
 from fxdp.compile.composite_taps import is_composite, positions_of
+from fxdp.compile.identity_dropout import alias_source, remove_aliases
 from fxdp.compile.virtual_taps import bind_virtual, refuse_virtual_from_earlier_region
 
 
@@ -234,6 +235,7 @@ class _NodeTracking(fx.Interpreter):
         self.virtual_leaves: Dict[int, str] = {}  # id(virtual parameter) -> its name
         self.virtual_nodes: Dict[fx.Node, str] = {}  # nodes whose value is a virtual parameter
         self.crossing: List[fx.Node] = []  # virtual-parameter nodes the graph returns (a graph break follows)
+        self.aliases: Dict[fx.Node, fx.Node] = {}  # inactive dropout on a (virtual) parameter -> its input
 
     def mutated(self, node) -> bool:
         """Whether the rest of the graph modified the call site's output (or a view of it) in place."""
@@ -246,6 +248,11 @@ class _NodeTracking(fx.Interpreter):
         if has_tensor and (n not in self.fixed_nodes if n.op == "placeholder"
                            else any(a in self.sample_nodes for a in n.all_input_nodes)):
             self.sample_nodes.add(n)
+        source = alias_source(n, result, self.env, self.param_nodes)
+        if source is not None:  # its input itself: read like that input from here on (fxdp.compile.identity_dropout)
+            self.aliases[n] = source
+            self.param_nodes.add(n)
+            return result
         if isinstance(result, torch.Tensor) and id(result) in self.virtual_leaves:
             # a virtual parameter (or one output of a call making several): read like a parameter from here on
             self.virtual_nodes[n] = self.virtual_leaves[id(result)]
@@ -253,11 +260,11 @@ class _NodeTracking(fx.Interpreter):
             return result
         if any(s.node is n for s in self.recorder_sites()):
             self.outputs[n] = [(t, t._version) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-        if n.op == "output" and not [a for a in n.all_input_nodes if a in self.param_nodes
-                                     and a not in self.virtual_nodes]:
+        returned = [self.aliases.get(a, a) for a in n.all_input_nodes]
+        if n.op == "output" and not [a for a in returned if a in self.param_nodes and a not in self.virtual_nodes]:
             # virtual parameters returned at a graph break: handed on detached (insert_taps), so that no
             # gradient reaches the parameters through them; a later use needing one fails the analysis match
-            self.crossing = [a for a in n.all_input_nodes if a in self.virtual_nodes]
+            self.crossing = list(dict.fromkeys(a for a in returned if a in self.virtual_nodes))
             return result
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
@@ -322,7 +329,8 @@ def bind_call_sites(region: Region) -> PassResult:
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
         site.mutated_inputs = tuple(k for k, t, v in recorder.read.get(id(site), ()) if t._version != v)
-    return PassResult(region, False)
+    remove_aliases(region.gm, interp.aliases, region.sites)
+    return PassResult(region, bool(interp.aliases))
 
 
 def match_analysis(region: Region) -> PassResult:
