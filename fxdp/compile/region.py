@@ -45,6 +45,7 @@ from fxdp.compile import graph_ops as C
 from fxdp.compile.checkpoint_inline import inline_checkpoints
 from fxdp.compile.composite_taps import is_composite, positions_of
 from fxdp.compile.identity_dropout import alias_source, remove_aliases
+from fxdp.compile.refusals import untraced_recurrent
 from fxdp.compile.virtual_taps import bind_virtual, refuse_virtual_from_earlier_region
 
 
@@ -132,21 +133,16 @@ def find_parameters(region: Region) -> PassResult:
 
 
 def _refuse_untraced_recurrent(model) -> None:
-    """Dynamo does not trace into ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` unless
-    ``torch._dynamo.config.allow_rnn`` is set: it breaks the graph and runs the layer uncompiled, where no
-    tap sees its weights. Refused up front with the fix (with the flag set, the fused op is one graph node,
-    replayed as the recurrence of :mod:`fxdp.rules.recurrent` with each step's linear ops tapped)."""
+    """Dynamo does not trace into ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` unless ``torch._dynamo.config.allow_rnn``
+    is set: it breaks the graph and runs the layer uncompiled, where no tap sees its weights. Refused up front,
+    with the fix (:func:`fxdp.compile.refusals.untraced_recurrent`; with the flag set, the fused op is one graph
+    node, replayed as the recurrence of :mod:`fxdp.rules.recurrent` with each step's linear ops tapped)."""
     if getattr(torch._dynamo.config, "allow_rnn", True):
         return
     rnns = [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.RNNBase) and any(p.requires_grad for p in m.parameters())]
     if rnns:
-        raise UncoveredParameterError(
-            f"fxdp backend: recurrent layer(s) {', '.join(rnns[:3])} would run outside the compiled graph: dynamo "
-            "breaks the graph at nn.LSTM / nn.GRU / nn.RNN by default, and fxdp cannot tap a layer dynamo does not "
-            "trace, so its weights' gradients would not be clipped. Set torch._dynamo.config.allow_rnn = True "
-            "before compiling (fxdp then taps every time step inside the graph, exactly), or use eager "
-            "fxdp.privatize for this model.")
+        raise untraced_recurrent(rnns)
 
 
 class _SiteRecorder:
