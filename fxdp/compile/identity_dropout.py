@@ -48,8 +48,8 @@ def alias_source(node: fx.Node, result, env, param_nodes) -> Optional[fx.Node]:
     if training is False or p_fixed and (training_fixed or p is not None and float(p) == 0.0):
         return source
     raise UncoveredParameterError(
-        f"fxdp backend: graph node {node.name} ({func_name(node.target)}) drops the parameter-only tensor {source.name} "
-        "before it meets the batch, with a p (or training flag) that dynamo made an input of the graph (its value "
+        f"fxdp backend: graph node {node.name} ({func_name(node.target)}) drops the parameter-only tensor "
+        f"{source.name} before it meets the batch, with a p (or training flag) that dynamo made an input of the graph (its value "
         "changed between calls or between models of this class). Inactive in this call, it would be active when "
         "the graph is reused with another p, where fxdp refuses it (one mask for the whole batch, which "
         "per-sample gradients cannot replay). Set torch._dynamo.config.specialize_float = True (dynamo then "

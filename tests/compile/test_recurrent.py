@@ -35,6 +35,30 @@ def test_projected_lstm_and_relu_rnn_are_exact_compiled_with_inductor(cls, kw):
                                          rtol=1e-6)
 
 
+class ReusedTagger(Tagger):
+    """A class of its own: the graphs below are the only ones compiled for it."""
+
+
+def test_graph_compiled_with_allow_rnn_is_reused_exactly_after_the_flag_is_turned_off():
+    # the flag is read when dynamo compiles: the graph made with it (the layer inside, every step tapped) keeps
+    # training exactly once it is off (a new compile with it off is refused: the tests above)
+    torch.manual_seed(0)
+    base = ReusedTagger(nn.GRU).double()
+    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3, loss_reduction="sum")
+    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
+    ids, y = data(B=4, T=3)
+    with torch._dynamo.config.patch(allow_rnn=True):
+        sum_ce(compiled(ids), y).backward()
+    for p in model.parameters():
+        p.private_grad = None
+    with torch._dynamo.config.patch(allow_rnn=False):
+        sum_ce(compiled(ids), y).backward()
+        eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3, loss_reduction="sum")
+        sum_ce(eager(ids), y).backward()
+        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
+            assert torch.allclose(p.private_grad, q.private_grad, rtol=1e-10, atol=1e-12), name
+
+
 class UntracedTagger(Tagger):
     """A class of its own: dynamo's cache of Tagger.forward (compiled with allow_rnn) is not reused."""
 
@@ -72,26 +96,3 @@ def test_recurrent_layer_first_in_the_forward_untraced_is_refused_with_the_flag_
             sum_ce(compiled(x), y).backward()
     assert all(getattr(p, "private_grad", None) is None and p.grad is None for p in model.parameters())
 
-
-class ReusedTagger(Tagger):
-    """A class of its own: the graphs below are the only ones compiled for it."""
-
-
-def test_graph_compiled_with_allow_rnn_is_reused_exactly_after_the_flag_is_turned_off():
-    # the flag is read when dynamo compiles: the graph made with it (the layer inside, every step tapped) keeps
-    # training exactly once it is off (a new compile with it off is refused: the tests above)
-    torch.manual_seed(0)
-    base = ReusedTagger(nn.GRU).double()
-    model = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3, loss_reduction="sum")
-    compiled = torch.compile(model, backend="fxdp", options={"compiler": "aot_eager"})
-    ids, y = data(B=4, T=3)
-    with torch._dynamo.config.patch(allow_rnn=True):
-        sum_ce(compiled(ids), y).backward()
-    for p in model.parameters():
-        p.private_grad = None
-    with torch._dynamo.config.patch(allow_rnn=False):
-        sum_ce(compiled(ids), y).backward()
-        eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.3, loss_reduction="sum")
-        sum_ce(eager(ids), y).backward()
-        for (name, p), q in zip(model.named_parameters(), eager.parameters()):
-            assert torch.allclose(p.private_grad, q.private_grad, rtol=1e-10, atol=1e-12), name
