@@ -325,7 +325,7 @@ def bind_call_sites(region: Region) -> PassResult:
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
         site.mutated_inputs = tuple(k for k, t, v in recorder.read.get(id(site), ()) if t._version != v)
-    remove_aliases(region.gm, interp.aliases, region.sites)
+    remove_aliases(region.gm, interp.aliases, region.sites, {**region.param_nodes, **interp.virtual_nodes})
     return PassResult(region, bool(interp.aliases))
 
 
