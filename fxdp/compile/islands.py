@@ -34,6 +34,7 @@ import torch
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.compile.graph_ops import in_compiled_region
+from fxdp.compile.refusals import untraced_recurrent
 from fxdp.core.errors import PrivacyError
 
 DISABLED = "its forward is torch.compiler.disable'd"
@@ -164,6 +165,11 @@ def enter_island(module, args=(), traced: bool = False) -> None:
     if not any(mode is not None for _, mode, _ in stack):
         own = [id(p) for p in module.parameters(recurse=False)]
         islands = next((i for i in _OPEN_ISLANDS.values() if any(k in i.param_names for k in own)), None)
+        if islands is not None and isinstance(module, torch.nn.RNNBase) \
+                and not getattr(torch._dynamo.config, "allow_rnn", True):
+            # dynamo left the layer untraced, and no region with parameters compiled before it refused the model
+            names = [n for n, m in islands.root().named_modules() if m is module] if islands.root() else []
+            raise untraced_recurrent(names or [type(module).__name__])
         if islands is not None and not traced and islands.untraced is not None and not islands.root_open:
             _open_root(islands, args)
             islands = None

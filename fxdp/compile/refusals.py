@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Dict
 
-from fxdp.core.errors import PrivacyError
+from fxdp.core.errors import PrivacyError, UncoveredParameterError
 
 _CLASSES: Dict[type, type] = {}
 
@@ -50,3 +50,18 @@ def surfaced(exc: PrivacyError, example_inputs=()) -> PrivacyError:
     new = _passthrough_class(type(exc))(*exc.args)
     new.__dict__.update({k: v for k, v in exc.__dict__.items() if k not in new.__dict__})
     return new
+
+
+def untraced_recurrent(names) -> UncoveredParameterError:
+    """Refusal of trainable ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` layers (``names``) while
+    ``torch._dynamo.config.allow_rnn`` is off: dynamo breaks the graph at them and runs them untraced. The
+    flag is read whenever dynamo compiles: a graph compiled while it was on (the layer inside, replayed as
+    its tapped recurrence) is reused after it is turned off, exactly; a new compile with it off is refused,
+    from :func:`fxdp.compile.region.find_parameters` (any region of the model with parameters) or, when the
+    layer runs before such a region is compiled, from :func:`fxdp.compile.islands.enter_island`."""
+    return UncoveredParameterError(
+        f"fxdp backend: recurrent layer(s) {', '.join(list(names)[:3])} would run outside the compiled graph: dynamo "
+        "does not trace nn.LSTM / nn.GRU / nn.RNN while torch._dynamo.config.allow_rnn is False (the default) and "
+        "runs the layer untraced, where fxdp does not tap it, so its weights' gradients would not be clipped. Set "
+        "torch._dynamo.config.allow_rnn = True before the first compiled forward (fxdp then taps every time step "
+        "inside the graph, exactly), or use eager fxdp.privatize for this model.")

@@ -44,6 +44,8 @@ from fxdp.analysis.runner import PassError, PassResult, run_passes
 from fxdp.compile import graph_ops as C
 from fxdp.compile.checkpoint_inline import inline_checkpoints
 from fxdp.compile.composite_taps import is_composite, positions_of
+from fxdp.compile.identity_dropout import alias_source, remove_aliases
+from fxdp.compile.refusals import untraced_recurrent
 from fxdp.compile.virtual_taps import bind_virtual, refuse_virtual_from_earlier_region
 
 
@@ -131,21 +133,16 @@ def find_parameters(region: Region) -> PassResult:
 
 
 def _refuse_untraced_recurrent(model) -> None:
-    """Dynamo does not trace into ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` unless
-    ``torch._dynamo.config.allow_rnn`` is set: it breaks the graph and runs the layer uncompiled, where no
-    tap sees its weights. Refused up front with the fix (with the flag set, the fused op is one graph node,
-    replayed as the recurrence of :mod:`fxdp.rules.recurrent` with each step's linear ops tapped)."""
+    """Dynamo does not trace into ``nn.LSTM`` / ``nn.GRU`` / ``nn.RNN`` unless ``torch._dynamo.config.allow_rnn``
+    is set: it breaks the graph and runs the layer uncompiled, where no tap sees its weights. Refused up front,
+    with the fix (:func:`fxdp.compile.refusals.untraced_recurrent`; with the flag set, the fused op is one graph
+    node, replayed as the recurrence of :mod:`fxdp.rules.recurrent` with each step's linear ops tapped)."""
     if getattr(torch._dynamo.config, "allow_rnn", True):
         return
     rnns = [n for n, m in model.named_modules()
             if isinstance(m, torch.nn.RNNBase) and any(p.requires_grad for p in m.parameters())]
     if rnns:
-        raise UncoveredParameterError(
-            f"fxdp backend: recurrent layer(s) {', '.join(rnns[:3])} would run outside the compiled graph: dynamo "
-            "breaks the graph at nn.LSTM / nn.GRU / nn.RNN by default, and fxdp cannot tap a layer dynamo does not "
-            "trace, so its weights' gradients would not be clipped. Set torch._dynamo.config.allow_rnn = True "
-            "before compiling (fxdp then taps every time step inside the graph, exactly), or use eager "
-            "fxdp.privatize for this model.")
+        raise untraced_recurrent(rnns)
 
 
 class _SiteRecorder:
@@ -234,6 +231,7 @@ class _NodeTracking(fx.Interpreter):
         self.virtual_leaves: Dict[int, str] = {}  # id(virtual parameter) -> its name
         self.virtual_nodes: Dict[fx.Node, str] = {}  # nodes whose value is a virtual parameter
         self.crossing: List[fx.Node] = []  # virtual-parameter nodes the graph returns (a graph break follows)
+        self.aliases: Dict[fx.Node, fx.Node] = {}  # inactive dropout on a (virtual) parameter -> its input
 
     def mutated(self, node) -> bool:
         """Whether the rest of the graph modified the call site's output (or a view of it) in place."""
@@ -246,6 +244,11 @@ class _NodeTracking(fx.Interpreter):
         if has_tensor and (n not in self.fixed_nodes if n.op == "placeholder"
                            else any(a in self.sample_nodes for a in n.all_input_nodes)):
             self.sample_nodes.add(n)
+        source = alias_source(n, result, self.env, self.param_nodes)
+        if source is not None:  # its input itself: read like that input from here on (fxdp.compile.identity_dropout)
+            self.aliases[n] = source
+            self.param_nodes.add(n)
+            return result
         if isinstance(result, torch.Tensor) and id(result) in self.virtual_leaves:
             # a virtual parameter (or one output of a call making several): read like a parameter from here on
             self.virtual_nodes[n] = self.virtual_leaves[id(result)]
@@ -253,21 +256,34 @@ class _NodeTracking(fx.Interpreter):
             return result
         if any(s.node is n for s in self.recorder_sites()):
             self.outputs[n] = [(t, t._version) for t in tree_flatten(result)[0] if isinstance(t, torch.Tensor)]
-        if n.op == "output" and not [a for a in n.all_input_nodes if a in self.param_nodes
-                                     and a not in self.virtual_nodes]:
+        returned = [self.aliases.get(a, a) for a in n.all_input_nodes]
+        if n.op == "output" and not [a for a in returned if a in self.param_nodes and a not in self.virtual_nodes]:
             # virtual parameters returned at a graph break: handed on detached (insert_taps), so that no
             # gradient reaches the parameters through them; a later use needing one fails the analysis match
-            self.crossing = [a for a in n.all_input_nodes if a in self.virtual_nodes]
+            self.crossing = list(dict.fromkeys(a for a in returned if a in self.virtual_nodes))
             return result
         if n.op != "placeholder" and self.param_nodes.intersection(n.all_input_nodes) \
                 and not any(s.node is n for s in self.recorder_sites()):
             leaves, _ = tree_flatten(result)
-            if any(isinstance(t, torch.Tensor) and t.requires_grad for t in leaves):
+            if any(_carries_gradient(t, n, self.env) for t in leaves):
                 raise UncoveredParameterError(
                     f"fxdp backend: graph node {n.name} ({n.target}) uses a trainable parameter where no rule "
                     "covers it; its gradient would bypass clipping.")
             self.benign.add(n)
         return result
+
+
+def _carries_gradient(t, node: fx.Node, env) -> bool:
+    """Whether a node's result can pass a gradient on to the parameters it read. A view taken while grad
+    mode is off (``weight_mat.t()`` in spectral norm's ``torch.no_grad`` power iteration) keeps
+    ``requires_grad`` but is a leaf of its own, with no gradient path to its base (as in eager mode, where
+    the interceptor passes no-grad calls through); an input handed back as it is (``p.contiguous()``)
+    still carries one."""
+    if not (isinstance(t, torch.Tensor) and t.requires_grad):
+        return False
+    if torch.is_grad_enabled() or t.grad_fn is not None:
+        return True
+    return any(env.get(a) is t for a in node.all_input_nodes)
 
 
 def _concrete(v):
@@ -309,7 +325,8 @@ def bind_call_sites(region: Region) -> PassResult:
     for site in region.sites:
         site.mutated = interp.mutated(site.node)
         site.mutated_inputs = tuple(k for k, t, v in recorder.read.get(id(site), ()) if t._version != v)
-    return PassResult(region, False)
+    remove_aliases(region.gm, interp.aliases, region.sites, {**region.param_nodes, **interp.virtual_nodes})
+    return PassResult(region, bool(interp.aliases))
 
 
 def match_analysis(region: Region) -> PassResult:
