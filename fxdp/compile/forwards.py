@@ -54,12 +54,8 @@ def _frames_past_recompile_limit(model) -> list:
 
 def _untraced_root_refusal(islands, expected: int, tapped: int) -> PrivacyError:
     """Uses missed although the root's forward ran untraced under the root island (:mod:`fxdp.compile.islands`):
-    past the recompile limit it opens at the first submodule that runs eagerly, so a use in the root's own
-    code before it (or one hidden from the interceptor) is not seen."""
-    where = ("the whole forward ran under fxdp's eager interceptor" if not islands.root_open or
-             islands.untraced == _islands.DISABLED else
-             "fxdp fell back to its eager taps from the first submodule that ran eagerly on, so a parameter "
-             "the root module uses in its own forward code before that submodule is not seen")
+    one hidden from the interceptor."""
+    where = "the whole forward ran under fxdp's eager interceptor"
     return PrivacyError(
         f"fxdp: dynamo ran this model's forward without tracing it ({islands.untraced}); {where}, and the "
         f"analysis found {expected} parameter uses in this forward pass but {tapped} were tapped. Raise "

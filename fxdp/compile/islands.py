@@ -9,10 +9,13 @@ An island opens
 2. around a ``torch.compiler.disable``'d submodule called from traced code (dynamo traces its hooks; their
    dynamo-disabled pair opens the island eagerly), for that call;
 3. around the rest of the forward pass -- the *root island* -- when dynamo runs the root module's forward
-   frame untraced (:func:`untraced_root`): from its start when the forward is disabled, and from the
-   first submodule whose hooks run eagerly when dynamo's cache for the forward's code is full
-   (``recompile_limit``; a full cache may still serve the call from an entry compiled for it, and an island
-   opened before that entry runs would make it miss: dynamo guards on the torch-function mode stack).
+   frame untraced (:func:`untraced_root`: the forward is disabled, or dynamo's cache for its code is full,
+   ``recompile_limit``), from the forward's start, so that the root's own code before its first submodule
+   (a mixup, a root parameter) is intercepted and checked like the rest. (A full cache could still have
+   served the call from an entry compiled for it; the open island makes that entry miss -- dynamo guards on
+   the torch-function mode stack -- so such a call runs eagerly under the island: exact, not compiled.
+   Opening the island only at the first eager submodule left the code before it unchecked: a review
+   measured 2.7 R for a mixup there.)
    The root island sees what per-submodule islands do not: code between submodules, submodules without
    parameters of their own, virtual parameters made in one submodule and meeting the batch in another
    (T5's relative attention bias, Swin's relative position bias), and a checkpointed block's forward
@@ -136,10 +139,10 @@ def untraced_root(model) -> Optional[str]:
 
 
 def open_forward_islands(ctx, islands: EagerIslands) -> None:
-    """A compiled forward pass starts: its islands are registered; the root island opens now if the root's
-    forward is disabled (module docstring, 3)."""
+    """A compiled forward pass starts: its islands are registered; the root island opens now if dynamo runs
+    the root's forward untraced (module docstring, 3)."""
     _OPEN_ISLANDS[ctx.cid] = islands
-    if islands.untraced == DISABLED:
+    if islands.untraced is not None:
         _open_root(islands, ())
 
 

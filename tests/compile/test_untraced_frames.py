@@ -174,11 +174,37 @@ def test_a_forward_past_the_recompile_limit_equals_eager():
     assert_same_private_grads(model, eager)
 
 
-def test_a_root_parameter_used_before_any_submodule_past_the_recompile_limit_is_refused_naming_it():
-    """The root island opens at the first submodule that runs eagerly (a full cache may still serve the
-    call compiled): a use in the root's own code before it is not seen, and the error says why."""
+def test_a_root_parameter_used_before_any_submodule_past_the_recompile_limit_equals_eager():
+    """The root island opens when the forward starts if the root's forward frame is past the limit: a use in
+    the root's own code before any submodule is tapped (it was not seen, and refused)."""
+    y = torch.tensor([0, 1, 2])
     with torch._dynamo.config.patch(recompile_limit=1):
-        base, x = _past_the_limit("refused", root_scale=True)
-        compiled = torch.compile(fxdp.privatize(base, max_grad_norm=0.05), **COMPILE)
-        with pytest.raises(fxdp.PrivacyError, match="recompile limit.*wrapper_refused"):
-            compiled(x)
+        base, x = _past_the_limit("root_scale", root_scale=True)
+        eager = fxdp.privatize(copy.deepcopy(base), max_grad_norm=0.05, loss_reduction="sum")
+        F.cross_entropy(eager(x), y, reduction="sum").backward()
+        model = fxdp.privatize(base, max_grad_norm=0.05, loss_reduction="sum")
+        F.cross_entropy(torch.compile(model, **COMPILE)(x), y, reduction="sum").backward()
+    assert_same_private_grads(model, eager)
+
+
+class MixupFirst(nn.Module):
+    """Mixup with the reversed batch in the root's own code, before any submodule (a review: 2.74 R when the
+    root frame was past the recompile limit, because the root island opened at the first submodule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 5:
+            x = 0.5 * x + 0.5 * x.flip(0)
+        return self.head(torch.tanh(self.fc(x)))
+
+
+def test_mixing_in_the_root_code_past_the_recompile_limit_is_refused():
+    with torch._dynamo.config.patch(recompile_limit=1):
+        model = fxdp.privatize(MixupFirst().double(), max_grad_norm=1.0)
+        compiled = torch.compile(model, backend="fxdp", dynamic=False, options={"compiler": "eager"})
+        compiled(torch.randn(5, 4, dtype=torch.float64)).sum().backward()  # the one cache entry: B = 5
+        with pytest.raises(fxdp.SampleMixingError, match="flip along dim 0"):
+            compiled(torch.randn(8, 4, dtype=torch.float64)).sum().backward()
