@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - numpy is optional for torch
 from fxdp.core.identity import trainable_ids
 from fxdp.core.inputs import input_batch_dims
 from fxdp.analysis.checkpointing import transparent_checkpoints
+from fxdp.analysis.drawn_dropout import sdpa_arguments
 from fxdp.analysis.interceptor import ParameterInterceptor
 from fxdp.analysis.mixing_monitor import MixingMonitor
 from fxdp.analysis.numpy_draws import argument_seeded_numpy
@@ -148,9 +149,9 @@ class ProbeRecorder:
         if func in DROPOUTS:
             x = args[0] if args else kwargs["input"]
             return lambda: x
-        if func is F.scaled_dot_product_attention and kwargs.get("dropout_p", 0.0):
-            kw = dict(kwargs, dropout_p=0.0)
-            return lambda: func(*args, **kw)
+        if func is F.scaled_dot_product_attention and sdpa_arguments(args, kwargs)["dropout_p"]:
+            kw = dict(sdpa_arguments(args, kwargs), dropout_p=0.0)  # given by keyword or by position
+            return lambda: func(**kw)
         return None
 
     def handle(self, call, binding):
