@@ -195,3 +195,62 @@ def test_broadcast_copies_reordered_with_sample_zero_in_place_are_refused(how):
     m = fxdp.privatize(ReorderedCopies(how).double(), max_grad_norm=1.0)
     with pytest.raises(fxdp.SampleMixingError, match="gradients mix samples at Tensor"):
         sum_ce(m(x), y).backward()
+
+
+class CopiesSwappedInTheMiddle(nn.Module):
+    """Copies of a batch-free tensor broadcast to the batch and reordered by ``perm``, which keeps samples 0, 1
+    and n-1 in place: ``swap`` exchanges samples 2 and 3, ``shuffle`` permutes 2..n-2 at random (fixed seed).
+    ``identity`` makes the same calls and leaves every copy in place. A batch of 3 samples (the ordinary
+    analysis) is not reordered; the whole batch's unseen call sequence is re-validated on every sample."""
+
+    def __init__(self, how, order):
+        super().__init__()
+        self.how, self.order = how, order
+        self.table, self.proj, self.head = nn.Parameter(torch.randn(S, D)), nn.Linear(D, D), nn.Linear(S, 3)
+
+    def forward(self, x):
+        n = x.size(0)
+        perm = torch.arange(n)
+        if n >= 5:
+            middle = torch.arange(2, n - 1)
+            if self.order == "swap":
+                middle = torch.tensor([3, 2] + list(range(4, n - 1)))
+            elif self.order == "shuffle":
+                middle = middle[torch.randperm(n - 3, generator=torch.Generator().manual_seed(n))]
+            perm[2:n - 1] = middle
+        pos = self.proj(self.table).unsqueeze(0)
+        pos = (pos.expand(n, -1, -1) if self.how == "expand" else pos.repeat(n, 1, 1))[perm]
+        return self.head(torch.bmm(x, pos.transpose(1, 2)).tanh().mean(1))
+
+
+@pytest.mark.parametrize("how,order,n", [("expand", "swap", 8), ("repeat", "swap", 8),
+                                         ("expand", "shuffle", 32), ("repeat", "shuffle", 32)])
+def test_broadcast_copies_reordered_with_samples_0_1_and_last_in_place_are_refused(how, order, n):
+    """Every pair of samples is probed, not only the ones a permutation moves (sample 2's gradient of the copies
+    clipped with sample 3's other gradients: 1.43 R neighbour sensitivity)."""
+    x, y = data(n)
+    m = fxdp.privatize(CopiesSwappedInTheMiddle(how, order).double(), max_grad_norm=1.0)
+    with pytest.raises(fxdp.SampleMixingError, match="gradients mix samples at Tensor"):
+        sum_ce(m(x), y).backward()
+
+
+@pytest.mark.parametrize("how", ["expand", "repeat"])
+def test_broadcast_copies_left_in_place_on_a_revalidated_batch_stay_exact(how):
+    x, y = data(8)
+    check_against_reference(CopiesSwappedInTheMiddle(how, "identity").double(), (x,), {}, y, sum_ce,
+                            loss_reduction="sum")
+
+
+class ReorderedCopiesToProbabilities(ReorderedCopies):
+    """``ReorderedCopies`` returning softmax probabilities: an all-ones cotangent on a sample's outputs has zero
+    gradient through the softmax, so only generic cotangent values show where the sample's gradient goes."""
+
+    def forward(self, x):
+        return super().forward(x).softmax(-1)
+
+
+def test_reordered_copies_behind_a_softmax_output_are_refused():
+    x, y = data()
+    m = fxdp.privatize(ReorderedCopiesToProbabilities("expand").double(), max_grad_norm=1.0)
+    with pytest.raises(fxdp.SampleMixingError, match="gradients mix samples at Tensor"):
+        (-m(x).gather(1, y[:, None]).log()).sum().backward()
