@@ -76,8 +76,8 @@ def test_a_parameter_written_in_place_into_a_batch_free_tensor_is_refused_by_nam
 def test_out_of_place_and_batch_sized_spellings_stay_exact(write):
     x, y = _data()
     torch.manual_seed(1)
-    worst, R, clipped = check_against_reference(Table(None if OUT_OF_PLACE[write] is None else write).double(), (x,), {}, y, sum_ce,
-                                                loss_reduction="sum")
+    model = Table(None if OUT_OF_PLACE[write] is None else write).double()
+    worst, R, clipped = check_against_reference(model, (x,), {}, y, sum_ce, loss_reduction="sum")
     assert worst < 1e-9 and 0 < clipped < 1
 
 
