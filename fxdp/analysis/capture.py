@@ -37,6 +37,7 @@ from fxdp.analysis.side_effects import analysis_forward
 from fxdp.analysis.state import Analysis
 from fxdp.analysis.taint import BatchTaint
 from fxdp.core.errors import BatchLayoutError, PrivacyError, UncoveredParameterError
+from fxdp.analysis.batch_free_writes import refuse_written_sites
 from fxdp.rules.virtual import batch_free_candidate, make_virtuals, root_names, virtual_binding
 
 DROPOUTS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout,
@@ -88,6 +89,7 @@ class Record:
     inputs: Dict[str, torch.Tensor] = field(default_factory=dict)  # per-sample fallback: every tensor input
     virtual: bool = False  # a batch-free call whose result is a virtual parameter
     site: tuple = ()  # virtual only: (op, parameter names, occurrence)
+    writes: bool = False  # virtual only: the call wrote a tensor in place (fxdp.analysis.batch_free_writes)
 
 
 @dataclass
@@ -142,6 +144,10 @@ class ProbeRecorder:
         self.run.records.append(Record(call.name, binding.param_names, binding, u.detach().clone(),
                                        tuple(u.shape), tuple(u.shape), virtual=True, site=site))
         return out
+
+    def batch_free_write(self, func):
+        """The virtual call just recorded wrote in place: refused after the runs, if the site stays virtual."""
+        self.run.records[-1].writes = True
 
     def substitute(self, func, args, kwargs):
         if func in RANDOM_VALUES:
@@ -370,4 +376,5 @@ def capture_runs(analysis: Analysis) -> PassResult:
     base = analysis.runs["base"]
     analysis.entries = [Entry(i, r.op, _rule_name(r), r.param_names, r.binding, r.source_shape,
                               r.output_shape, virtual=r.virtual) for i, r in enumerate(base.records)]
+    refuse_written_sites(analysis, base.records)
     return PassResult(analysis, True)

@@ -39,6 +39,7 @@ from fxdp.rules.virtual import root_names
 from fxdp.analysis.checkpointing import in_checkpoint, reentrant_checkpoint
 from fxdp.analysis.drawn_dropout import dropout_decomposition
 from fxdp.analysis.masked_assign import masked_assignment
+from fxdp.analysis.batch_free_writes import refuse_batch_free_write, versions
 
 FALLBACK = PerSampleFallbackRule()
 # calls with parameters that no rule takes as they are, spelled as covered torch calls (before any rule)
@@ -152,9 +153,10 @@ class ParameterInterceptor(TorchFunctionMode):
                 return decomposed()
         virtual = getattr(self.recorder, "virtual", None)
         if virtual is not None:
+            before = versions(leaves)
             made = virtual(call, self)
-            if made is not None:
-                return made
+            if made is not None:  # a batch-free call: its in-place writes would lose the gradient
+                return refuse_batch_free_write(self.recorder, func, args, kwargs, trainable, before, made)
         try:
             binding = bind(call)
         except (UncoveredParameterError, SampleMixingError) as exc:

@@ -31,7 +31,8 @@ Buffers (section 7 of issue #13): a buffer updated from the batch during a train
 parameter (``requires_grad=False``), which ``state_dict`` releases the same way -- before and after
 the forward (eager and compiled: a compiled graph's input mutations are written back to the tensor)
 and refuses a change unless it is declared public (``privatize(..., public_buffers=[names])``) or is
-torch's spectral-norm power iteration, which reads the weights only (:mod:`fxdp.analysis.weight_buffers`).
+torch's spectral-norm power iteration, which reads the weights only: u, v must then hold exactly the values
+that iteration gives from their values at the start of the forward (:mod:`fxdp.analysis.weight_buffers`).
 """
 from __future__ import annotations
 
@@ -42,7 +43,7 @@ import torch.nn as nn
 from torch.utils._pytree import tree_flatten
 
 from fxdp.analysis import autograd_hooks
-from fxdp.analysis.weight_buffers import weight_only_buffers
+from fxdp.analysis.weight_buffers import PowerIterations
 from fxdp.core.errors import PrivacyError, SampleMixingError, UncoveredParameterError
 from fxdp.engine.compiled_hook import ISLANDS
 from fxdp.engine.tap import TapFunction, VirtualLink
@@ -255,7 +256,8 @@ class BufferWatch:
 
     def __init__(self, model: nn.Module, public: Iterable[str], fingerprint: bool = False):
         self.model = model
-        self.public = frozenset(public) | weight_only_buffers(model)
+        self.iterations = PowerIterations(model)  # u, v: checked by value, not by version
+        self.public = frozenset(public) | self.iterations.names
         self.before = {n: (id(b), b._version) for n, b in _state(model) if n not in self.public}
         self.sums = self._fingerprint() if fingerprint else None
 
@@ -273,6 +275,7 @@ class BufferWatch:
     def changed(self) -> List[str]:
         after = {n: (id(b), b._version) for n, b in _state(self.model) if n not in self.public}
         out = {n for n, v in self.before.items() if after.get(n) != v}
+        out.update(self.iterations.unexplained())
         if self.sums is not None and self.sums[0]:
             names, now = self._fingerprint()
             if names == self.sums[0]:

@@ -109,6 +109,8 @@ class Provenance(TorchFunctionMode):
 class FlowRecorder(ProbeRecorder):
     """Recorder of the trace run: routes bound calls like the runtime, records them."""
 
+    batch_free_write = None  # a virtual site that writes in place is a refused use here, as at runtime
+
     def __init__(self, trace: Trace, provenance: Provenance, module_stack: List, lifts: Dict[int, bool],
                  params: Dict[int, str]):
         super().__init__(ProbeRun([]), analysis=None)
