@@ -30,42 +30,12 @@ quiet_state`), so u and v advance once per training forward, as without fxdp.
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import Callable, FrozenSet, List
+from typing import Callable, List
 
 import torch
 import torch.nn as nn
 
 MAX_CALLS = 4  # power-iteration runs per forward accepted (a spectral-norm layer used up to 4 times)
-
-
-def _parametrization_buffers(model: nn.Module):
-    try:
-        from torch.nn.utils.parametrizations import _SpectralNorm
-        from torch.nn.utils.parametrize import ParametrizationList
-    except ImportError:  # pragma: no cover - torch without parametrizations
-        return
-    for path, m in model.named_modules():
-        if isinstance(m, ParametrizationList) and len(m) and type(m[0]) is _SpectralNorm:
-            for b in ("_u", "_v"):
-                if b in m[0]._buffers:
-                    yield f"{path}.0.{b}"
-
-
-def _hook_buffers(model: nn.Module):
-    from torch.nn.utils.spectral_norm import SpectralNorm
-
-    for path, m in model.named_modules():
-        for hook in m._forward_pre_hooks.values():
-            if type(hook) is SpectralNorm and isinstance(getattr(m, hook.name + "_orig", None), nn.Parameter):
-                prefix = f"{path}." if path else ""
-                yield from (f"{prefix}{hook.name}{s}" for s in ("_u", "_v") if hook.name + s in m._buffers)
-
-
-def weight_only_buffers(model: nn.Module) -> FrozenSet[str]:
-    """Names (as in ``model.named_buffers()``) of the buffers torch's spectral normalisation updates from the
-    weights alone (see module docstring). Names only: whether a forward's new values are the power
-    iteration's is :class:`PowerIterations`' check, never to be skipped on the strength of a name."""
-    return frozenset(_parametrization_buffers(model)) | frozenset(_hook_buffers(model))
 
 
 class _Layer:

@@ -325,9 +325,9 @@ def revalidate_sequence(engine, table, signature: int, args, kwargs, batch_size:
             "fxdp: this training forward took a path (a sequence of calls that can move values across the "
             "batch) that the analysis, run again on the same input, does not take: the forward's control flow "
             "depends on something other than its input -- a random draw (torch.rand, np.random, random: e.g. "
-            "a mixup or augmentation applied with probability p, HuggingFace layerdrop), global state or a counter. fxdp cannot check "
-            "what that path does with the samples, so this batch is refused. Draw such decisions outside the "
-            "model and pass them in as inputs (or as module attributes set before the forward), so that the "
-            "path is a function of what the model is given.")
+            "a mixup or augmentation applied with probability p, HuggingFace layerdrop), global state or a "
+            "counter. fxdp cannot check what that path does with the samples, so this batch is refused. Draw "
+            "such decisions outside the model and pass them in as inputs (or as module attributes set before "
+            "the forward), so that the path is a function of what the model is given.")
     if len(validated) < 64:
         validated.add(signature)

@@ -53,8 +53,8 @@ def check_same_draws(model, forward: Callable, sample_losses: Callable, seed: in
                      compiled: bool = False, rtol: float = 1e-9) -> float:
     """Privatize a copy of ``model`` (R at the median norm, loss_reduction "sum"), run ``forward`` on it once
     from ``seed`` and compare every private_grad with the same-draw reference; assert the RNG streams then
-    continue, and the buffers (power-iteration estimates...) are, as after one unprivatized forward. ``sample_losses(output)`` is the (B,) per-sample losses.
-    Returns the worst relative error."""
+    continue, and the buffers (power-iteration estimates...) are, as after one unprivatized forward.
+    ``sample_losses(output)`` is the (B,) per-sample losses. Returns the worst relative error."""
     per_sample, want_after = same_draw_per_sample_gradients(copy.deepcopy(model), forward, sample_losses, seed)
     m = fxdp.privatize(copy.deepcopy(model), style=style, max_grad_norm=1.0, loss_reduction="sum")
     groups = [list(g) for g in fxdp.get_engine(m).plan.groups]

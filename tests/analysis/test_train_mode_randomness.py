@@ -71,20 +71,23 @@ def test_spectral_norm_in_train_mode_equals_reference_and_advances_u_v_once(kind
     check_same_draws(_spectral(kind), lambda m: m(x), ce, style="param-wise")
 
 
+class SpectralAndTracker(nn.Module):
+    """Spectral norm next to a buffer updated from the batch (an EMA of the inputs)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 3))
+        self.register_buffer("mean", torch.zeros(8, dtype=torch.float64))
+
+    def forward(self, x):
+        with torch.no_grad():
+            self.mean.mul_(0.9).add_(0.1 * x.mean((0, 1)))
+        return self.fc(x).sum(1)
+
+
 def test_buffer_updated_from_the_batch_next_to_spectral_norm_is_still_refused():
-    class Tracker(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.fc = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 3))
-            self.register_buffer("mean", torch.zeros(8, dtype=torch.float64))
-
-        def forward(self, x):
-            with torch.no_grad():
-                self.mean.mul_(0.9).add_(0.1 * x.mean((0, 1)))
-            return self.fc(x).sum(1)
-
     torch.manual_seed(0)
-    m = fxdp.privatize(Tracker().double().train())
+    m = fxdp.privatize(SpectralAndTracker().double().train())
     with pytest.raises(fxdp.PrivacyError, match=r"buffer\(s\) mean were updated"):
         m(torch.randn(6, 5, 8, dtype=torch.float64))
 

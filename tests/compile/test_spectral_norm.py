@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import fxdp
 from tests.analysis.same_draws import check_same_draws
-from tests.analysis.test_train_mode_randomness import _spectral
+from tests.analysis.test_train_mode_randomness import SpectralAndTracker, _spectral
 
 X = torch.randn(6, 5, 8, dtype=torch.float64)
 Y = torch.randint(0, 3, (6,))
@@ -34,20 +34,6 @@ def test_spectral_norm_in_train_mode_is_exact_compiled_and_advances_u_v_once_per
         F.cross_entropy(compiled(X), Y).backward()
     for (name, want), got in zip(plain.named_buffers(), model.buffers()):
         assert torch.equal(got, want), name
-
-
-class SpectralAndTracker(nn.Module):
-    """Spectral norm next to a buffer updated from the batch (an EMA of the inputs)."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.utils.parametrizations.spectral_norm(nn.Linear(8, 3))
-        self.register_buffer("mean", torch.zeros(8, dtype=torch.float64))
-
-    def forward(self, x):
-        with torch.no_grad():
-            self.mean.mul_(0.9).add_(0.1 * x.mean((0, 1)))
-        return self.fc(x).sum(1)
 
 
 def test_buffer_updated_from_the_batch_next_to_spectral_norm_is_refused_compiled():
