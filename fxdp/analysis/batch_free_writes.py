@@ -24,7 +24,7 @@ import torch
 
 from fxdp.core.errors import UncoveredParameterError
 from fxdp.rules import func_name
-from fxdp.rules.virtual import root_names
+from fxdp.rules.base import root_names_of
 
 
 def versions(leaves: Iterable) -> List[Tuple[torch.Tensor, int]]:
@@ -38,7 +38,7 @@ def written(before: List[Tuple[torch.Tensor, int]]) -> bool:
 
 
 def batch_free_write_refusal(op: str, names: Iterable[str]) -> UncoveredParameterError:
-    roots = tuple(sorted({r for n in names for r in root_names(n)}))
+    roots = root_names_of(names)
     exc = UncoveredParameterError(
         f"fxdp: {op} writes a value computed from trainable parameter(s) {', '.join(roots)} in place into a "
         "tensor that does not depend on the samples (e.g. pos = torch.zeros(T, d); pos[mask] = p, pos += p, "

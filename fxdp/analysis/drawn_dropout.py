@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten
 
 from fxdp.core.errors import UncoveredParameterError
-from fxdp.rules.virtual import root_names
+from fxdp.rules.base import root_names_of
 
 _SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 _SDPA_DEFAULTS = dict(attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False)
@@ -82,7 +82,7 @@ def dropout_decomposition(func, args, kwargs, param_ids) -> Optional[Callable[[]
 def _compiled_refusal(names, p) -> UncoveredParameterError:
     """Inside a graph the backend compiles, a call cannot be re-spelled into several ops (the graph node is
     tapped as one call), and the fallback rule cannot re-draw the same dropout mask in backward."""
-    roots = sorted({r for n in names for r in root_names(n)})
+    roots = root_names_of(names)
     exc = UncoveredParameterError(
         f"fxdp backend: F.scaled_dot_product_attention with dropout_p={p} uses trainable parameter(s) "
         f"{', '.join(roots)} (e.g. a relative position bias as attn_mask): the dropout mask is drawn inside the "
@@ -90,5 +90,5 @@ def _compiled_refusal(names, p) -> UncoveredParameterError:
         "re-spell it inside a compiled graph (eager fxdp.privatize does: exact). Train this model with eager "
         "fxdp.privatize, or spell the attention as plain ops (HuggingFace: attn_implementation=\"eager\"), or "
         "turn attention dropout off.")
-    exc.param_names = tuple(roots)
+    exc.param_names = roots
     return exc

@@ -35,7 +35,7 @@ from torch.utils._pytree import tree_flatten, tree_map
 from fxdp.core.errors import SampleMixingError, UncoveredParameterError
 from fxdp.rules import OpCall, bind, decomposition, func_name
 from fxdp.rules.functional import PerSampleFallbackRule
-from fxdp.rules.virtual import root_names
+from fxdp.rules.base import root_names_of as _roots
 from fxdp.analysis.checkpointing import in_checkpoint, reentrant_checkpoint
 from fxdp.analysis.drawn_dropout import dropout_decomposition
 from fxdp.analysis.masked_assign import masked_assignment
@@ -45,10 +45,6 @@ FALLBACK = PerSampleFallbackRule()
 # calls with parameters that no rule takes as they are, spelled as covered torch calls (before any rule)
 RESPELLINGS = (dropout_decomposition, masked_assignment)
 
-
-def _roots(names) -> tuple:
-    """The parameters behind (virtual) parameter names, for error reports."""
-    return tuple(sorted({r for n in names for r in root_names(n)}))
 
 BATCH_MIXING = {
     F.batch_norm: "BatchNorm in training mode normalises with statistics of the whole batch",

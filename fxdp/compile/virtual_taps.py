@@ -30,7 +30,7 @@ import torch.fx as fx
 
 from fxdp.core.errors import PrivacyError, UncoveredParameterError
 from fxdp.analysis.interceptor import ParameterInterceptor
-from fxdp.rules.base import root_names
+from fxdp.rules.base import root_names_of as _roots
 from fxdp.rules.virtual import make_virtuals, virtual_binding
 
 _VIRTUAL_SITES: Dict[int, "VirtualSite"] = {}
@@ -109,10 +109,6 @@ class _Maker:
     def handle(self, call, binding):
         raise PrivacyError(f"fxdp: replaying a compiled batch-free call site bound {call.name} to the "
                            f"{binding.rule.name} rule; this is a bug in fxdp, please report the model.")
-
-
-def _roots(names) -> List[str]:
-    return sorted({r for n in names for r in root_names(n)})
 
 
 def bind_virtual(call, interceptor, table, ordinal: int, node: fx.Node, sample_nodes, inside_composite: bool):

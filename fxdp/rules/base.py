@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -60,6 +60,11 @@ class OpCall:
 def root_names(name: str) -> List[str]:
     """The parameters a (virtual) parameter name stands for (see :mod:`fxdp.rules.virtual`)."""
     return name.split("~", 1)[0].split("+") if "~v" in name else [name]
+
+
+def root_names_of(names: Iterable[str]) -> Tuple[str, ...]:
+    """The parameters behind several (virtual) parameter names, sorted once each (for error reports)."""
+    return tuple(sorted({r for n in names for r in root_names(n)}))
 
 
 def trainable_roles(call: "OpCall", pairs):

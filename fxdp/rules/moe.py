@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from fxdp.core.errors import UncoveredParameterError
-from fxdp.rules.base import OpCall, NoFactorsRule, root_names
+from fxdp.rules.base import OpCall, NoFactorsRule, root_names_of
 
 GROUPED = tuple(f for f in (getattr(torch, "_grouped_mm", None),) if f is not None)
 
@@ -26,7 +26,7 @@ class GroupedExpertsRule(NoFactorsRule):
     funcs = GROUPED
 
     def bind(self, call: OpCall):
-        names = sorted({r for n in call.trainable.values() for r in root_names(n)})
+        names = root_names_of(call.trainable.values())
         raise UncoveredParameterError(
             f"fxdp: {call.name} multiplies routed tokens of all samples with stacked expert weights {', '.join(names)} "
             "(a mixture-of-experts layer): the rows of one sample are scattered over expert groups whose sizes depend "

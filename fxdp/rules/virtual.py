@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from fxdp.rules.base import OpCall, root_names
+from fxdp.rules.base import OpCall, root_names, root_names_of
 from fxdp.rules.factors import DenseGrad, EmbeddingGrad, LowRankGrad, compute_dtype
 
 T = torch.Tensor
@@ -109,7 +109,7 @@ def make_virtuals(call: OpCall, ordinal: int):
         out = call.func(*args, **kwargs)
     outs, out_spec = tree_flatten(out)
     made, results = [], []
-    roots = sorted({r for n in inputs for r in root_names(n)})
+    roots = root_names_of(inputs)
     for k, t in enumerate(outs):
         if isinstance(t, torch.Tensor) and t.requires_grad and t.is_floating_point():
             u = t.detach().requires_grad_()
